@@ -1,0 +1,173 @@
+"""The attention controller: causal -> annealed -> bidirectional, for any Hugging Face causal LM.
+
+No modeling code is copied or patched. Two public mechanisms of transformers 5 carry everything:
+
+* `config.is_causal = False` makes every mask builder take its bidirectional path and SDPA / flash
+  attention run with `is_causal=False`. A 2D padding mask is still honoured, the flag is saved in
+  config.json, and with no padding no L x L mask is materialised at all (the fused kernel runs).
+* A 4D `attention_mask` of shape (B, 1, Q, K) is passed through to the attention functions as given.
+  The annealed mask (causal plus each future position visible with probability `ratio`) travels this
+  way: a forward pre-hook on the decoder backbone builds it once per forward, folds in the padding
+  mask, and hands it to every layer.
+
+`ratio == 0` removes the hook and restores the causal flag, so the model is exactly the original one.
+The ratio is also written to `config.attention_ratio` so `adapt.load` can restore a partial ratio;
+ratio 1 reloads bidirectional even in plain transformers, through `is_causal`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Implementations that accept an arbitrary 4D mask. flash_attention_* take only a causal flag (and
+# padding through varlen), so they cannot honour a partial mask: refuse instead of ignoring it.
+PARTIAL_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+
+_HOOK_ATTR = "_adapt_attention_hook"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside peft / DDP / DeepSpeed / compile wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):  # peft: LoRA layers are injected in place
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def decoder_backbone(model: nn.Module) -> nn.Module:
+    """The transformer stack without the LM head (`model.model`, `model.transformer`, ...)."""
+    model = unwrap_model(model)
+    backbone = getattr(model, "base_model", model)
+    if backbone is model:
+        raise TypeError(f"{type(model).__name__} has no separate decoder backbone; is it a causal LM?")
+    return backbone
+
+
+class AnnealedMask:
+    """Forward pre-hook that replaces the 2D padding mask with the annealed 4D mask.
+
+    Built once per forward (not per layer) as a bool (B, 1, L, L) tensor, True = attend, broadcast over
+    heads: the cheapest form SDPA accepts. Eager attention adds masks, so it gets the additive float form.
+    """
+
+    def __init__(self, ratio: float, generator: torch.Generator | None):
+        self.ratio = ratio
+        self.generator = generator
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if len(args) > 1:
+            raise TypeError("adapt.set_attention: call the model with keyword arguments (attention_mask=...)")
+        implementation = module.config._attn_implementation
+        if implementation not in PARTIAL_MASK_IMPLEMENTATIONS:
+            raise RuntimeError(_partial_mask_refusal(implementation, self.ratio))
+        padding = kwargs.get("attention_mask")
+        if padding is not None and padding.ndim != 2:
+            return None  # the caller built its own 4D mask: theirs wins
+        if kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
+            raise RuntimeError(
+                "adapt.set_attention: a partial attention ratio cannot be combined with a KV cache; "
+                "sample at ratio 1 (set_attention(model, 1.0))"
+            )
+        tokens = args[0] if args else kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        batch, length = tokens.shape[:2]
+        window = _sliding_window(module.config)
+        if window is not None and length > window:
+            raise RuntimeError(
+                f"adapt.set_attention: sequence length {length} exceeds the sliding window ({window}) "
+                "and a partial ratio would override the window; use seq_len <= the window while annealing"
+            )
+        mask = annealed_mask(batch, length, self.ratio, padding=padding, device=tokens.device, generator=self.generator)
+        if implementation == "eager":
+            dtype = next(module.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+
+def annealed_mask(
+    batch: int,
+    length: int,
+    ratio: float,
+    *,
+    padding: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Bool (B, 1, L, L), True = query may attend to key.
+
+    Causal positions are always visible; each future position independently with probability `ratio`.
+    Keys that are padding are hidden. Every query keeps its own position so no row is empty (an empty
+    row would make softmax return NaN on padded queries).
+    """
+    gen_device = generator.device if generator is not None else device
+    future = torch.rand((batch, 1, length, length), generator=generator, device=gen_device).to(device) < ratio
+    positions = torch.arange(length, device=device)
+    causal = positions[None, :] <= positions[:, None]
+    mask = causal | future
+    if padding is not None:
+        mask &= padding.to(device=device, dtype=torch.bool)[:, None, None, :]
+        mask |= torch.eye(length, dtype=torch.bool, device=device)
+    return mask
+
+
+def set_attention(model: nn.Module, ratio: float, *, generator: torch.Generator | None = None) -> None:
+    """Set how much of the future each position sees: 0 = causal (the AR model), 1 = bidirectional.
+
+    Between 0 and 1, each future position is visible with probability `ratio`, drawn fresh on every
+    forward from `generator` (seed it for reproducible masks). Works on peft- and DDP-wrapped models.
+    """
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0 or ratio != ratio:
+        raise ValueError(f"attention ratio must be in [0, 1], got {ratio}; pass 0 for causal, 1 for bidirectional")
+    model = unwrap_model(model)
+    backbone = decoder_backbone(model)
+    implementation = model.config._attn_implementation
+    if 0.0 < ratio < 1.0 and implementation not in PARTIAL_MASK_IMPLEMENTATIONS:
+        raise ValueError(_partial_mask_refusal(implementation, ratio))
+
+    hook = getattr(backbone, _HOOK_ATTR, None)
+    if 0.0 < ratio < 1.0:
+        if hook is None:
+            hook = AnnealedMask(ratio, generator)
+            hook.handle = backbone.register_forward_pre_hook(hook, with_kwargs=True)
+            setattr(backbone, _HOOK_ATTR, hook)
+        hook.ratio = ratio
+        if generator is not None:
+            hook.generator = generator
+    elif hook is not None:
+        hook.handle.remove()
+        delattr(backbone, _HOOK_ATTR)
+
+    # Every config that the forward passes read must agree (the backbone may hold its own copy).
+    for config in {id(c): c for c in (model.config, backbone.config)}.values():
+        config.is_causal = ratio < 1.0
+        config.attention_ratio = ratio
+
+
+def get_attention_ratio(model: nn.Module) -> float:
+    """The ratio last set with `set_attention` (0.0 for an untouched causal model)."""
+    return float(getattr(unwrap_model(model).config, "attention_ratio", 0.0))
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if window is None or (layer_types and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def _partial_mask_refusal(implementation: str, ratio: float) -> str:
+    return (
+        f"attention implementation {implementation!r} cannot apply a partial attention mask (ratio {ratio}); "
+        f"load the model with attn_implementation='sdpa' or 'eager' for annealing "
+        f"(ratios 0 and 1 work with every implementation)"
+    )

@@ -1,0 +1,265 @@
+"""The absorbing-state (masked) diffusion objective: corruption, shift, loss and ELBO likelihood.
+
+Forward process: per sequence draw t ~ U(eps, 1) and replace each maskable token by the mask token
+with probability t. The model denoises all masked positions at once, with no time embedding. With the
+shift (as in the AR model it came from) the prediction for token i is read at position i-1, so position
+0 is never a target and always stays clean. The loss is the cross-entropy on masked positions weighted
+by 1/t: divided by the number of tokens it is the negative ELBO per token, an upper bound on the NLL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import decoder_backbone, unwrap_model
+
+LOSS_NORMS = ("masked", "tokens")
+
+
+@dataclass
+class DiffusionConfig:
+    """Everything that decides how a model is trained and sampled as a diffusion LM.
+
+    Saved in the model's config.json under the key `diffusion` and read back on load, so a checkpoint
+    never depends on guesses from its name.
+    """
+
+    mask_token_id: int | None = None
+    # "add" (a new token, embeddings resized) or "reuse" (an existing id); recorded, never inferred.
+    mask_token_strategy: str | None = None
+    # Output at position i-1 predicts token i, as in the AR model.
+    shift: bool = True
+    # t ~ U(eps, 1); eps keeps the 1/t weight finite.
+    eps: float = 1e-3
+    # Optimizer steps over which attention goes from causal to bidirectional.
+    anneal_steps: int = 10_000
+    # "masked": divide the weighted sum by the number of masked tokens in the batch (DiffuLLaMA);
+    # "tokens": divide by the number of (non-padding) tokens, B*L for packed blocks (SMDM/LLaDA, the ELBO).
+    loss_norm: str = "masked"
+    base_model: str | None = None
+    tokens_trained: int = 0
+
+    def __post_init__(self):
+        if self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {self.loss_norm!r}")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+        if self.anneal_steps < 1:
+            raise ValueError(f"anneal_steps must be >= 1, got {self.anneal_steps}")
+        if self.mask_token_strategy not in (None, "add", "reuse"):
+            raise ValueError(f"mask_token_strategy must be 'add' or 'reuse', got {self.mask_token_strategy!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DiffusionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown diffusion config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def save_to(self, model_config) -> None:
+        """Write into a transformers config; `save_pretrained` then puts it in config.json."""
+        model_config.diffusion = self.to_dict()
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "DiffusionConfig | None":
+        values = getattr(model_config, "diffusion", None)
+        return None if values is None else cls.from_dict(dict(values))
+
+    def anneal_ratio(self, step: int) -> float:
+        """Attention ratio at optimizer step `step` (0-based): min(1, (step+1)/anneal_steps)."""
+        return min(1.0, (step + 1) / self.anneal_steps)
+
+
+@dataclass
+class DiffusionLoss:
+    loss: torch.Tensor  # scalar, differentiable: the 1/t-weighted masked CE, normalised per `loss_norm`
+    unweighted: torch.Tensor  # scalar: plain CE averaged over masked tokens (no 1/t), for logging
+    num_masked: int  # masked (scored) tokens in the batch
+    num_tokens: int  # non-padding tokens in the batch (the "tokens" normaliser)
+
+
+def sample_t(batch: int, eps: float, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise levels t ~ U(eps, 1), one per sequence."""
+    u = torch.rand(batch, generator=generator, device=_generator_device(generator, device)).to(device)
+    return eps + (1.0 - eps) * u
+
+
+def maskable_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    never_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool (B, L): positions that may be corrupted. Never position 0, padding, or `never_mask`."""
+    maskable = torch.ones_like(input_ids, dtype=torch.bool)
+    maskable[:, 0] = False
+    if attention_mask is not None:
+        maskable &= attention_mask.bool()
+    if never_mask is not None:
+        maskable &= ~never_mask.bool()
+    return maskable
+
+
+def corrupt(
+    input_ids: torch.Tensor,
+    t: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_token_id: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbing-state forward process: each maskable token becomes the mask token with prob t."""
+    u = torch.rand(input_ids.shape, generator=generator, device=_generator_device(generator, input_ids.device))
+    mask = (u.to(input_ids.device) < t[:, None]) & maskable
+    return input_ids.masked_fill(mask, mask_token_id), mask
+
+
+def predict_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    shift: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (N, V) for the N positions where `targets` (bool (B, L)) is True, in row-major order.
+
+    With `shift`, the prediction for position i is the model's output at i-1 (targets at position 0 are
+    not allowed). The LM head runs on the selected hidden states only, so the (B, L, V) logits of the
+    whole batch are never materialised: the diffusion loss scores about half the positions.
+    """
+    if shift and targets[:, 0].any():
+        raise ValueError("with shift=True position 0 has no prediction; it must never be a target")
+    backbone = decoder_backbone(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if shift:
+        selected = hidden[:, :-1][targets[:, 1:]]
+    else:
+        selected = hidden[targets]
+    return output_logits(model, selected)
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head and any output transform the family's forward applies after it."""
+    model = unwrap_model(model)
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    # Families that rescale logits after the head (the head-only path must match `model(...).logits`).
+    if getattr(config, "logit_scale", None) is not None:  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:  # Granite
+        logits = logits / config.logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def diffusion_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    config: DiffusionConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    never_mask: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> DiffusionLoss:
+    """One Monte Carlo sample of the diffusion loss for a batch of token ids (B, L).
+
+    `t` (B,) fixes the noise levels; `mask` (bool (B, L)) fixes which tokens are corrupted (it is
+    intersected with the maskable positions: position 0, `never_mask` and padding always stay clean).
+    Padding is never a target. Each masked token's CE is weighted by 1/t of its sequence.
+    """
+    if config.mask_token_id is None:
+        raise ValueError("DiffusionConfig.mask_token_id is not set; call adapt.ensure_mask_token first")
+    batch = input_ids.shape[0]
+    if t is None:
+        t = sample_t(batch, config.eps, device=input_ids.device, generator=generator)
+    t = t.to(device=input_ids.device, dtype=torch.float32)
+    maskable = maskable_positions(input_ids, attention_mask, never_mask)
+    if mask is None:
+        noisy, mask = corrupt(input_ids, t, maskable, config.mask_token_id, generator=generator)
+    else:
+        mask = mask.to(input_ids.device).bool() & maskable
+        noisy = input_ids.masked_fill(mask, config.mask_token_id)
+
+    logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask)
+    ce = F.cross_entropy(logits.float(), input_ids[mask], reduction="none")
+    weights = (1.0 / t)[:, None].expand_as(mask)[mask]
+
+    num_masked = int(mask.sum())
+    num_tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+    denominator = num_masked if config.loss_norm == "masked" else num_tokens
+    return DiffusionLoss(
+        loss=(ce * weights).sum() / max(denominator, 1),
+        unweighted=ce.detach().sum() / max(num_masked, 1),
+        num_masked=num_masked,
+        num_tokens=num_tokens,
+    )
+
+
+@dataclass
+class ELBO:
+    nll: torch.Tensor  # (B,) negative ELBO of each sequence's target tokens, in nats (summed over tokens)
+    num_tokens: torch.Tensor  # (B,) number of target tokens per sequence
+
+    @property
+    def per_token(self) -> float:
+        return float(self.nll.sum() / self.num_tokens.sum().clamp(min=1))
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.per_token)
+
+
+@torch.no_grad()
+def elbo_nll(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    config: DiffusionConfig,
+    *,
+    n_samples: int = 32,
+    target_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> ELBO:
+    """Monte Carlo estimate of the negative ELBO of the target tokens given the rest.
+
+    Only target tokens are ever masked; the others are clean context (the prompt of a multiple-choice
+    question, say). Default targets: every non-padding position but 0. The noise levels are stratified:
+    t_k = eps + (1-eps)(k + u)/K with one shared u ~ U(0, 1), which lowers the variance against K
+    independent draws while staying unbiased.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if target_mask is None:
+        target_mask = maskable_positions(input_ids, attention_mask)
+    else:
+        target_mask = target_mask.bool() & maskable_positions(input_ids, attention_mask)
+    batch = input_ids.shape[0]
+    offset = torch.rand((), generator=generator, device=_generator_device(generator, input_ids.device))
+    total = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
+    for k in range(n_samples):
+        t_k = config.eps + (1.0 - config.eps) * (k + offset.item()) / n_samples
+        t = torch.full((batch,), t_k, device=input_ids.device)
+        noisy, mask = corrupt(input_ids, t, target_mask, config.mask_token_id, generator=generator)
+        logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask)
+        ce = F.cross_entropy(logits.float(), input_ids[mask], reduction="none").double() / t_k
+        rows = mask.nonzero()[:, 0]
+        total.index_add_(0, rows, ce)
+    return ELBO(nll=total / n_samples, num_tokens=target_mask.sum(dim=1))
+
+
+def _generator_device(generator: torch.Generator | None, fallback) -> torch.device | str | None:
+    return generator.device if generator is not None else fallback

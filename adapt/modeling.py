@@ -1,0 +1,171 @@
+"""Loading causal checkpoints and choosing the mask token.
+
+One loader for every entry point (convert, train, export, eval) so that the safety defaults hold
+everywhere: safetensors only unless pickles are explicitly allowed, no remote code unless asked for,
+and one clear `UserError` for a path that is not a causal LM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import unwrap_model
+from .diffusion import DiffusionConfig
+from .errors import UserError
+
+MASK_TOKEN = "<|mdm_mask|>"
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Load (model, tokenizer) from a local HF folder, a .gguf file, or a Hub id.
+
+    `attn_implementation` defaults to "sdpa" (falls back to "eager" for families without it, such as
+    Gemma 2), the implementations that can carry the annealed mask.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = str(path)
+    load_kwargs: dict = {"trust_remote_code": trust_remote_code}
+    source = path
+    if path.endswith(".gguf"):
+        if not Path(path).is_file():
+            raise UserError(f"model file not found: {path}; pass an existing .gguf file")
+        load_kwargs["gguf_file"] = Path(path).name
+        source = str(Path(path).parent)
+    elif not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UserError(f"model path not found: {path}; pass a local model folder, a .gguf file or a Hub id")
+    if Path(source).is_dir() and "gguf_file" not in load_kwargs:
+        _check_weights_format(Path(source), allow_pickle)
+
+    try:
+        config = AutoConfig.from_pretrained(source, **load_kwargs)
+    except OSError as err:
+        raise UserError(f"cannot load a model config from {path!r}: {_first_line(err)}; "
+                        "pass a local folder with config.json, a .gguf file, or a reachable Hub id") from None
+    except ValueError as err:
+        raise UserError(f"cannot read the model config at {path!r}: {_first_line(err)}") from None
+    if not _is_causal_lm_config(config):
+        raise UserError(f"{path} is a {config.model_type!r} model with no causal-LM head; "
+                        "adapt needs a decoder-only causal LM (GPT-2, Llama, Mistral, Qwen, ...)")
+
+    kwargs = dict(load_kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if "gguf_file" not in load_kwargs:
+        # None lets transformers fall back to .bin, which it then reads with weights_only=True.
+        kwargs["use_safetensors"] = None if allow_pickle else True
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = _supported_implementation(config, attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise UserError(f"cannot load model weights from {path!r}: {_first_line(err)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"no usable tokenizer at {path!r} ({_first_line(err)}); "
+                        "save the tokenizer files next to the weights") from None
+    if "gguf_file" in load_kwargs:
+        _detach_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def ensure_mask_token(model: nn.Module, tokenizer, strategy: str = "add", token_id: int | None = None) -> int:
+    """Give the model a mask token and return its id; the choice is recorded in `config.diffusion`.
+
+    "add": add `mask_token` to the tokenizer (unless it has one already) and resize the embeddings,
+    setting the new row of the input embedding (and of an untied output head) to the mean of the rows
+    it had, so the new token starts as a neutral vector rather than a random one.
+    "reuse": use the existing id `token_id` (e.g. 10541 for GPT-2 small, 811 for LLaMA-2 in DiffuLLaMA).
+    """
+    inner = unwrap_model(model)
+    vocab_rows = inner.get_input_embeddings().weight.shape[0]
+    if strategy == "reuse":
+        if token_id is None or not 0 <= token_id < vocab_rows:
+            raise ValueError(f"strategy 'reuse' needs token_id in [0, {vocab_rows}), got {token_id}")
+        mask_id = int(token_id)
+    elif strategy == "add":
+        if token_id is not None:
+            raise ValueError("strategy 'add' chooses the id itself; pass token_id only with strategy 'reuse'")
+        if tokenizer.mask_token is None:
+            tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+        mask_id = int(tokenizer.mask_token_id)
+        _init_new_row(inner, mask_id)
+    else:
+        raise ValueError(f"mask token strategy must be 'add' or 'reuse', got {strategy!r}")
+
+    diffusion = DiffusionConfig.from_model_config(inner.config) or DiffusionConfig()
+    diffusion.mask_token_id = mask_id
+    diffusion.mask_token_strategy = strategy
+    diffusion.save_to(inner.config)
+    return mask_id
+
+
+def _init_new_row(model: nn.Module, row: int) -> None:
+    """Make room for embedding row `row` and set it (in and out) to the mean of the existing rows."""
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if row >= old_rows:
+        model.resize_token_embeddings(row + 1, mean_resizing=False)
+    existing = min(old_rows, row)
+    with torch.no_grad():
+        inputs = model.get_input_embeddings().weight
+        inputs[row] = inputs[:existing].mean(dim=0)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not inputs:
+            head.weight[row] = head.weight[:existing].mean(dim=0)
+            if getattr(head, "bias", None) is not None:
+                head.bias[row] = head.bias[:existing].mean()
+
+
+def _is_causal_lm_config(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "is_decoder", True) is False:
+        return False  # BERT-style encoders: their causal-LM class exists but the checkpoint is bidirectional
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return True
+    # remote-code models declare their classes themselves
+    return any(arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") for arch in config.architectures or [])
+
+
+def supports_sdpa(config) -> bool:
+    """Whether the family offers SDPA attention (Gemma 2 does not, because of its logit softcapping)."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return model_class is None or bool(getattr(model_class, "_supports_sdpa", False))
+
+
+def _supported_implementation(config, wanted: str) -> str:
+    return "eager" if wanted == "sdpa" and not supports_sdpa(config) else wanted
+
+
+def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise UserError(f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded; "
+                        "convert them to safetensors, or pass --allow-pickle if you trust the source")
+
+
+def _detach_gguf_quantizer(model: nn.Module) -> None:
+    """GGUF loads dequantised to full precision but keeps a quantizer that blocks save_pretrained."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

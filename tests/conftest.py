@@ -1,0 +1,15 @@
+import pytest
+import torch
+
+from adapt.presets import FAMILIES, implementations
+
+# Every (family, attention implementation) pair the toolkit supports; tests parametrised over it prove
+# each property for each pair.
+FAMILY_IMPLS = [(family, impl) for family in FAMILIES for impl in implementations(family)]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
