@@ -1,0 +1,356 @@
+"""Recipes: a YAML file (plus `key=value` overrides) parsed into typed, validated dataclasses.
+
+Every setting is a dataclass field with a default; the comment beside it is its documentation
+(docs/recipes.md lists them all). Parsing is generic: the type annotations decide what a value may be,
+`Literal[...]` lists the valid choices, and `field(metadata=at_least(n))` states a range. An unknown key,
+a wrong type or an out-of-range value is a `UserError` that names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .data import DataConfig
+from .errors import UserError
+
+
+def at_least(low: float) -> dict:
+    return {"min": low}
+
+
+def between(low: float, high: float) -> dict:
+    return {"min": low, "max": high}
+
+
+@dataclass
+class ModelSection:
+    """The pretrained causal LM to adapt, and its mask token."""
+
+    path: str = ""  # local HF folder, .gguf file or Hub id (required)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights as loaded
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # both can carry the annealed mask
+    trust_remote_code: bool = False  # run the checkpoint's own Python code (only for sources you trust)
+    # "add": a new token, embeddings resized; "reuse": the existing id `mask_token_id`. Ignored when the
+    # model is already a diffusion checkpoint (its recorded mask token is kept).
+    mask_token: Literal["add", "reuse"] = "add"
+    mask_token_id: int | None = None  # the id to reuse (mask_token: reuse only)
+
+
+@dataclass
+class TrainSection:
+    """Batch, length of the run, the diffusion objective and numerics."""
+
+    batch_size: int = field(default=8, metadata=at_least(1))  # sequences per process per micro-step
+    grad_accum: int = field(default=1, metadata=at_least(1))  # micro-steps per optimizer step
+    max_steps: int = field(default=1000, metadata=at_least(1))  # optimizer steps in the whole run
+    # Optimizer steps over which attention goes from causal to bidirectional (1 = bidirectional at once).
+    anneal_steps: int = field(default=10_000, metadata=at_least(1))
+    # "masked": divide by the masked tokens in the micro-batch (DiffuLLaMA); "tokens": by all tokens (ELBO).
+    loss_norm: Literal["masked", "tokens"] = "masked"
+    eps: float = field(default=1e-3, metadata=between(1e-9, 0.5))  # t ~ U(eps, 1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast (weights stay in model.dtype)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    max_grad_norm: float = field(default=1.0, metadata=at_least(0))  # clip the global norm; 0 = no clipping
+    seed: int = field(default=0, metadata=at_least(0))  # model init of new rows, dropout, noise levels, masks
+    eval_every: int = field(default=0, metadata=at_least(0))  # validation ELBO every N steps (0 = only at the end)
+    eval_batches: int = field(default=4, metadata=at_least(0))  # validation batches per process (0 = no validation)
+    eval_samples: int = field(default=4, metadata=at_least(1))  # Monte Carlo noise levels per validation sequence
+    log_every: int = field(default=1, metadata=at_least(1))  # print a log line every N steps
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the learning-rate schedule (transformers' schedulers)."""
+
+    lr: float = field(default=3e-4, metadata=at_least(0))  # peak learning rate
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine decay to 0, or constant
+    warmup_steps: int = field(default=0, metadata=at_least(0))  # linear warmup from 0
+    weight_decay: float = field(default=0.01, metadata=at_least(0))
+    beta1: float = field(default=0.9, metadata=between(0, 0.999999))
+    beta2: float = field(default=0.95, metadata=between(0, 0.999999))
+    adam_eps: float = field(default=1e-8, metadata=at_least(0))
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters through peft; r: 0 trains all weights."""
+
+    r: int = field(default=0, metadata=at_least(0))  # adapter rank (0 = full fine-tuning, no LoRA)
+    alpha: float = field(default=16.0, metadata=at_least(0))  # scale alpha / r
+    dropout: float = field(default=0.0, metadata=between(0, 1))
+    target_modules: list[str] = field(default_factory=list)  # module names; empty = every linear layer but the head
+
+
+@dataclass
+class DistributedSection:
+    """How the processes share the work (the process count comes from the launcher)."""
+
+    # auto: deepspeed when deepspeed_config is set, else DDP for several processes, else one process.
+    backend: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
+    deepspeed_config: str | None = None  # JSON path (recipes/deepspeed/*.json); "auto" values are filled in
+    fsdp_reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3-like)
+
+
+@dataclass
+class CheckpointSection:
+    """Training checkpoints (model, optimizer, scheduler, RNG, data position) under output_dir/checkpoints."""
+
+    every: int = field(default=500, metadata=at_least(0))  # steps between checkpoints (0 = only at the end)
+    keep: int = field(default=2, metadata=at_least(1))  # newest complete checkpoints kept
+
+
+@dataclass
+class LoggingSection:
+    """Where the per-step figures go besides stdout and output_dir/metrics.jsonl."""
+
+    tensorboard: bool = True  # event files under output_dir/logs
+    wandb: bool = False  # Weights & Biases (needs `pip install wandb` and WANDB_API_KEY in the environment)
+    project: str = "adapt"  # W&B project / TensorBoard run group
+    progress_bar: bool = True  # tqdm bar, only when stderr is a terminal
+
+
+@dataclass
+class Recipe:
+    """A training run. Only model.path, data.path (or data.sources) and output_dir have no usable default."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    output_dir: str = ""  # checkpoints, logs and the exported model (output_dir/model)
+    # null: start fresh (refused if output_dir already has checkpoints); "auto": continue from the newest
+    # complete checkpoint if there is one; a path: continue from that checkpoint.
+    resume: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), *, base: dict | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, and return the validated `Recipe`.
+
+    `base` (a nested dict) is applied before the file, for callers such as `adapt convert` that build a
+    recipe from defaults.
+    """
+    values: dict = {}
+    if base:
+        _merge(values, base)
+    if path is not None:
+        _merge(values, _read_yaml(Path(path)))
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(values, key, value)
+    recipe = from_dict(Recipe, values)
+    validate(recipe)
+    return recipe
+
+
+def recipe_from_json(text: str) -> Recipe:
+    """The recipe stored in a checkpoint's trainer_state.json."""
+    return from_dict(Recipe, json.loads(text))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}; pass a YAML file such as recipes/smollm2-135m-cpu.yaml")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (model:, data:, train:, ...)")
+    return values
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {text!r} is not key=value; write e.g. optim.lr=1e-4 or data.seq_len=512")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(values: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(target: dict, source: dict) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic dataclass parsing: the annotations are the schema
+
+
+def from_dict(cls, values, prefix: str = ""):
+    """Build dataclass `cls` from a dict, checking keys, types, choices and ranges recursively."""
+    where = prefix.rstrip(".") or "the recipe"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of keys, got {_show(values)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"unknown key {prefix}{unknown[0]}; valid keys in {where}: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, prefix + name, fields[name].metadata) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint, value, key: str, metadata=None):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key, metadata)
+    if value is None:
+        raise UserError(f"{key} cannot be null; give a {_type_name(hint)}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key} = {_show(value)} is not a valid choice; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (str, dict)) else value
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {_show(value)}")
+        return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # 1e6 in YAML is a float; a whole number is meant
+            else:
+                raise UserError(f"{key} must be a whole number, got {_show(value)}")
+    elif hint is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{key} must be a number, got {_show(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} must be a number, got {_show(value)}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be a string, got {_show(value)}")
+    if metadata:
+        _check_range(key, value, metadata)
+    return value
+
+
+def _check_range(key: str, value, metadata) -> None:
+    low, high = metadata.get("min"), metadata.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UserError(f"{key} = {value} is out of range; it must be {bounds}")
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _show(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks that involve more than one field
+
+
+DATA_FORMATS = ("pretrain", "sft")
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field rules; each names the key to change."""
+    if not recipe.model.path:
+        raise UserError("model.path is required; set it to a local model folder, a .gguf file or a Hub id")
+    data = recipe.data
+    if not data.path and not data.sources:
+        raise UserError("data.path is required (or data.sources for a mixture); set it to a text/jsonl/parquet file or folder")
+    if data.format not in DATA_FORMATS:
+        raise UserError(f"data.format = {data.format!r} is not a valid choice; choose one of: {', '.join(DATA_FORMATS)}")
+    if data.seq_len < 2:
+        raise UserError(f"data.seq_len = {data.seq_len} is out of range; it must be >= 2")
+    if not 0.0 <= data.validation_fraction < 1.0:
+        raise UserError(f"data.validation_fraction = {data.validation_fraction} is out of range; it must be in [0, 1)")
+    for i, source in enumerate(data.sources):
+        if source.weight <= 0:
+            raise UserError(f"data.sources[{i}].weight = {source.weight} is out of range; it must be > 0")
+    if not recipe.output_dir:
+        raise UserError("output_dir is required; set it to a folder for checkpoints, logs and the exported model")
+    if recipe.model.mask_token == "reuse" and recipe.model.mask_token_id is None:
+        raise UserError("model.mask_token is 'reuse' but model.mask_token_id is not set; give the id to reuse")
+    if recipe.model.mask_token == "add" and recipe.model.mask_token_id is not None:
+        raise UserError("model.mask_token_id is only used with model.mask_token: reuse; remove it or set mask_token: reuse")
+    dist = recipe.distributed
+    if dist.backend == "deepspeed" and not dist.deepspeed_config:
+        raise UserError("distributed.backend is 'deepspeed' but distributed.deepspeed_config is not set; "
+                        "point it at a JSON file such as recipes/deepspeed/zero2.json")
+    if dist.deepspeed_config and dist.backend not in ("auto", "deepspeed"):
+        raise UserError(f"distributed.deepspeed_config is set but distributed.backend is {dist.backend!r}; "
+                        "use backend: deepspeed (or auto), or remove deepspeed_config")
+    if dist.deepspeed_config and not Path(dist.deepspeed_config).is_file():
+        raise UserError(f"distributed.deepspeed_config: file not found: {dist.deepspeed_config}")
+    if recipe.optim.warmup_steps > recipe.train.max_steps:
+        raise UserError(f"optim.warmup_steps ({recipe.optim.warmup_steps}) exceeds train.max_steps "
+                        f"({recipe.train.max_steps}); lower it")
+    if recipe.train.mixed_precision == "fp16" and recipe.model.dtype == "float16":
+        raise UserError("train.mixed_precision: fp16 needs float32 master weights; set model.dtype: float32")
+
+
+def fields_doc() -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) for every setting, for docs and `adapt train --help`."""
+    rows = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, str(hint).replace("typing.", ""), repr(default)))
+
+    walk(Recipe, "")
+    return rows
