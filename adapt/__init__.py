@@ -3,6 +3,8 @@
 from .attention import get_attention_ratio, set_attention
 from .diffusion import DiffusionConfig, DiffusionLoss, ELBO, diffusion_loss, elbo_nll
 from .errors import UserError
+from .export import load, save_checkpoint
+from .sampling import generate, infill
 from .modeling import ensure_mask_token, load_model
 
 __all__ = [
@@ -13,8 +15,12 @@ __all__ = [
     "diffusion_loss",
     "elbo_nll",
     "ensure_mask_token",
+    "generate",
     "get_attention_ratio",
+    "infill",
+    "load",
     "load_model",
+    "save_checkpoint",
     "set_attention",
 ]
 

@@ -44,6 +44,10 @@ class DiffusionConfig:
     loss_norm: str = "masked"
     base_model: str | None = None
     tokens_trained: int = 0
+    # What the model was trained for: absorbing-state masked diffusion, linear schedule, CE weighted 1/t.
+    objective: str = "masked-diffusion"
+    # Whether training reached attention ratio 1 (written by `adapt.export.save_checkpoint`).
+    annealing_finished: bool = False
 
     def __post_init__(self):
         if self.loss_norm not in LOSS_NORMS:

@@ -1,0 +1,248 @@
+"""Save and load diffusion checkpoints: the folder anyone can load, with or without `adapt`.
+
+A checkpoint folder holds:
+* sharded safetensors weights (`model-0000x-of-0000n.safetensors` + index, or one `model.safetensors`);
+* config.json with the `diffusion` section (mask id, shift, objective, loss normalisation, base model,
+  tokens trained, whether annealing finished), the attention state (`is_causal`, `attention_ratio`)
+  and `auto_map` pointing at the remote code;
+* the tokenizer, its mask token set to the diffusion mask id;
+* the remote code: `modeling_adapt_diffusion.py` and the modules it imports, copied verbatim from this
+  package (see that file), so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` gives
+  a bidirectional model with `diffusion_generate` / `diffusion_infill` and no `adapt` install;
+* README.md, a model card with YAML metadata and the evaluation figures when known.
+
+The folder is written under a temporary name next to `out_dir` and renamed into place when complete,
+so an interrupted export never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import get_attention_ratio, set_attention, unwrap_model
+from .diffusion import DiffusionConfig
+from .errors import UserError
+
+REMOTE_MODULE = "modeling_adapt_diffusion"
+# The remote module and every module it imports, relative to this package (checked by the tests: a
+# missing one makes the remote load fail).
+REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "diffusion.py", "attention.py", "errors.py")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+CARD_KEYS = ("license", "datasets", "tags", "evaluation", "description", "base_model")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    diffusion: DiffusionConfig | None = None,
+    card: dict | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+) -> Path:
+    """Write a complete diffusion checkpoint to `out_dir` and return its path.
+
+    `diffusion` defaults to the settings in `model.config`; `annealing_finished` is set from the model's
+    attention ratio. `card` may give `license`, `datasets`, `tags`, `evaluation` ({metric: value}),
+    `description` and `base_model` for the model card. An existing non-empty `out_dir` is replaced only
+    with `overwrite=True`. Neither the model nor the tokenizer passed in is modified. Merge LoRA
+    adapters before saving (`merge_and_unload()`): the checkpoint holds plain weights.
+    """
+    out_dir = Path(out_dir)
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError("the model still has LoRA adapters; merge them first (model = model.merge_and_unload())")
+    model = unwrap_model(model)
+    diffusion = copy.deepcopy(diffusion or DiffusionConfig.from_model_config(model.config))
+    if diffusion is None or diffusion.mask_token_id is None:
+        raise UserError("the model has no diffusion settings (config.diffusion with a mask token id); "
+                        "convert it first (adapt.ensure_mask_token) before exporting")
+    diffusion.annealing_finished = get_attention_ratio(model) >= 1.0
+    unknown = set(card or {}) - set(CARD_KEYS)
+    if unknown:
+        raise UserError(f"unknown model card fields {sorted(unknown)}; known fields: {', '.join(CARD_KEYS)}")
+    _check_destination(out_dir, overwrite)
+    tokenizer = _with_mask_token(tokenizer, diffusion.mask_token_id)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config["diffusion"] = diffusion.to_dict()
+        config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.AdaptDiffusion{type(model).__name__}"}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        package = Path(__file__).parent
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(package / name, staging / name)
+        (staging / "README.md").write_text(model_card(model, diffusion, card or {}))
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a diffusion checkpoint: (model, tokenizer, DiffusionConfig), in eval mode, ready to sample.
+
+    The attention state saved with the checkpoint (`attention_ratio`, 1 = bidirectional) is restored.
+    """
+    from .modeling import load_model
+
+    model, tokenizer = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    diffusion = DiffusionConfig.from_model_config(model.config)
+    if diffusion is None or diffusion.mask_token_id is None:
+        raise UserError(f"{path} is not a diffusion checkpoint (config.json has no 'diffusion' section with a "
+                        "mask token id); convert or train it with adapt first")
+    set_attention(model, float(getattr(model.config, "attention_ratio", 0.0)))
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer, diffusion
+
+
+def export(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    card: dict | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+) -> Path:
+    """Re-export a diffusion checkpoint folder (a training output, say) as a complete checkpoint."""
+    model, tokenizer, diffusion = load(src, dtype=dtype)
+    return save_checkpoint(model, tokenizer, out_dir, diffusion=diffusion, card=card, overwrite=overwrite,
+                           max_shard_size=max_shard_size)
+
+
+def check_export(folder: str | os.PathLike) -> None:
+    """Raise UserError naming what is missing if `folder` is not a complete checkpoint from `save_checkpoint`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; pass the output folder of `adapt export`")
+    missing = []
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    if config is None:
+        missing.append("config.json")
+    else:
+        if (config.get("diffusion") or {}).get("mask_token_id") is None:
+            missing.append("the 'diffusion' section of config.json")
+        if REMOTE_MODULE not in json.dumps(config.get("auto_map", {})):
+            missing.append("'auto_map' in config.json")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing += sorted(shard for shard in shards if not (folder / shard).is_file())
+    elif not (folder / "model.safetensors").is_file():
+        missing.append("safetensors weights")
+    if not (folder / "tokenizer_config.json").is_file() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("the tokenizer")
+    missing += [name for name in (*REMOTE_CODE_FILES, "README.md") if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder} is not a complete export (missing: {', '.join(missing)}); "
+                        "write it with `adapt export SRC OUT`")
+
+
+def model_card(model: nn.Module, diffusion: DiffusionConfig, card: dict) -> str:
+    """README.md: YAML metadata for the Hub, then how to use the model and what it was trained with."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_model = card.get("base_model") or diffusion.base_model
+    metadata = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["adapt", "diffusion", "masked-diffusion-lm", *card.get("tags", [])],
+        datasets=card.get("datasets") or None,
+        license=card.get("license"),
+    )
+    lines = [
+        "---", metadata.to_yaml(), "---", "",
+        f"# {'Diffusion LM adapted from ' + base_model if base_model else 'Masked diffusion LM'}", "",
+    ]
+    if card.get("description"):
+        lines += [card["description"], ""]
+    lines += [
+        f"A {type(model).__name__} turned into a masked discrete-diffusion language model with "
+        "`adapt` (DiffuLLaMA-style continued pretraining with attention annealed "
+        "from causal to bidirectional, keeping the shift-by-one alignment).", "",
+        "## Use", "",
+        "Plain transformers (the sampler ships with the checkpoint as remote code):", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        'print(model.diffusion_generate(tokenizer, "Once upon a time", length=64, steps=64)[0])',
+        'print(model.diffusion_infill(tokenizer, "The capital of France is [MASK:2]."))',
+        "```", "",
+        "With adapt: `adapt generate PATH --prompt \"Once upon a time\" --length 64 --steps 64`.", "",
+        "## Diffusion settings", "",
+        "| setting | value |", "|---|---|",
+    ]
+    for key, value in diffusion.to_dict().items():
+        lines.append(f"| {key} | {value} |")
+    lines.append(f"| attention_ratio | {get_attention_ratio(model)} |")
+    evaluation = card.get("evaluation") or {}
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {_format_figure(value)} |" for name, value in evaluation.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _format_figure(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _with_mask_token(tokenizer, mask_token_id: int):
+    """The tokenizer with `mask_token` set to the diffusion mask id (a copy when it has to change)."""
+    if tokenizer.mask_token_id == mask_token_id:
+        return tokenizer
+    if tokenizer.mask_token is not None:
+        raise UserError(f"the tokenizer's mask token {tokenizer.mask_token!r} (id {tokenizer.mask_token_id}) is "
+                        f"not the diffusion mask id {mask_token_id}; fix config.diffusion.mask_token_id")
+    tokenizer = copy.deepcopy(tokenizer)  # a reused id: name its existing token the mask token
+    tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_token_id)
+    return tokenizer
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder; choose another output path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) "
+                        "to replace it, or choose another output folder")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished folder to `out_dir`; an old `out_dir` is removed only after the rename."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old.rmdir()
+    out_dir.rename(old)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old)

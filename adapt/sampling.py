@@ -1,0 +1,447 @@
+"""The reverse process: generate and infill with a masked diffusion LM.
+
+Start with the positions to fill set to the mask token. Each step predicts every still-masked position
+of the current block at once (with the shift: the prediction for position i is read at i-1, through
+`predict_logits`, so the LM head runs only on those positions), draws a token for each, and commits
+some of them; the rest stay masked for the next step. Given tokens (a prompt, the text around infill
+spans) are never changed. Which predictions are committed:
+
+* `random`: each masked position with probability 1/(steps left), as in DiffuLLaMA;
+* `confidence`: the highest probability of the drawn token first (MaskGIT, LLaDA);
+* `margin`: the largest gap between the top two probabilities first;
+* `entropy`: the lowest entropy of the predicted distribution first (Dream).
+
+For the last three the number committed per step is fixed in advance: the tokens are split as evenly
+as possible over the steps, so exactly `steps` forwards run and each commits at least one token. With
+`random` a step can commit nothing; the next step then sees the same input, so its logits are reused
+instead of recomputed, and fewer than `steps` forwards may run.
+
+`block_size` decodes semi-autoregressively: the positions to fill are cut into blocks of `block_size`
+left to right, and a block is finished before the next one starts (the later blocks stay masked in the
+input). The steps are shared between blocks in proportion to their sizes.
+
+No key/value cache: at attention ratio 1 every position attends to every other, so the keys and values
+of the prompt depend on the masked (and then committed) positions after it and change at every step.
+A prefix cache would be an approximation, not the same computation, so the sampler does not use one.
+
+This module depends only on torch, tqdm and three dependency-free modules of this package (attention,
+diffusion, errors). `adapt export` copies all of them verbatim into every checkpoint, where the remote
+code (`modeling_adapt_diffusion.py`) calls this same sampler: one implementation, no copy to drift.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion import DiffusionConfig, predict_logits
+from .errors import UserError
+
+STRATEGIES = ("random", "confidence", "margin", "entropy")
+DEFAULT_SPAN_LENGTH = 8  # tokens a plain "[MASK]" stands for
+
+
+@dataclass
+class Denoised:
+    ids: torch.Tensor  # (B, L) the sequences with every masked position filled
+    commit_step: torch.Tensor  # (B, L) the step (0-based) at which each position was committed; -1 = given
+    forwards: int  # model forwards that ran
+
+
+@dataclass
+class Generation:
+    texts: list[str]  # one continuation per sample, prompt excluded
+    prompt_ids: list[int]
+    token_ids: list[list[int]]  # the generated ids of each sample
+    commit_step: list[list[int]]  # the step at which each generated token was committed
+    forwards: int
+
+
+@dataclass
+class Infilling:
+    texts: list[str]  # the full text with the spans filled, one per sample
+    spans: list[list[str]]  # the text of each filled span, per sample
+    token_ids: list[list[int]]  # the whole sequence fed to the model, per sample
+    commit_step: list[list[int]]  # -1 for given tokens
+    forwards: int
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str | None = None,
+    *,
+    length: int,
+    steps: int,
+    strategy: str = "confidence",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    block_size: int | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    progress: bool | None = False,
+) -> list[str]:
+    """Generate `length` tokens after `prompt` (or after BOS) in `steps` denoising steps.
+
+    Returns one continuation per sample, prompt excluded. `progress=None` shows a progress bar when
+    stderr is a terminal.
+    """
+    return generate_with_details(
+        model, tokenizer, prompt, length=length, steps=steps, strategy=strategy, temperature=temperature,
+        top_k=top_k, top_p=top_p, block_size=block_size, num_samples=num_samples, seed=seed, progress=progress,
+    ).texts
+
+
+def generate_with_details(
+    model,
+    tokenizer,
+    prompt: str | None = None,
+    *,
+    length: int,
+    steps: int,
+    strategy: str = "confidence",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    block_size: int | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    progress: bool | None = False,
+) -> Generation:
+    """`generate`, also returning the token ids, the step each token was committed at, and the forwards."""
+    _check_positive(length=length, num_samples=num_samples)
+    _check_steps(steps, length)
+    config = _diffusion_config(model)
+    prompt_ids = _leading_ids(tokenizer)
+    if prompt:
+        prompt_ids += tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids and config.shift:
+        prompt_ids = [_anchor_id(tokenizer)]
+    ids = torch.tensor([prompt_ids + [config.mask_token_id] * length] * num_samples, device=_device(model))
+    fill = torch.zeros_like(ids, dtype=torch.bool)
+    fill[:, len(prompt_ids):] = True
+    out = denoise(
+        model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps, strategy=strategy,
+        temperature=temperature, top_k=top_k, top_p=top_p, block_size=block_size,
+        generator=_generator(seed, ids.device), progress=progress,
+    )
+    generated = out.ids[:, len(prompt_ids):].tolist()
+    return Generation(
+        texts=[tokenizer.decode(row, skip_special_tokens=True) for row in generated],
+        prompt_ids=prompt_ids,
+        token_ids=generated,
+        commit_step=out.commit_step[:, len(prompt_ids):].tolist(),
+        forwards=out.forwards,
+    )
+
+
+def infill(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    mask_marker: str = "[MASK]",
+    span_length: int = DEFAULT_SPAN_LENGTH,
+    steps: int | None = None,
+    strategy: str = "confidence",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    block_size: int | None = None,
+    seed: int | None = None,
+    progress: bool | None = False,
+) -> str:
+    """Fill every marker in `text` and return the whole text; every given character is kept unchanged.
+
+    `[MASK:5]` stands for 5 tokens, a plain `[MASK]` for `span_length` tokens (for another
+    `mask_marker`, the count goes before its closing bracket in the same way). `steps` defaults to one
+    step per masked token.
+    """
+    return infill_with_details(
+        model, tokenizer, text, mask_marker=mask_marker, span_length=span_length, steps=steps,
+        strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p, block_size=block_size,
+        num_samples=1, seed=seed, progress=progress,
+    ).texts[0]
+
+
+def infill_with_details(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    mask_marker: str = "[MASK]",
+    span_length: int = DEFAULT_SPAN_LENGTH,
+    steps: int | None = None,
+    strategy: str = "confidence",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    block_size: int | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    progress: bool | None = False,
+) -> Infilling:
+    """`infill` for `num_samples` samples, also returning the spans, token ids and commit steps."""
+    _check_positive(span_length=span_length, num_samples=num_samples)
+    config = _diffusion_config(model)
+    pieces = split_infill_text(text, mask_marker, span_length)
+
+    # Tokenize each given piece on its own so that the spans sit exactly between them.
+    sequence, spans = _leading_ids(tokenizer), []
+    for piece in pieces:
+        if isinstance(piece, int):
+            if not sequence and config.shift:
+                sequence.append(_anchor_id(tokenizer))  # position 0 is never predicted
+            spans.append((len(sequence), len(sequence) + piece))
+            sequence += [config.mask_token_id] * piece
+        else:
+            sequence += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    masked = sum(end - start for start, end in spans)
+    steps = masked if steps is None else steps
+    _check_steps(steps, masked)
+
+    ids = torch.tensor([sequence] * num_samples, device=_device(model))
+    fill = torch.zeros_like(ids, dtype=torch.bool)
+    for start, end in spans:
+        fill[:, start:end] = True
+    out = denoise(
+        model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps, strategy=strategy,
+        temperature=temperature, top_k=top_k, top_p=top_p, block_size=block_size,
+        generator=_generator(seed, ids.device), progress=progress,
+    )
+    rows = out.ids.tolist()
+    filled = [[tokenizer.decode(row[start:end], skip_special_tokens=True) for start, end in spans] for row in rows]
+    texts = []
+    for span_texts in filled:
+        span_iter = iter(span_texts)
+        texts.append("".join(next(span_iter) if isinstance(piece, int) else piece for piece in pieces))
+    return Infilling(texts=texts, spans=filled, token_ids=rows, commit_step=out.commit_step.tolist(),
+                     forwards=out.forwards)
+
+
+def split_infill_text(text: str, mask_marker: str = "[MASK]", span_length: int = DEFAULT_SPAN_LENGTH) -> list:
+    """Split `text` into given strings and span lengths (ints), in order; empty strings are dropped.
+
+    "a [MASK:3] b [MASK]" -> ["a ", 3, " b ", span_length].
+    """
+    if not mask_marker:
+        raise UserError("the mask marker is empty; pass a marker such as '[MASK]'")
+    if mask_marker.endswith("]"):
+        pattern = re.escape(mask_marker[:-1]) + r"(?::(\d+))?\]"
+    else:
+        pattern = re.escape(mask_marker) + r"(?::(\d+))?"
+    pieces, start = [], 0
+    for match in re.finditer(pattern, text):
+        if match.start() > start:
+            pieces.append(text[start:match.start()])
+        count = span_length if match.group(1) is None else int(match.group(1))
+        if count < 1:
+            raise UserError(f"span {match.group(0)!r} asks for {count} tokens; give a span length of at least 1")
+        pieces.append(count)
+        start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    if not any(isinstance(piece, int) for piece in pieces):
+        raise UserError(f"the text has no {mask_marker!r} marker to fill; mark each span with "
+                        f"{mask_marker!r} or a sized marker such as {_sized(mask_marker, 5)!r}")
+    return pieces
+
+
+@torch.no_grad()
+def denoise(
+    model,
+    ids: torch.Tensor,
+    fill: torch.Tensor,
+    *,
+    mask_token_id: int,
+    steps: int,
+    shift: bool = True,
+    strategy: str = "confidence",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    block_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool | None = False,
+) -> Denoised:
+    """Fill the positions where `fill` (bool (B, L)) is True; every other token is held fixed.
+
+    Every row must have the same number of positions to fill (the commit schedule is shared).
+    """
+    counts = fill.sum(dim=1)
+    if len(set(counts.tolist())) != 1:
+        raise ValueError("every row must have the same number of positions to fill")
+    total = int(counts[0])
+    _check_steps(steps, total)
+    _check_sampling(strategy, temperature, top_k, top_p)
+    if block_size is not None and block_size < 1:
+        raise UserError(f"block size must be >= 1, got {block_size}; omit it to denoise all positions at once")
+    if shift and fill[:, 0].any():
+        raise UserError("position 0 cannot be generated with the shift (it is never predicted); start with a "
+                        "given token such as BOS")
+
+    ids = ids.masked_fill(fill, mask_token_id)
+    # Block of each position to fill: its rank among the row's positions to fill, // block_size.
+    rank = fill.long().cumsum(dim=1) - 1
+    block_of = torch.where(fill, rank // (block_size or total), -1)
+    sizes = torch.bincount(block_of[0][fill[0]]).tolist()
+    if steps < len(sizes):
+        raise UserError(f"{steps} steps cannot cover {len(sizes)} blocks of {block_size} tokens; "
+                        f"use at least {len(sizes)} steps or a larger block size")
+    commit_step = torch.full_like(ids, -1)
+    masked = fill.clone()
+    forwards, step = 0, 0
+    bar = tqdm(total=steps, desc="denoising", unit="step", disable=None if progress is None else not progress)
+    for block, block_steps in enumerate(_share(steps, sizes)):
+        schedule = _even_split(sizes[block], block_steps)
+        logits = None  # reused while the input is unchanged
+        for block_step, quota in enumerate(schedule):
+            candidates = masked & (block_of == block)
+            if logits is None:
+                logits = predict_logits(model, ids, candidates, shift=shift)
+                forwards += 1
+            tokens, score = _draw(logits, mask_token_id, temperature, top_k, top_p, strategy, generator)
+            if strategy == "random":
+                steps_left = block_steps - block_step
+                u = torch.rand(score.shape, generator=generator, device=generator.device if generator else None)
+                chosen = u.to(score.device) < 1.0 / steps_left
+                commit = torch.zeros_like(candidates)
+                commit[candidates] = chosen
+            else:
+                dense = torch.full(ids.shape, -torch.inf, device=ids.device)
+                dense[candidates] = score
+                commit = torch.zeros_like(candidates)
+                commit.scatter_(1, dense.topk(quota, dim=1).indices, True)
+            proposal = torch.zeros_like(ids)
+            proposal[candidates] = tokens
+            ids = torch.where(commit, proposal, ids)
+            commit_step[commit] = step
+            masked &= ~commit
+            if commit.any():
+                logits = None
+            step += 1
+            bar.update(1)
+    bar.close()
+    return Denoised(ids=ids, commit_step=commit_step, forwards=forwards)
+
+
+def _draw(logits, mask_token_id, temperature, top_k, top_p, strategy, generator):
+    """Draw a token for each row of `logits` (N, V); return it and its commit score (higher = sooner)."""
+    logits = logits.float()
+    logits[:, mask_token_id] = -torch.inf  # the mask token is never a prediction
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p (the first one always stays)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -torch.inf)
+    probs = logits.softmax(dim=-1)
+    if temperature > 0:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        tokens = probs.argmax(dim=-1)
+
+    if strategy == "confidence":
+        score = probs.gather(1, tokens[:, None]).squeeze(1)
+    elif strategy == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        score = top2[:, 0] - top2[:, 1]
+    elif strategy == "entropy":
+        score = (probs * probs.clamp_min(1e-30).log()).sum(dim=-1)  # minus the entropy
+    else:  # random: the commit decision is a coin flip per position
+        score = torch.zeros_like(tokens, dtype=torch.float)
+    return tokens, score
+
+
+def _even_split(total: int, steps: int) -> list[int]:
+    """`total` tokens over `steps` steps, as evenly as possible, larger shares first."""
+    return [total // steps + (1 if i < total % steps else 0) for i in range(steps)]
+
+
+def _share(steps: int, sizes: list[int]) -> list[int]:
+    """Steps per block: proportional to the block sizes, each block between 1 and its size."""
+    total = sum(sizes)
+    quota = [steps * size / total for size in sizes]
+    shares = [min(size, max(1, int(q))) for q, size in zip(quota, sizes)]
+    while sum(shares) < steps:  # give the next step to the block furthest below its quota
+        room = [i for i in range(len(sizes)) if shares[i] < sizes[i]]
+        shares[max(room, key=lambda i: quota[i] - shares[i])] += 1
+    while sum(shares) > steps:  # only possible through the minimum of 1: take from the furthest above
+        spare = [i for i in range(len(sizes)) if shares[i] > 1]
+        shares[max(spare, key=lambda i: shares[i] - quota[i])] -= 1
+    return shares
+
+
+def _diffusion_config(model) -> DiffusionConfig:
+    config = DiffusionConfig.from_model_config(model.config)
+    if config is None or config.mask_token_id is None:
+        raise UserError("the model has no diffusion settings (no mask token in config.diffusion); "
+                        "load an adapted checkpoint, or give it a mask token with adapt.ensure_mask_token")
+    return config
+
+
+def _leading_ids(tokenizer) -> list[int]:
+    """The BOS id if the tokenizer puts one in front of every text (Llama does, GPT-2 does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
+        return [bos]
+    return []
+
+
+def _anchor_id(tokenizer) -> int:
+    """A given first token when there is no prompt: with the shift, position 0 is never predicted."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise UserError("the tokenizer has no BOS or EOS token to start from; pass a prompt")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
+
+
+def _check_steps(steps: int, tokens: int) -> None:
+    if steps < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    if steps > tokens:
+        raise UserError(f"{steps} steps for {tokens} tokens would waste forwards (each step commits at "
+                        f"least one token); use at most {tokens} steps")
+
+
+def _check_sampling(strategy: str, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top-p must be in (0, 1], got {top_p}")
+
+
+def _sized(marker: str, count: int) -> str:
+    return f"{marker[:-1]}:{count}]" if marker.endswith("]") else f"{marker}:{count}"
