@@ -129,11 +129,12 @@ def generate_with_details(
         temperature=temperature, top_k=top_k, top_p=top_p, block_size=block_size,
         generator=_generator(seed, ids.device), progress=progress,
     )
-    generated = out.ids[:, len(prompt_ids):].tolist()
+    rows = out.ids.tolist()
+    start = len(prompt_ids)
     return Generation(
-        texts=[tokenizer.decode(row, skip_special_tokens=True) for row in generated],
+        texts=[_decode_after(tokenizer, row, start, len(row)) for row in rows],
         prompt_ids=prompt_ids,
-        token_ids=generated,
+        token_ids=[row[start:] for row in rows],
         commit_step=out.commit_step[:, len(prompt_ids):].tolist(),
         forwards=out.forwards,
     )
@@ -158,8 +159,8 @@ def infill(
     """Fill every marker in `text` and return the whole text; every given character is kept unchanged.
 
     `[MASK:5]` stands for 5 tokens, a plain `[MASK]` for `span_length` tokens (for another
-    `mask_marker`, the count goes before its closing bracket in the same way). `steps` defaults to one
-    step per masked token.
+    `mask_marker`, the count goes before its closing bracket, `<blank:5>`, or at its end, `___:5`).
+    `steps` defaults to one step per masked token.
     """
     return infill_with_details(
         model, tokenizer, text, mask_marker=mask_marker, span_length=span_length, steps=steps,
@@ -214,7 +215,7 @@ def infill_with_details(
         generator=_generator(seed, ids.device), progress=progress,
     )
     rows = out.ids.tolist()
-    filled = [[tokenizer.decode(row[start:end], skip_special_tokens=True) for start, end in spans] for row in rows]
+    filled = [[_decode_after(tokenizer, row, start, end) for start, end in spans] for row in rows]
     texts = []
     for span_texts in filled:
         span_iter = iter(span_texts)
@@ -230,10 +231,8 @@ def split_infill_text(text: str, mask_marker: str = "[MASK]", span_length: int =
     """
     if not mask_marker:
         raise UserError("the mask marker is empty; pass a marker such as '[MASK]'")
-    if mask_marker.endswith("]"):
-        pattern = re.escape(mask_marker[:-1]) + r"(?::(\d+))?\]"
-    else:
-        pattern = re.escape(mask_marker) + r"(?::(\d+))?"
+    head, tail = _marker_parts(mask_marker)
+    pattern = re.escape(head) + r"(?::(\d+))?" + re.escape(tail)
     pieces, start = [], 0
     for match in re.finditer(pattern, text):
         if match.start() > start:
@@ -330,9 +329,14 @@ def denoise(
 
 
 def _draw(logits, mask_token_id, temperature, top_k, top_p, strategy, generator):
-    """Draw a token for each row of `logits` (N, V); return it and its commit score (higher = sooner)."""
+    """Draw a token for each row of `logits` (N, V); return it and its commit score (higher = sooner).
+
+    Temperature, top-k and top-p shape the draw only; the scores are read from the model's unmodified
+    distribution, so they rank positions by how certain the model is whatever the sampling settings.
+    """
     logits = logits.float()
     logits[:, mask_token_id] = -torch.inf  # the mask token is never a prediction
+    model_probs = logits.softmax(dim=-1)  # the scores use the model's own distribution
     if temperature > 0:
         logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -344,12 +348,12 @@ def _draw(logits, mask_token_id, temperature, top_k, top_p, strategy, generator)
         # drop a token when the tokens ranked above it already cover top_p (the first one always stays)
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -torch.inf)
-    probs = logits.softmax(dim=-1)
     if temperature > 0:
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tokens = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
     else:
-        tokens = probs.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
 
+    probs = model_probs
     if strategy == "confidence":
         score = probs.gather(1, tokens[:, None]).squeeze(1)
     elif strategy == "margin":
@@ -379,6 +383,19 @@ def _share(steps: int, sizes: list[int]) -> list[int]:
         spare = [i for i in range(len(sizes)) if shares[i] > 1]
         shares[max(spare, key=lambda i: shares[i] - quota[i])] -= 1
     return shares
+
+
+def _decode_after(tokenizer, ids: list[int], start: int, end: int) -> str:
+    """The text of ids[start:end] as it reads after ids[:start].
+
+    Decoding the span alone can lose its leading space (SentencePiece drops it at the start of a text),
+    so decode with the context and cut the context's text off.
+    """
+    before = tokenizer.decode(ids[:start], skip_special_tokens=True)
+    both = tokenizer.decode(ids[:end], skip_special_tokens=True)
+    if both.startswith(before):
+        return both[len(before):]
+    return tokenizer.decode(ids[start:end], skip_special_tokens=True)
 
 
 def _diffusion_config(model) -> DiffusionConfig:
@@ -443,5 +460,11 @@ def _check_sampling(strategy: str, temperature: float, top_k: int | None, top_p:
         raise UserError(f"top-p must be in (0, 1], got {top_p}")
 
 
+def _marker_parts(marker: str) -> tuple[str, str]:
+    """Where a span size goes: before a closing bracket ("[MASK" + ":5" + "]"), else at the end."""
+    return (marker[:-1], marker[-1]) if marker[-1] in ")]}>" else (marker, "")
+
+
 def _sized(marker: str, count: int) -> str:
-    return f"{marker[:-1]}:{count}]" if marker.endswith("]") else f"{marker}:{count}"
+    head, tail = _marker_parts(marker)
+    return f"{head}:{count}{tail}"

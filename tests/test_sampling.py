@@ -1,0 +1,189 @@
+"""The reverse process: forward counts, fixed tokens, schedules, seeds, infill splicing, bad arguments."""
+
+import pytest
+import torch
+
+import adapt
+from adapt.attention import decoder_backbone
+from adapt.errors import UserError
+from adapt.presets import tiny_model, tiny_tokenizer
+from adapt.sampling import (
+    STRATEGIES,
+    _even_split,
+    _share,
+    denoise,
+    generate_with_details,
+    infill_with_details,
+    split_infill_text,
+)
+
+
+def diffusion_model(family="llama", ratio=1.0):
+    model, tokenizer = tiny_model(family), tiny_tokenizer()
+    adapt.ensure_mask_token(model, tokenizer, "add")
+    adapt.set_attention(model, ratio)
+    return model, tokenizer
+
+
+class ForwardCounter:
+    """Counts forwards of the decoder backbone (each sampler step that runs the model)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = decoder_backbone(model).register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.count += 1
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "margin", "entropy"])
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_scheduled_strategies_run_exactly_steps_forwards(strategy, block_size):
+    model, tokenizer = diffusion_model()
+    counter = ForwardCounter(model)
+    out = generate_with_details(model, tokenizer, "w5 w6", length=10, steps=7, strategy=strategy,
+                                block_size=block_size, num_samples=3, seed=0)
+    assert counter.count == out.forwards == 7
+    steps = torch.tensor(out.commit_step)
+    # every step commits at least one token of every sample, every token is committed exactly once
+    for row in steps:
+        counts = torch.bincount(row, minlength=7)
+        assert (counts >= 1).all() and counts.sum() == 10
+    if block_size is None:
+        assert torch.bincount(steps[0]).tolist() == _even_split(10, 7)
+
+
+def test_random_strategy_skips_only_forwards_whose_input_did_not_change():
+    model, tokenizer = diffusion_model()
+    for seed in range(4):
+        counter = ForwardCounter(model)
+        out = generate_with_details(model, tokenizer, "w5", length=12, steps=12, strategy="random", seed=seed)
+        counter.handle.remove()
+        committed = set(out.commit_step[0])
+        # a forward runs at step 0 and after every step that committed something (the last step commits
+        # all that is left, with probability 1/1)
+        expected = 1 + len(committed - {11})
+        assert counter.count == out.forwards == expected <= 12
+        assert max(out.commit_step[0]) <= 11 and -1 not in out.commit_step[0]
+
+
+def test_blocks_are_finished_left_to_right():
+    model, tokenizer = diffusion_model()
+    out = generate_with_details(model, tokenizer, "w5", length=10, steps=6, block_size=4, seed=1)
+    steps = out.commit_step[0]
+    blocks = [steps[0:4], steps[4:8], steps[8:10]]
+    for earlier, later in zip(blocks, blocks[1:]):
+        assert max(earlier) < min(later)
+
+
+def test_steps_are_shared_between_blocks_in_proportion():
+    assert _share(6, [4, 4, 2]) == [3, 2, 1]
+    for steps in range(3, 11):
+        shares = _share(steps, [4, 4, 2])
+        assert sum(shares) == steps and all(1 <= s <= size for s, size in zip(shares, [4, 4, 2]))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_given_tokens_never_change(strategy):
+    model, tokenizer = diffusion_model()
+    ids = torch.randint(3, 120, (2, 12))
+    fill = torch.zeros_like(ids, dtype=torch.bool)
+    fill[:, 2:5] = True
+    fill[:, 8:11] = True
+    out = denoise(model, ids, fill, mask_token_id=model.config.diffusion["mask_token_id"], steps=4,
+                  strategy=strategy, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.ids[~fill], ids[~fill])
+    assert (out.ids != model.config.diffusion["mask_token_id"]).all()
+    assert (out.commit_step[~fill] == -1).all() and (out.commit_step[fill] >= 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_greedy_one_token_blocks_equal_autoregressive_decoding(family):
+    """With causal attention, the shift and blocks of one token, greedy diffusion decoding is AR decoding."""
+    model, tokenizer = diffusion_model(family, ratio=0.0)
+    prompt = tokenizer("w5 w9 w17", return_tensors="pt").input_ids
+    ar = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                        bad_words_ids=[[model.config.diffusion["mask_token_id"]]])[0, 3:].tolist()
+    out = generate_with_details(model, tokenizer, "w5 w9 w17", length=8, steps=8, block_size=1, temperature=0)
+    assert out.token_ids[0] == ar
+
+
+def test_seed_reproduces_and_different_seeds_differ():
+    model, tokenizer = diffusion_model()
+    kwargs = dict(length=12, steps=6, num_samples=2, top_k=50, top_p=0.95)
+    first = adapt.generate(model, tokenizer, "w5", seed=3, **kwargs)
+    assert adapt.generate(model, tokenizer, "w5", seed=3, **kwargs) == first
+    assert adapt.generate(model, tokenizer, "w5", seed=4, **kwargs) != first
+    assert len(first) == 2 and first[0] != first[1]  # the samples of a batch are independent draws
+
+
+def test_top_k_one_is_greedy():
+    model, tokenizer = diffusion_model()
+    greedy = adapt.generate(model, tokenizer, "w5", length=8, steps=4, temperature=0, seed=0)
+    assert adapt.generate(model, tokenizer, "w5", length=8, steps=4, top_k=1, seed=1) == greedy
+    assert adapt.generate(model, tokenizer, "w5", length=8, steps=4, top_p=1e-6, seed=2) == greedy
+
+
+def test_generation_without_prompt_starts_from_bos():
+    model, tokenizer = diffusion_model()
+    out = generate_with_details(model, tokenizer, None, length=6, steps=3, seed=0)
+    assert out.prompt_ids == [tokenizer.bos_token_id] and len(out.token_ids[0]) == 6
+
+
+def test_infill_keeps_every_given_character():
+    model, tokenizer = diffusion_model()
+    text = "w5 w6 [MASK:3] w9  w10\n[MASK] w11."
+    out = infill_with_details(model, tokenizer, text, span_length=2, num_samples=2, seed=0)
+    for filled, spans in zip(out.texts, out.spans):
+        assert filled == "w5 w6 " + spans[0] + " w9  w10\n" + spans[1] + " w11."
+        assert len(spans) == 2 and all(span.strip() for span in spans)
+    assert out.forwards == 5  # default: one step per masked token (3 + 2)
+    one = infill_with_details(model, tokenizer, text, span_length=2, seed=0)
+    assert adapt.infill(model, tokenizer, text, span_length=2, seed=0) == one.texts[0]
+
+
+def test_infill_marker_parsing():
+    assert split_infill_text("a [MASK:3] b [MASK]", span_length=4) == ["a ", 3, " b ", 4]
+    assert split_infill_text("<blank>x<blank:2>", "<blank>", 1) == [1, "x", 2]
+    assert split_infill_text("[MASK]", span_length=2) == [2]
+
+
+def test_infill_at_the_start_gets_an_anchor_token():
+    model, tokenizer = diffusion_model()
+    out = infill_with_details(model, tokenizer, "[MASK:2] w7", seed=0)
+    assert out.token_ids[0][0] == tokenizer.bos_token_id and out.texts[0].endswith(" w7")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(length=0, steps=1), "length must be >= 1"),
+    (dict(length=4, steps=0), "steps must be >= 1"),
+    (dict(length=4, steps=5), "at most 4 steps"),
+    (dict(length=4, steps=2, strategy="best"), "unknown strategy"),
+    (dict(length=4, steps=2, temperature=-1), "temperature"),
+    (dict(length=4, steps=2, top_k=0), "top-k"),
+    (dict(length=4, steps=2, top_p=1.5), "top-p"),
+    (dict(length=4, steps=2, block_size=0), "block size"),
+    (dict(length=8, steps=2, block_size=2), "cannot cover 4 blocks"),
+    (dict(length=4, steps=2, num_samples=0), "num samples"),
+])
+def test_bad_generate_arguments_raise_user_errors(kwargs, message):
+    model, tokenizer = diffusion_model()
+    with pytest.raises(UserError, match=message):
+        adapt.generate(model, tokenizer, "w5", **kwargs)
+
+
+@pytest.mark.parametrize("text, kwargs, message", [
+    ("no marker here", {}, "no '\\[MASK\\]' marker"),
+    ("a [MASK:0] b", {}, "at least 1"),
+    ("a [MASK:2] b", dict(steps=3), "at most 2 steps"),
+])
+def test_bad_infill_arguments_raise_user_errors(text, kwargs, message):
+    model, tokenizer = diffusion_model()
+    with pytest.raises(UserError, match=message):
+        adapt.infill(model, tokenizer, text, **kwargs)
+
+
+def test_a_model_without_a_mask_token_is_refused():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(UserError, match="no diffusion settings"):
+        adapt.generate(model, tokenizer, "w5", length=4, steps=2)
