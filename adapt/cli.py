@@ -123,4 +123,162 @@ def _run_eval(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_info, _add_eval]
+def _add_sampling_options(parser) -> None:
+    from .sampling import STRATEGIES
+
+    parser.add_argument("--strategy", choices=STRATEGIES, default="confidence",
+                        help="which predictions to commit each step (default: confidence)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= p")
+    parser.add_argument("--block-size", type=int, help="denoise in blocks of this many tokens, left to right")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch (default 1)")
+    parser.add_argument("--seed", type=int, help="same seed, same output")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: saved)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                block_size=args.block_size, num_samples=args.num_samples, seed=args.seed, progress=None)
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="sample text from a diffusion checkpoint")
+    parser.add_argument("model", help="a diffusion checkpoint folder (adapt export / adapt train output)")
+    parser.add_argument("--prompt", help="text the sample continues (held fixed)")
+    parser.add_argument("--length", type=int, required=True, help="tokens to generate")
+    parser.add_argument("--steps", type=int, required=True, help="denoising steps = model forwards (<= length)")
+    _add_sampling_options(parser)
+    parser.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import json
+
+    from .export import load
+    from .sampling import generate_with_details
+
+    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    out = generate_with_details(model, tokenizer, args.prompt, length=args.length, steps=args.steps,
+                                **_sampling_kwargs(args))
+    if args.json:
+        print(json.dumps({
+            "prompt": args.prompt, "prompt_ids": out.prompt_ids, "forwards": out.forwards,
+            "samples": [{"text": text, "token_ids": ids, "commit_step": steps}
+                        for text, ids, steps in zip(out.texts, out.token_ids, out.commit_step)],
+        }, indent=2))
+    else:
+        print("\n\n".join((args.prompt or "") + text for text in out.texts))
+    return 0
+
+
+def _add_infill(subparsers) -> None:
+    parser = subparsers.add_parser("infill", help="fill [MASK] spans in a text, keeping the rest unchanged")
+    parser.add_argument("model", help="a diffusion checkpoint folder")
+    parser.add_argument("text", help='text with spans to fill: "[MASK:5]" = 5 tokens, "[MASK]" = --span-length')
+    parser.add_argument("--mask-marker", default="[MASK]", help="the span marker (default [MASK])")
+    parser.add_argument("--span-length", type=int, default=8, help="tokens a plain marker stands for (default 8)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: one per masked token)")
+    _add_sampling_options(parser)
+    parser.set_defaults(handler=_run_infill)
+
+
+def _run_infill(args) -> int:
+    import json
+
+    from .export import load
+    from .sampling import infill_with_details
+
+    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    out = infill_with_details(model, tokenizer, args.text, mask_marker=args.mask_marker,
+                              span_length=args.span_length, steps=args.steps, **_sampling_kwargs(args))
+    if args.json:
+        print(json.dumps({
+            "text": args.text, "forwards": out.forwards,
+            "samples": [{"text": text, "spans": spans, "token_ids": ids, "commit_step": steps}
+                        for text, spans, ids, steps in zip(out.texts, out.spans, out.token_ids, out.commit_step)],
+        }, indent=2))
+    else:
+        print("\n\n".join(out.texts))
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a complete checkpoint: safetensors, diffusion config, tokenizer, remote code, card")
+    parser.add_argument("src", help="a diffusion model folder (e.g. a training output)")
+    parser.add_argument("out", help="output folder (written atomically)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="save in this dtype")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    parser.add_argument("--card", help="JSON file with model card fields: license, datasets, tags, evaluation, "
+                                       "description, base_model")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .export import export
+
+    card = None
+    if args.card:
+        try:
+            card = json.loads(Path(args.card).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read the model card fields from {args.card}: {err}; pass a JSON file") from None
+    out = export(args.src, args.out, dtype=args.dtype, card=card, overwrite=args.overwrite,
+                 max_shard_size=args.max_shard_size)
+    print(f"adapt export: wrote {out}")
+    return 0
+
+
+def _add_push(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push", help="upload an exported checkpoint to the Hugging Face Hub (token: HF_TOKEN or saved login)")
+    parser.add_argument("folder", help="a folder written by adapt export")
+    parser.add_argument("repo_id", help="owner/name of the model repo (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; send nothing")
+    parser.set_defaults(handler=_run_push)
+
+
+def _run_push(args) -> int:
+    from .hub import push
+
+    files = push(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    where = f"{args.repo_id}" + (f" (branch {args.revision})" if args.revision else "")
+    if args.dry_run:
+        print(f"adapt push: dry run; would upload {len(files)} files to {where}:")
+        print("\n".join(f"  {name}" for name in files))
+    else:
+        print(f"adapt push: uploaded {len(files)} files to {where}")
+    return 0
+
+
+def _add_import(subparsers) -> None:
+    parser = subparsers.add_parser("import", help="convert a published DiffuGPT / DiffuLLaMA checkpoint")
+    parser.add_argument("src", help="the downloaded checkpoint folder")
+    parser.add_argument("--format", required=True, choices=("diffugpt", "diffullama"), help="its layout")
+    parser.add_argument("--base", required=True, help="the AR model it was adapted from (folder or Hub id), "
+                                                      "e.g. gpt2 or meta-llama/Llama-2-7b-hf")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--mask-id", type=int, help="mask token id (default: 10541 diffugpt, 811 diffullama)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(handler=_run_import)
+
+
+def _run_import(args) -> int:
+    from .importers import import_checkpoint
+
+    out = import_checkpoint(args.src, format=args.format, base=args.base, out_dir=args.out,
+                            mask_token_id=args.mask_id, overwrite=args.overwrite)
+    print(f"adapt import: wrote {out}")
+    return 0
+
+
+_COMMANDS = [_add_info, _add_eval, _add_generate, _add_infill, _add_export, _add_push, _add_import]
