@@ -58,69 +58,82 @@ def _run_info(args) -> int:
     return 0
 
 
-def _add_eval(subparsers) -> None:
-    from .evaluate.tasks import TASKS
-
+def _add_train(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="evaluate a diffusion checkpoint (or, with --ar, a causal one) on benchmark tasks",
-        description=f"Tasks: {', '.join(TASKS)}. How each is scored: docs/evaluation.md.")
-    parser.add_argument("model", help="a diffusion checkpoint folder (a causal checkpoint with --ar)")
-    parser.add_argument("--task", nargs="+", required=True, metavar="T", help="one or more tasks")
-    parser.add_argument("--ar", action="store_true", help="MODEL is a plain causal LM: score it the AR way")
-    parser.add_argument("--source", metavar="DIR", help="also score this causal LM the AR way, side by side")
-    parser.add_argument("--data", help="elbo / sentence_infill: the text; choice tasks / lambada: a jsonl of requests")
-    parser.add_argument("--limit", type=int, help="only the first N examples (blocks for elbo)")
-    parser.add_argument("--samples", type=int, default=32, help="Monte Carlo noise levels per ELBO (default 32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="elbo: blocks per forward")
-    parser.add_argument("--seq-len", type=int, default=512, help="elbo: block length in tokens")
-    parser.add_argument("--validation-fraction", type=float, default=0.0,
-                        help="elbo: score only the documents a training run with this fraction and --seed held out")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--timeout", type=float, default=10.0, help="code_infill: seconds per test program")
-    parser.add_argument("--dtype", help="float32 (default), bfloat16, float16")
-    parser.add_argument("--device", help="cpu (default), cuda, ...")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    parser.add_argument("--output", metavar="FILE", help="also write the results as JSON to FILE")
-    parser.set_defaults(handler=_run_eval)
+        "train", help="adapt a causal LM into a diffusion LM from a YAML recipe",
+        description="Run a recipe (recipes/*.yaml; keys in docs/recipes.md). Launch with python -m adapt, "
+                    "torchrun --nproc_per_node N -m adapt, or accelerate launch -m adapt.")
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2-135m-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (resume=auto)")
+    parser.set_defaults(handler=_run_train)
 
 
-def _run_eval(args) -> int:
-    import json
-    import os
-    from dataclasses import asdict
+def _run_train(args) -> int:
+    from .recipe import load_recipe
 
-    from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks, to_json
-    from .export import load
-    from .modeling import load_model
+    overrides = (["resume=auto"] if args.resume else []) + list(args.overrides)
+    return _train_and_report(load_recipe(args.recipe, overrides))
 
-    check_tasks(args.task)
-    if args.limit is not None and args.limit < 1 or args.samples < 1:
-        raise UserError("--limit and --samples must be >= 1")
-    settings = EvalSettings(
-        data=args.data, limit=args.limit, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-        seq_len=args.seq_len, validation_fraction=args.validation_fraction, text_column=args.text_column,
-        timeout=args.timeout,
-    )
-    runs = []
-    for path, as_ar in [(args.model, args.ar)] + ([(args.source, True)] if args.source else []):
-        if as_ar:
-            model, tokenizer = load_model(path, dtype=args.dtype)
-            model, config = model.to(args.device or "cpu"), None
-        else:
-            model, tokenizer, config = load(path, dtype=args.dtype, device=args.device)
-        results = run_tasks(model, tokenizer, args.task, config=config, settings=settings)
-        runs.append({"name": f"{path} ({'AR' if as_ar else 'diffusion'})", "model": path,
-                     "mode": "ar" if as_ar else "diffusion", "results": results})
-        del model
-    report = to_json({"settings": asdict(settings), "runs": runs})
-    if args.output:
-        temporary = f"{args.output}.tmp"
-        with open(temporary, "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(temporary, args.output)
-    print(json.dumps(report, indent=2) if args.json else format_table(runs))
+
+def _train_and_report(recipe) -> int:
+    from .train import Interrupted, train
+
+    try:
+        result = train(recipe)
+    except Interrupted as stop:
+        print(f"adapt train: {stop}", file=sys.stderr)
+        return stop.exit_code
+    if _is_main_process():
+        print(f"adapt: diffusion model written to {result.model_dir} ({result.steps} steps, "
+              f"{result.tokens_trained:,} tokens)")
+        print(f"adapt: sample from it with:  adapt generate {result.model_dir} --length 64")
     return 0
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"  # set by torchrun / accelerate launch
+
+
+def _add_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="one command: adapt MODEL on a corpus with sane defaults",
+        description="Adapt a causal LM (local folder, .gguf file or Hub id) into a diffusion LM on a text/jsonl/"
+                    "parquet corpus. The recipe it runs is saved as OUT/recipe.yaml.")
+    parser.add_argument("model", help="local HF folder, .gguf file, or Hub id")
+    parser.add_argument("--data", required=True, help="text/jsonl/parquet file or folder (or a Hub dataset name)")
+    parser.add_argument("--out", required=True, help="output folder; the model lands in OUT/model")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=float, help="token budget, e.g. 2e6 (rounded up to whole steps)")
+    budget.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    parser.add_argument("--seq-len", type=int, help="block length (default 512 or the model's limit)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per process per step (default 8)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine decay (default 1e-4)")
+    parser.add_argument("--anneal-steps", type=int, help="steps from causal to bidirectional (default: half the run)")
+    parser.add_argument("--mask-token", choices=("add", "reuse"), default="add",
+                        help="add a new mask token (default) or reuse an existing id")
+    parser.add_argument("--mask-token-id", type=int, help="the id to reuse with --mask-token reuse")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any other recipe setting")
+    parser.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from pathlib import Path
+
+    from .convert import convert_recipe, write_recipe
+
+    recipe = convert_recipe(
+        args.model, args.data, args.out, tokens=int(args.tokens) if args.tokens is not None else None,
+        steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+        anneal_steps=args.anneal_steps, mask_token=args.mask_token, mask_token_id=args.mask_token_id,
+        overrides=args.overrides)
+    if _is_main_process():
+        write_recipe(recipe, Path(args.out) / "recipe.yaml")
+        print(f"adapt convert: {recipe.train.max_steps} steps x {recipe.train.batch_size} x {recipe.data.seq_len} "
+              f"tokens per process; recipe saved to {Path(args.out) / 'recipe.yaml'}")
+    return _train_and_report(recipe)
 
 
 def _add_sampling_options(parser) -> None:
@@ -281,4 +294,69 @@ def _run_import(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_info, _add_eval, _add_generate, _add_infill, _add_export, _add_push, _add_import]
+def _add_eval(subparsers) -> None:
+    from .evaluate.tasks import TASKS
+
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a diffusion checkpoint (or, with --ar, a causal one) on benchmark tasks",
+        description=f"Tasks: {', '.join(TASKS)}. How each is scored: docs/evaluation.md.")
+    parser.add_argument("model", help="a diffusion checkpoint folder (a causal checkpoint with --ar)")
+    parser.add_argument("--task", nargs="+", required=True, metavar="T", help="one or more tasks")
+    parser.add_argument("--ar", action="store_true", help="MODEL is a plain causal LM: score it the AR way")
+    parser.add_argument("--source", metavar="DIR", help="also score this causal LM the AR way, side by side")
+    parser.add_argument("--data", help="elbo / sentence_infill: the text; choice tasks / lambada: a jsonl of requests")
+    parser.add_argument("--limit", type=int, help="only the first N examples (blocks for elbo)")
+    parser.add_argument("--samples", type=int, default=32, help="Monte Carlo noise levels per ELBO (default 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="elbo: blocks per forward")
+    parser.add_argument("--seq-len", type=int, default=512, help="elbo: block length in tokens")
+    parser.add_argument("--validation-fraction", type=float, default=0.0,
+                        help="elbo: score only the documents a training run with this fraction and --seed held out")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--timeout", type=float, default=10.0, help="code_infill: seconds per test program")
+    parser.add_argument("--dtype", help="float32 (default), bfloat16, float16")
+    parser.add_argument("--device", help="cpu (default), cuda, ...")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--output", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import json
+    import os
+    from dataclasses import asdict
+
+    from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks, to_json
+    from .export import load
+    from .modeling import load_model
+
+    check_tasks(args.task)
+    if args.limit is not None and args.limit < 1 or args.samples < 1:
+        raise UserError("--limit and --samples must be >= 1")
+    settings = EvalSettings(
+        data=args.data, limit=args.limit, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+        seq_len=args.seq_len, validation_fraction=args.validation_fraction, text_column=args.text_column,
+        timeout=args.timeout,
+    )
+    runs = []
+    for path, as_ar in [(args.model, args.ar)] + ([(args.source, True)] if args.source else []):
+        if as_ar:
+            model, tokenizer = load_model(path, dtype=args.dtype)
+            model, config = model.to(args.device or "cpu"), None
+        else:
+            model, tokenizer, config = load(path, dtype=args.dtype, device=args.device)
+        results = run_tasks(model, tokenizer, args.task, config=config, settings=settings)
+        runs.append({"name": f"{path} ({'AR' if as_ar else 'diffusion'})", "model": path,
+                     "mode": "ar" if as_ar else "diffusion", "results": results})
+        del model
+    report = to_json({"settings": asdict(settings), "runs": runs})
+    if args.output:
+        temporary = f"{args.output}.tmp"
+        with open(temporary, "w") as handle:
+            json.dump(report, handle, indent=2)
+        os.replace(temporary, args.output)
+    print(json.dumps(report, indent=2) if args.json else format_table(runs))
+    return 0
+
+
+_COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import, _add_eval]

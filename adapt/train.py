@@ -87,7 +87,10 @@ def train(recipe: Recipe) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)
-    model, tokenizer, diffusion = _load_model(recipe)
+    with _no_deepspeed_init():
+        # Loaded whole on every process and partitioned by deepspeed.initialize: the mask token's new row
+        # is set from the other rows, which zero.Init's partitioned weights would hide (NaN rows).
+        model, tokenizer, diffusion = _load_model(recipe)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
@@ -192,7 +195,7 @@ def train(recipe: Recipe) -> TrainResult:
         if trackers:
             accelerator.end_training()
 
-    model_dir = export(accelerator, backend, objective, tokenizer, diffusion, output_dir / EXPORT_DIR, recipe)
+    model_dir = export(accelerator, backend, objective, tokenizer, diffusion, output_dir / EXPORT_DIR, recipe, validation)
     accelerator.wait_for_everyone()
     return TrainResult(model_dir, step, diffusion.tokens_trained, first_loss, last_loss, validation)
 
@@ -212,8 +215,12 @@ def _make_accelerator(recipe: Recipe, output_dir: Path):
         backend = "deepspeed" if recipe.distributed.deepspeed_config else ("ddp" if world > 1 else "single")
     kwargs = {}
     if world > 1 and not torch.cuda.is_available():
-        # Without it accelerate and DeepSpeed disagree about the world on CPU (DESIGN.md section 5).
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        # On CPU accelerate runs one process per launch unless told `cpu=True` (then it uses DDP over gloo);
+        # DeepSpeed instead needs the gloo group passed in, or its world and accelerate's disagree.
+        if backend == "deepspeed":
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            kwargs["cpu"] = True
     if backend == "deepspeed":
         from accelerate.utils import DeepSpeedPlugin
 
@@ -651,7 +658,8 @@ def _set_rng_state(state: dict) -> None:
 # Export
 
 
-def export(accelerator, backend, objective, tokenizer, diffusion: DiffusionConfig, out_dir: Path, recipe: Recipe) -> Path:
+def export(accelerator, backend, objective, tokenizer, diffusion: DiffusionConfig, out_dir: Path, recipe: Recipe,
+           validation: dict | None = None) -> Path:
     """Write the trained model as a diffusion checkpoint folder (LoRA merged into full weights).
 
     Sharded weights are gathered first: DeepSpeed ZeRO-3 through its 16-bit gather, FSDP2 as a full
@@ -673,7 +681,7 @@ def export(accelerator, backend, objective, tokenizer, diffusion: DiffusionConfi
         model = unwrap_model(model)
         set_attention(model, diffusion.anneal_ratio(max(recipe.train.max_steps - 1, 0)))
         model.config.use_cache = True
-        _save(model, tokenizer, diffusion, out_dir)
+        _save(model, tokenizer, diffusion, out_dir, recipe, validation)
         print(f"adapt train: exported {out_dir}", flush=True)
     accelerator.wait_for_everyone()
     return out_dir
@@ -717,19 +725,10 @@ def _no_deepspeed_init():
             hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-def _save(model, tokenizer, diffusion: DiffusionConfig, out_dir: Path) -> None:
-    try:
-        from .export import save_checkpoint
-    except ImportError:
-        save_checkpoint = None
-    if save_checkpoint is not None:
-        save_checkpoint(model, tokenizer, out_dir, diffusion=diffusion)
-        return
-    # Minimal atomic export until adapt.export lands: save to a temp folder, then rename over.
-    diffusion.save_to(model.config)
-    temp = out_dir.with_name(".tmp-" + out_dir.name)
-    shutil.rmtree(temp, ignore_errors=True)
-    model.save_pretrained(temp, safe_serialization=True)
-    tokenizer.save_pretrained(temp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    temp.rename(out_dir)
+def _save(model, tokenizer, diffusion: DiffusionConfig, out_dir: Path, recipe: Recipe, validation: dict | None) -> None:
+    from .export import save_checkpoint
+
+    card = {"base_model": diffusion.base_model}
+    if validation:
+        card["evaluation"] = {"validation ELBO perplexity": validation["val_elbo_ppl"]}
+    save_checkpoint(model, tokenizer, out_dir, diffusion=diffusion, card=card, overwrite=True)
