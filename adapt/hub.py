@@ -43,7 +43,7 @@ def push(
     that would be uploaded; nothing is sent).
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     check_export(folder)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -64,6 +64,8 @@ def push(
         status = err.response.status_code if err.response is not None else "no response"
         raise UserError(f"the Hub refused the push to {repo_id} (HTTP {status}); check that the token "
                         "(HF_TOKEN or `hf auth login`) has write access and the repo id is yours") from None
+    except OfflineModeIsEnabled:
+        raise UserError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to push") from None
     except _network_errors() as err:  # connection refused, DNS, timeouts
         raise UserError(f"cannot reach the Hub to push {repo_id} ({type(err).__name__}); check the network "
                         "or HF_ENDPOINT") from None
