@@ -173,12 +173,13 @@ class Blocks:
     def _stream(self, position):
         """Yield (block, position after it) from `position` on. A block is (ids, real length, prompt length)."""
         epoch, start, offset = position
+        pending = np.zeros(0, dtype=np.int64)  # tokens not yet in a block, carried across epochs
         while True:
             documents = self._documents(epoch, start)
             if self.format == "sft":
                 produced = yield from self._examples(documents, epoch, start)
             else:
-                produced = yield from self._pack(documents, epoch, start, offset)
+                produced, pending = yield from self._pack(documents, epoch, start, offset, pending)
             if start == 0 and not produced and not self.finite:  # an endless stream would loop forever
                 raise UserError(f"an epoch of the {self.split} split yields nothing to train on; "
                                 "check the data path, data.text_column and data.seq_len")
@@ -186,14 +187,13 @@ class Blocks:
                 return
             epoch, start, offset = epoch + 1, 0, 0
 
-    def _pack(self, documents, epoch, start, offset):
-        """Pack documents into full blocks; the leftover carries into the next epoch (never dropped).
+    def _pack(self, documents, epoch, start, offset, pending):
+        """Pack documents after `pending` into full blocks; return (tokens read, what is left pending).
 
         The tokens left over after cutting blocks are always a suffix of the current document (fewer
         than seq_len tokens were pending before it was added), so the position after a block is
-        (epoch, document, offset in it).
+        (epoch, document, offset in it), and resuming there needs nothing but that document.
         """
-        pending = np.zeros(0, dtype=np.int64)
         total = 0
         for index, row in enumerate(documents, start=start):
             ids = row["input_ids"][offset:]
@@ -208,7 +208,7 @@ class Blocks:
                 after = (epoch, index, len(row["input_ids"]) - left) if left else (epoch, index + 1, 0)
                 yield (block, self.seq_len, 0), after
             pending = pending[cut:]
-        return total
+        return total, pending
 
     def _examples(self, documents, epoch, start):
         """One SFT example per row; a row whose prompt fills seq_len has no target and is skipped."""
@@ -233,8 +233,10 @@ class Blocks:
             shuffled = [part.shuffle(seed=s, **extra) for part, s in zip(self._parts, seeds)]
             ordered = shuffled[0] if len(shuffled) == 1 else interleave_datasets(
                 shuffled, probabilities=self._probabilities, seed=seeds[-1], stopping_strategy="first_exhausted")
-        if start:
+        if start and self.streaming:
             ordered = ordered.skip(start)
+        elif start:  # Dataset.skip refuses to skip to the very end, where a saved position can point
+            ordered = ordered.select(range(start, len(ordered)) if start < len(ordered) else [])
         if self._encode is not None:
             ordered = _tokenize(ordered, self._encode, self.format, batch_size=64)  # small: first block comes fast
         return ordered.with_format("numpy")
@@ -284,7 +286,8 @@ def _check_config(config: DataConfig, split: str) -> None:
     if config.seq_len < 2:
         raise UserError(f"data.seq_len = {config.seq_len} is too short; set data.seq_len >= 2")
     if bool(config.path) == bool(config.sources):
-        raise UserError("set exactly one of data.path (one corpus) and data.sources (a mixture)")
+        raise UserError("the data section needs exactly one of data.path and data.sources; "
+                        "set data.path for one corpus or data.sources for a mixture")
     for source in _sources(config):
         if not source.weight > 0:
             raise UserError(f"mixture weight {source.weight} of {source.path} is not positive; "
@@ -293,7 +296,8 @@ def _check_config(config: DataConfig, split: str) -> None:
         raise UserError(f"data.validation_fraction = {config.validation_fraction} is outside [0, 1); "
                         "set a fraction such as 0.01, or data.validation_path")
     if split == "validation" and not config.validation_path and config.validation_fraction == 0:
-        raise UserError("no validation data: set data.validation_path or data.validation_fraction > 0")
+        raise UserError("no validation data (data.validation_fraction is 0); "
+                        "set data.validation_path or data.validation_fraction > 0")
     if config.shuffle_buffer < 1:
         raise UserError(f"data.shuffle_buffer = {config.shuffle_buffer} must be at least 1")
 
