@@ -78,18 +78,18 @@ def open_dataset(config: DataConfig, tokenizer, split: str = "train") -> "Blocks
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token, which separates documents and ends responses; "
                         "set tokenizer.eos_token")
-    sources = _sources(config)
-    hold_out = None  # (keep the held-out documents?) when validation comes out of the training data
-    if split == "validation" and config.validation_path:
-        sources = [DataSource(config.validation_path, 1.0, config.text_column)]
-    elif not config.validation_path:
+    sources, hub_split = _sources(config), "train"
+    hold_out = None  # validation taken out of the training data: True keeps the held-out documents, False the rest
+    if not config.validation_path:
         hold_out = split == "validation"
+    elif split == "validation":
+        sources, hub_split = [DataSource(config.validation_path, 1.0, config.text_column)], "validation"
 
     encode = _encoder(config.format, tokenizer)
     parts = []
     for source in sources:
-        documents = _normalize(_load(source.path, config.streaming), config, source, tokenizer)
-        if hold_out is not None:
+        documents = _normalize(_load(source.path, config.streaming, hub_split), config, source, tokenizer)
+        if hold_out is not None and config.validation_fraction > 0:
             documents = documents.filter(_hold_out_filter(config.seed, config.validation_fraction, hold_out),
                                          with_indices=True, batched=True)
         # In memory, tokenize once up front (cached by `datasets`); streamed, tokenize lazily after the
@@ -309,8 +309,8 @@ def _sources(config: DataConfig) -> list[DataSource]:
     return [DataSource(s.path, s.weight, s.text_column or config.text_column) for s in sources]
 
 
-def _load(path: str, streaming: bool):
-    """A local file, a folder of files of one kind, or a Hub dataset name -> its train split."""
+def _load(path: str, streaming: bool, hub_split: str = "train"):
+    """A local file, a folder of files of one kind, or a Hub dataset name (its `hub_split`) -> rows."""
     from datasets import load_dataset
 
     local = Path(path).expanduser()
@@ -322,12 +322,16 @@ def _load(path: str, streaming: bool):
     if path.startswith((".", "/", "~")) or _builder(local) or path.count("/") > 1:
         raise UserError(f"data path {path} does not exist; pass an existing file or folder, or a Hub dataset name")
     try:
-        return load_dataset(path, split="train", streaming=streaming)
+        return load_dataset(path, split=hub_split, streaming=streaming)
     except ConnectionError:
         raise UserError(f"cannot reach the Hugging Face Hub for dataset {path} (and there is no such local path); "
                         "download it and pass a local path") from None
     except FileNotFoundError:
         raise UserError(f"no local path or Hub dataset named {path}; pass an existing file or folder") from None
+    except ValueError as err:  # e.g. a dataset with several configs, or without this split
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the {hub_split} split of Hub dataset {path} ({first_line}); "
+                        "download the part you need and pass a local path") from None
 
 
 def _data_files(path: Path) -> tuple[str, list[Path]]:
