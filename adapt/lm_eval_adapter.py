@@ -93,8 +93,9 @@ class AdaptLM(LM):
         results = []
         for request in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
             tokens = self.tokenizer(request.args[0], add_special_tokens=False)["input_ids"]
+            # The harness's windows count predicted positions; ours also hold the first, given token.
             windows = [make_disjoint_window(window) for window in
-                       get_rolling_token_windows(tokens, prefix, self.max_length, context_len=1)]
+                       get_rolling_token_windows(tokens, prefix, self.max_length - 1, context_len=1)]
             scores = self._scores([context + target for context, target in windows],
                                   [len(context) for context, _ in windows])
             results.append(-sum(score.nll for score in scores))

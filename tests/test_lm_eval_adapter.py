@@ -1,0 +1,98 @@
+"""The lm-evaluation-harness model class, driven by constructed requests (the harness's Hub datasets
+are unreachable offline)."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'adapt[eval]'")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.registry import get_model  # noqa: E402
+
+from adapt.attention import set_attention  # noqa: E402
+from adapt.lm_eval_adapter import AdaptLM  # noqa: E402
+
+from .test_evaluate import train_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_tiny_model()
+
+
+def _request(kind, *args):
+    return Instance(request_type=kind, doc={}, arguments=tuple(args), idx=0)
+
+
+def test_registered_under_adapt():
+    assert get_model("adapt") is AdaptLM
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_loglikelihood_ranks_the_learned_continuation_first(trained, mode):
+    model, tokenizer, config = trained
+    lm = AdaptLM.from_model(model, tokenizer, config if mode == "diffusion" else None, samples=8, batch_size=2)
+    requests = [_request("loglikelihood", "<s> w5 w6 w7", continuation) for continuation in (" w40 w41", " w8 w9", " w13 w14")]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    assert len(results) == 3
+    logprobs = [logprob for logprob, _ in results]
+    assert max(range(3), key=logprobs.__getitem__) == 1
+    assert all(lp < 0 for lp in logprobs)
+    assert [greedy for _, greedy in results] == [False, True, False]
+
+
+def test_ar_loglikelihood_rolling_is_the_exact_sum_over_windows(trained):
+    model, tokenizer, _ = trained
+    text = "w5 w6 w7 w8 w9 w10 w11"
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids)))
+    whole = AdaptLM.from_model(model, tokenizer, None).loglikelihood_rolling([_request("loglikelihood_rolling", text)], True)
+    # windows of 4 positions: the same tokens, each predicted once, with less context
+    windowed = AdaptLM.from_model(model, tokenizer, None, max_length=4).loglikelihood_rolling(
+        [_request("loglikelihood_rolling", text)], True)
+    assert whole[0] == pytest.approx(expected, abs=1e-4)
+    assert math.isfinite(windowed[0]) and windowed[0] != pytest.approx(expected, abs=1e-4)
+
+
+def test_diffusion_loglikelihood_rolling_is_the_elbo_of_the_text(trained):
+    from adapt.diffusion import elbo_nll
+
+    model, tokenizer, config = trained
+    text = "w5 w6 w7 w8"
+    lm = AdaptLM.from_model(model, tokenizer, config, samples=16, seed=3)
+    [rolling] = lm.loglikelihood_rolling([_request("loglikelihood_rolling", text)], True)
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids])
+    set_attention(model, 1.0)
+    expected = elbo_nll(model, ids, config, n_samples=16, generator=torch.Generator().manual_seed(3)).nll
+    set_attention(model, 0.0)
+    assert rolling == pytest.approx(-float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_generate_until_decodes_and_stops(trained, mode):
+    model, tokenizer, config = trained
+    lm = AdaptLM.from_model(model, tokenizer, config if mode == "diffusion" else None, max_gen_toks=4)
+    [free, stopped] = lm.generate_until([
+        _request("generate_until", "<s> w5 w6", {"max_gen_toks": 3}),
+        _request("generate_until", "<s> w5 w6", {"until": ["w9"], "max_gen_toks": 5}),
+    ], True)
+    assert free.split() == ["w7", "w8", "w9"]
+    assert stopped.split() == ["w7", "w8"]
+
+
+def test_created_from_a_harness_argument_string(trained, tmp_path):
+    from adapt.export import save_checkpoint
+
+    model, tokenizer, config = trained
+    set_attention(model, 1.0)
+    save_checkpoint(model, tokenizer, tmp_path / "adapted")
+    set_attention(model, 0.0)
+    lm = AdaptLM.create_from_arg_string(f"pretrained={tmp_path / 'adapted'},samples=4,seed=2",
+                                        {"batch_size": "auto", "max_batch_size": None, "device": "cpu"})
+    assert lm.config is not None and lm.samples == 4 and lm.seed == 2 and lm.batch_size == 8
+    [(logprob, _)] = lm.loglikelihood([_request("loglikelihood", "<s> w5", " w6")], True)
+    assert logprob > -1.0
