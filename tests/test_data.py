@@ -32,7 +32,11 @@ def _datasets_cache(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    yield
+    if bars:
+        datasets.enable_progress_bars()
 
 
 @pytest.fixture
