@@ -118,9 +118,10 @@ def test_parquet_source_gives_the_same_blocks_as_jsonl(tmp_path, tokenizer):
 
     rows = [{"text": doc(i, i + 2)} for i in range(6)]
     Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
-    from_parquet = open_dataset(DataConfig(path=str(tmp_path / "c.parquet"), seq_len=4, validation_fraction=0), tokenizer)
-    from_jsonl = open_dataset(DataConfig(path=write_jsonl(tmp_path / "c.jsonl", rows), seq_len=4,
-                                         validation_fraction=0), tokenizer)
+    jsonl = write_jsonl(tmp_path / "c.jsonl", rows)
+    from_parquet = open_dataset(DataConfig(path=str(tmp_path / "c.parquet"), seq_len=4, validation_fraction=0),
+                                tokenizer)
+    from_jsonl = open_dataset(DataConfig(path=jsonl, seq_len=4, validation_fraction=0), tokenizer)
     assert tokens_of(take(from_parquet, 5)) == tokens_of(take(from_jsonl, 5))
 
 
