@@ -1,0 +1,507 @@
+"""`adapt bench`: what diffusion costs next to the causal-LM work it replaces, measured side by side.
+
+Each figure is a ratio against its baseline measured in the same process and run. The measurements are
+interleaved (one of each configuration in turn, the round repeated) so that load from other processes
+hits both sides alike; medians are reported with the spread seen across the repeats.
+
+* train: one optimizer step (forward, backward, AdamW) under the diffusion objective at attention
+  ratio 1 and 0.5, against the causal-LM step a user would run: `model(input_ids, labels=input_ids)`.
+* sampling: tokens/s of `adapt.generate` against the source model's `generate` with its KV cache
+  (greedy, exactly `length` new tokens), at the same batch size.
+* elbo: tokens/s of `adapt.elbo_nll`, counted per Monte Carlo pass, against the AR model's exact
+  log-likelihood forward on the same tokens.
+
+Peak memory. On CUDA: `torch.cuda.max_memory_allocated` over the step. On CPU torch keeps no allocator
+statistics and the process RSS hides what a step allocates (malloc keeps freed pages, the high-water
+mark never comes down), so the step runs once more under `torch.profiler` with `profile_memory=True`,
+which reports every allocation and free of torch's CPU allocator; the running sum gives the step's
+peak above what was held before it. What was held (weights and optimizer state; gradients are freed
+between steps) is added from the tensors themselves, so the total is comparable with the CUDA figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .attention import PARTIAL_MASK_IMPLEMENTATIONS, set_attention
+from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
+from .errors import UserError
+
+SMOLLM2 = "/work/notes/smollm2"
+# Dense bf16 tensor-core peak in TFLOP/s, for model FLOPs utilisation (no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+TRAIN_RATIOS = (1.0, 0.5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="a local model folder, 'smollm2' (the prepared SmolLM2-135M), 'llama-1b' (a randomly "
+                             "initialised Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family> (default: smollm2)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                        help="attention implementation (flash_attention_2 cannot run ratio 0.5; that row is skipped)")
+    parser.add_argument("--batch", type=int, default=4, help="training and ELBO batch size (default: 4)")
+    parser.add_argument("--seq-len", type=int, default=256, help="training and ELBO sequence length (default: 256)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="measured rounds of the train and ELBO configurations (default: 5, --quick 2)")
+    parser.add_argument("--sample-length", type=int, default=None, help="tokens to sample (default: 256, --quick 64)")
+    parser.add_argument("--sample-steps", type=int, nargs="+", default=None,
+                        help="diffusion steps to sample with (default: 32 64, --quick 8 16)")
+    parser.add_argument("--sample-batch", type=int, nargs="+", default=[1, 8], help="sampling batch sizes (default: 1 8)")
+    parser.add_argument("--sample-repeats", type=int, default=1, help="measured rounds of sampling (default: 1)")
+    parser.add_argument("--elbo-samples", type=int, default=4, help="Monte Carlo samples per ELBO call (default: 4)")
+    parser.add_argument("--parts", nargs="+", choices=("train", "sampling", "elbo"), default=["train", "sampling", "elbo"])
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s in this dtype, for MFU (default: known for H100/H200/A100)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 is faster on a crowded machine")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and shorter sampling: a smoke run (CI, under 2 minutes with a tiny model)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write the results as JSON to PATH; without PATH, JSON goes to stdout and the table to stderr")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the parts of the benchmark that `args` asks for and return the results as a plain dict."""
+    repeats = args.repeats or (2 if args.quick else 5)
+    sample_length = args.sample_length or (64 if args.quick else 256)
+    sample_steps = args.sample_steps or ([8, 16] if args.quick else [32, 64])
+    for name, value in (("--repeats", repeats), ("--batch", args.batch), ("--seq-len", args.seq_len),
+                        ("--sample-length", sample_length), ("--sample-repeats", args.sample_repeats),
+                        ("--elbo-samples", args.elbo_samples), *(("--sample-steps", s) for s in sample_steps),
+                        *(("--sample-batch", b) for b in args.sample_batch)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}; pass a positive number")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}; pass a positive number")
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, tokenizer, source = load_bench_model(args.model, dtype, device, args.attn)
+    config = _diffusion_config(model, tokenizer)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(3, vocab, (args.batch, args.seq_len), generator=generator, device=device)
+
+    results = {
+        "model": source,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": args.dtype,
+        "attention": model.config._attn_implementation,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "repeats": repeats,
+        "hardware": hardware(device),
+        "torch": torch.__version__,
+    }
+    peak_tflops = args.peak_tflops or _known_peak_tflops(device, dtype)
+    if "train" in args.parts:
+        _log("train step ...")
+        results["train"] = bench_train(model, config, ids, repeats=repeats, peak_tflops=peak_tflops)
+    if "elbo" in args.parts:
+        _log("ELBO ...")
+        results["elbo"] = bench_elbo(model, config, ids, repeats=repeats, n_samples=args.elbo_samples)
+    if "sampling" in args.parts:
+        _log("sampling ...")
+        results["sampling"] = bench_sampling(model, tokenizer, length=sample_length, steps=sample_steps,
+                                             batches=args.sample_batch, repeats=args.sample_repeats)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def load_bench_model(name: str, dtype: torch.dtype, device: torch.device, attn: str):
+    """(model, tokenizer, description) for a preset name or a local folder, in train mode on `device`."""
+    from .presets import FAMILIES, tiny_model, tiny_tokenizer
+
+    if name.startswith("tiny-"):
+        family = name.removeprefix("tiny-")
+        if family not in FAMILIES:
+            raise UserError(f"unknown preset {name!r}; choose tiny-<family> with family one of {', '.join(FAMILIES)}")
+        model, tokenizer = tiny_model(family, attn_implementation=attn if attn != "sdpa" else None), tiny_tokenizer()
+    elif name == "llama-1b":
+        model, tokenizer = _llama_1b(attn), _tokenizer_for_random_model()
+    else:
+        from .modeling import load_model
+
+        path = SMOLLM2 if name == "smollm2" else name
+        if not Path(path).exists():
+            hint = " (python scripts/prepare_smollm2.py --out /work/notes/smollm2)" if name == "smollm2" else ""
+            raise UserError(f"model not found: {path}{hint}; pass a local model folder or a preset "
+                            "(smollm2, llama-1b, tiny-<family>)")
+        model, tokenizer = load_model(path, dtype=dtype, attn_implementation=attn)
+    return model.to(device=device, dtype=dtype).train(), tokenizer, name
+
+
+def _llama_1b(attn: str):
+    """Random-init model of Llama 3.2 1B's shape (1.24 B parameters); throughput does not need weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
+        tie_word_embeddings=True, rope_theta=500_000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+
+
+def _tokenizer_for_random_model():
+    """Only decoding needs a tokenizer here; ids it does not know decode to nothing."""
+    from .presets import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def _diffusion_config(model, tokenizer) -> DiffusionConfig:
+    """The model's own diffusion settings, or a mask token reused from the vocabulary.
+
+    Reusing an id keeps the vocabulary, and so every shape, identical to the causal baseline's.
+    """
+    from .modeling import ensure_mask_token
+
+    config = DiffusionConfig.from_model_config(model.config)
+    if config is None or config.mask_token_id is None:
+        reuse = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else model.config.vocab_size - 1
+        ensure_mask_token(model, tokenizer, "reuse", token_id=reuse)
+        config = DiffusionConfig.from_model_config(model.config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: int, peak_tflops: float | None) -> dict:
+    """Median step time and peak memory of causal-LM training and of diffusion training per ratio."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    generator = torch.Generator(device=ids.device).manual_seed(0)
+    scored: dict[str, list[int]] = {}  # positions the LM head ran on, per configuration
+
+    def causal_loss():
+        scored.setdefault("causal", []).append(ids.numel())
+        return model(input_ids=ids, labels=ids).loss
+
+    def diffusion(ratio):
+        def loss():
+            out = diffusion_loss(model, ids, config, generator=generator)
+            scored.setdefault(f"diffusion_r{ratio:g}", []).append(out.num_masked)
+            return out.loss
+        return loss
+
+    losses = {"causal": (0.0, causal_loss)}
+    for ratio in TRAIN_RATIOS:
+        if 0 < ratio < 1 and model.config._attn_implementation not in PARTIAL_MASK_IMPLEMENTATIONS:
+            continue  # flash attention takes no partial mask; set_attention refuses it
+        losses[f"diffusion_r{ratio:g}"] = (ratio, diffusion(ratio))
+
+    def timed(ratio, loss_fn):
+        def step():
+            set_attention(model, ratio, generator=generator)
+            return _timed(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
+        return step
+
+    times = interleave({name: timed(*spec) for name, spec in losses.items()}, repeats=repeats, warmup=1)
+    held = _held_bytes(model, optimizer)
+    results = {}
+    for name, (ratio, loss_fn) in losses.items():
+        set_attention(model, ratio, generator=generator)
+        step_peak = peak_step_memory(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
+        results[name] = {
+            "ratio": ratio,
+            **_summary(times[name]),
+            "peak_bytes": held + step_peak,
+            "step_peak_bytes": step_peak,
+            "head_positions": statistics.mean(scored[name]),
+        }
+        if peak_tflops:
+            flops = train_flops(model, ids.shape, statistics.mean(scored[name]))
+            results[name]["mfu"] = flops / results[name]["median_s"] / (peak_tflops * 1e12)
+    set_attention(model, 0.0)
+    for name in results:
+        results[name]["time_ratio"] = results[name]["median_s"] / results["causal"]["median_s"]
+        results[name]["memory_ratio"] = results[name]["peak_bytes"] / results["causal"]["peak_bytes"]
+        results[name]["step_memory_ratio"] = results[name]["step_peak_bytes"] / results["causal"]["step_peak_bytes"]
+    return results
+
+
+def _optimizer_step(optimizer, loss_fn) -> None:
+    loss_fn().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_flops(model, shape: tuple[int, int], head_positions: float) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 x forward), PaLM-style.
+
+    6 x (matmul parameters of the decoder) per token, plus 12 x layers x attention width x L per token
+    for attention scores and values (counted in full, causal or not), plus 6 x d x V for each position
+    the LM head actually runs on (all of them for causal training, the masked ones for diffusion).
+    """
+    from .attention import decoder_backbone
+
+    batch, length = shape
+    backbone = decoder_backbone(model)
+    embedding_weights = {id(m.weight) for m in backbone.modules() if isinstance(m, torch.nn.Embedding)}
+    matmul_params = sum(p.numel() for p in backbone.parameters() if p.ndim >= 2 and id(p) not in embedding_weights)
+    config = model.config
+    layers = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_width = config.num_attention_heads * head_dim
+    head = model.get_output_embeddings().weight.numel()
+    tokens = batch * length
+    return 6 * matmul_params * tokens + 12 * layers * attention_width * length * tokens + 6 * head * head_positions
+
+
+# -------------------------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def bench_sampling(model, tokenizer, *, length: int, steps: list[int], batches: list[int], repeats: int) -> list[dict]:
+    """Tokens/s of diffusion sampling per (steps, batch) against KV-cached greedy AR decoding."""
+    from .sampling import generate
+
+    model.eval()
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = model.device
+
+    def autoregressive(batch):
+        prompt = torch.full((batch, 1), bos, device=device)
+
+        def run():
+            set_attention(model, 0.0)
+            return _timed(device, lambda: model.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
+                max_new_tokens=length, min_new_tokens=length, pad_token_id=pad))
+        return run
+
+    def diffusion(n_steps, batch):
+        def run():
+            set_attention(model, 1.0)
+            return _timed(device, lambda: generate(model, tokenizer, length=length, steps=n_steps,
+                                                   num_samples=batch, seed=0))
+        return run
+
+    runs = {f"ar_b{b}": autoregressive(b) for b in batches}
+    runs.update({f"diffusion_s{s}_b{b}": diffusion(s, b) for s in steps for b in batches})
+    # Warm-up on a short run of each kind: first calls pay one-off costs (allocations, kernel choices).
+    set_attention(model, 0.0)
+    model.generate(input_ids=torch.full((1, 1), bos, device=device), max_new_tokens=4, min_new_tokens=4,
+                   do_sample=False, pad_token_id=pad)
+    set_attention(model, 1.0)
+    generate(model, tokenizer, length=8, steps=2, seed=0)
+    times = interleave(runs, repeats=repeats, warmup=0)
+    set_attention(model, 0.0)
+    model.train()
+
+    rows = []
+    for b in batches:
+        ar = _summary(times[f"ar_b{b}"])
+        ar_rate = b * length / ar["median_s"]
+        for s in steps:
+            diffusion_time = _summary(times[f"diffusion_s{s}_b{b}"])
+            rate = b * length / diffusion_time["median_s"]
+            rows.append({"length": length, "steps": s, "batch": b, "tokens_per_s": rate, "ar_tokens_per_s": ar_rate,
+                         "speedup": rate / ar_rate, "spread": diffusion_time["spread"], "ar_spread": ar["spread"]})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ elbo
+
+@torch.no_grad()
+def bench_elbo(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: int, n_samples: int) -> dict:
+    """Tokens/s of the Monte Carlo ELBO (each pass counted) against the AR model's exact NLL forward."""
+    model.eval()
+    generator = torch.Generator(device=ids.device).manual_seed(0)
+
+    def ar():
+        set_attention(model, 0.0)
+        return _timed(ids.device, lambda: model(input_ids=ids, labels=ids).loss)
+
+    def elbo():
+        set_attention(model, 1.0)
+        return _timed(ids.device, lambda: elbo_nll(model, ids, config, n_samples=n_samples, generator=generator))
+
+    times = interleave({"ar": ar, "elbo": elbo}, repeats=repeats, warmup=1)
+    set_attention(model, 0.0)
+    model.train()
+    elbo_time, ar_time = _summary(times["elbo"]), _summary(times["ar"])
+    rate = ids.numel() * n_samples / elbo_time["median_s"]
+    ar_rate = ids.numel() / ar_time["median_s"]
+    return {"n_samples": n_samples, "tokens_per_s": rate, "ar_tokens_per_s": ar_rate, "ratio": rate / ar_rate,
+            "spread": elbo_time["spread"], "ar_spread": ar_time["spread"]}
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+def interleave(runs: dict[str, Callable[[], float]], *, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Call each run once per round, in turn; `warmup` rounds are discarded. Each run returns seconds."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(warmup + repeats):
+        for name, run_once in runs.items():
+            seconds = run_once()
+            if round_ >= warmup:
+                times[name].append(seconds)
+        _log(f"  round {round_ + 1}/{warmup + repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items() if t))
+    return times
+
+
+def _timed(device: torch.device, fn: Callable[[], object]) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _summary(seconds: list[float]) -> dict:
+    median = statistics.median(seconds)
+    return {"median_s": median, "times_s": seconds, "spread": (max(seconds) - min(seconds)) / median}
+
+
+def peak_step_memory(device: torch.device, step: Callable[[], None]) -> int:
+    """Bytes allocated at the step's peak above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # Allocations are positive, frees negative; frees of tensors made before the profile began are not
+    # reported (their size is unknown to it), so the running sum starts at zero.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def _held_bytes(model, optimizer) -> int:
+    """Weights and optimizer state: what every step starts from (gradients are freed between steps)."""
+    tensors = {id(p): p for p in model.parameters()}
+    for state in optimizer.state.values():
+        tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but torch sees no CUDA GPU; pass --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported by the bench; pass cpu or cuda")
+    return device
+
+
+def _known_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for gpu, tflops in PEAK_BF16_TFLOPS.items() if gpu in name), None)
+
+
+def hardware(device: torch.device) -> dict:
+    info = {"device": str(device), "platform": platform.platform(), "cpu": _cpu_name(),
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = os.getloadavg()[0]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def format_table(results: dict) -> str:
+    """The results as plain-text tables, one per part, ratios against the baseline in the last column."""
+    hw = results["hardware"]
+    lines = [f"{results['model']} ({results['parameters'] / 1e6:.1f} M parameters), {results['dtype']}, "
+             f"{results['attention']}, batch {results['batch']} x {results['seq_len']}, on {hw.get('gpu', hw['cpu'])} "
+             f"({hw['cpu_threads']} threads), medians of {results['repeats']} interleaved repeats"]
+    if "train" in results:
+        lines += ["", f"{'train step':<16}{'median s':>10}{'spread':>8}{'peak MiB':>10}{'step MiB':>10}"
+                      f"{'head rows':>10}{'time ratio':>12}{'mem ratio':>11}{'step mem':>10}" + ("   MFU" if _has_mfu(results) else "")]
+        for name, row in results["train"].items():
+            lines.append(f"{name:<16}{row['median_s']:>10.3f}{row['spread']:>8.0%}{row['peak_bytes'] / 2**20:>10.0f}"
+                         f"{row['step_peak_bytes'] / 2**20:>10.0f}{row['head_positions']:>10.0f}{row['time_ratio']:>12.3f}"
+                         f"{row['memory_ratio']:>11.3f}{row['step_memory_ratio']:>10.3f}"
+                         + (f"{row['mfu']:>6.1%}" if "mfu" in row else ""))
+    if "sampling" in results:
+        lines += ["", f"{'sampling':<16}{'steps':>6}{'batch':>6}{'tok/s':>10}{'AR tok/s':>10}{'speedup':>9}{'spread':>8}"]
+        for row in results["sampling"]:
+            lines.append(f"{'length ' + str(row['length']):<16}{row['steps']:>6}{row['batch']:>6}{row['tokens_per_s']:>10.1f}"
+                         f"{row['ar_tokens_per_s']:>10.1f}{row['speedup']:>9.2f}{row['spread']:>8.0%}")
+    if "elbo" in results:
+        row = results["elbo"]
+        lines += ["", f"{'ELBO':<16}{'samples':>8}{'tok/s':>10}{'AR tok/s':>10}{'ratio':>8}{'spread':>8}",
+                  f"{'per MC pass':<16}{row['n_samples']:>8}{row['tokens_per_s']:>10.0f}{row['ar_tokens_per_s']:>10.0f}"
+                  f"{row['ratio']:>8.3f}{row['spread']:>8.0%}"]
+    return "\n".join(lines)
+
+
+def _has_mfu(results: dict) -> bool:
+    return any("mfu" in row for row in results.get("train", {}).values())
+
+
+def write_report(results: dict, json_path: str | None) -> None:
+    table = format_table(results)
+    if json_path == "-":
+        print(table, file=sys.stderr)
+        print(json.dumps(results, indent=2))
+        return
+    print(table)
+    if json_path:
+        path = Path(json_path)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        write_report(run(args), args.json)
+    except UserError as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2
+    return 0

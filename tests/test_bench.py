@@ -1,0 +1,87 @@
+"""The bench: a smoke run has every figure, the memory probe sees what a step allocates, runs interleave."""
+
+import json
+
+import pytest
+import torch
+
+from adapt import bench
+from adapt.cli import main as cli_main
+
+
+def test_quick_run_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    code = bench.main(["--quick", "--model", "tiny-llama", "--threads", "1", "--batch", "2", "--seq-len", "64",
+                       "--sample-length", "16", "--sample-steps", "4", "8", "--json", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+
+    train = results["train"]
+    assert set(train) == {"causal", "diffusion_r1", "diffusion_r0.5"}
+    for name, row in train.items():
+        assert len(row["times_s"]) == results["repeats"] == 2
+        assert row["median_s"] > 0 and row["peak_bytes"] > row["step_peak_bytes"] > 0
+        assert row["time_ratio"] == pytest.approx(row["median_s"] / train["causal"]["median_s"])
+        assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / train["causal"]["peak_bytes"])
+    assert train["causal"]["head_positions"] == 2 * 64  # the HF loss path runs the head everywhere
+    assert 0 < train["diffusion_r1"]["head_positions"] < 2 * 64  # diffusion only on masked positions
+
+    rows = {(row["steps"], row["batch"]): row for row in results["sampling"]}
+    assert set(rows) == {(4, 1), (4, 8), (8, 1), (8, 8)}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["ar_tokens_per_s"] > 0 and row["length"] == 16
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / row["ar_tokens_per_s"])
+
+    elbo = results["elbo"]
+    assert elbo["tokens_per_s"] > 0 and elbo["ratio"] == pytest.approx(elbo["tokens_per_s"] / elbo["ar_tokens_per_s"])
+
+
+def test_json_to_stdout_keeps_the_table_off_it(capsys):
+    assert bench.main(["--quick", "--model", "tiny-gpt2", "--threads", "1", "--batch", "1", "--seq-len", "16",
+                       "--parts", "elbo", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["elbo"]["n_samples"] == 4
+    assert "ELBO" in captured.err
+
+
+def test_cpu_memory_probe_sees_a_step_allocation():
+    size = 8 * 2**20
+
+    def step():
+        held = torch.ones(size, dtype=torch.uint8)
+        transient = torch.empty(size, dtype=torch.uint8)
+        del transient
+        return held
+
+    # Two 8 MiB tensors alive at once is the peak; what was allocated before the step does not count.
+    before = torch.zeros(4 * size, dtype=torch.uint8)
+    peak = bench.peak_step_memory(torch.device("cpu"), step)
+    assert 2 * size <= peak < 2 * size + 2**20
+    del before
+
+
+def test_interleave_alternates_and_drops_warmup():
+    calls = []
+
+    def run(name, seconds):
+        def once():
+            calls.append(name)
+            return seconds
+        return once
+
+    times = bench.interleave({"a": run("a", 1.0), "b": run("b", 2.0)}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert times == {"a": [1.0] * 3, "b": [2.0] * 3}
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--model", "tiny-nosuchfamily"], "unknown preset"),
+    (["--model", "/nonexistent/model"], "model not found"),
+    (["--model", "tiny-llama", "--device", "cuda:7"] if not torch.cuda.is_available() else
+     ["--model", "tiny-llama", "--repeats", "0"], "cuda" if not torch.cuda.is_available() else "--repeats"),
+    (["--model", "tiny-llama", "--batch", "0"], "--batch must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(argv, problem, capsys):
+    assert cli_main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and problem in err and "Traceback" not in err
