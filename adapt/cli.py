@@ -359,4 +359,20 @@ def _run_eval(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import, _add_eval]
+def _add_bench(subparsers) -> None:
+    from .bench import add_arguments
+
+    parser = subparsers.add_parser("bench", help="time and memory of diffusion training, sampling and ELBO "
+                                                 "against the causal baseline, as ratios")
+    add_arguments(parser)
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .bench import run, write_report
+
+    write_report(run(args), args.json)
+    return 0
+
+
+_COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import, _add_eval, _add_bench]
