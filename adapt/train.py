@@ -54,6 +54,18 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
+EXIT_NONFINITE = 3  # stopped on non-finite numbers (bad input is 2; signals 130 and 143)
+
+
+class NumericalFault(Interrupted):
+    """Training stopped because losses, gradients or weights were no longer finite numbers."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        Exception.__init__(self, message)
+        self.exit_code = EXIT_NONFINITE
+        self.checkpoint = checkpoint
+
+
 @dataclass
 class TrainResult:
     model_dir: Path  # the exported diffusion checkpoint
@@ -77,11 +89,17 @@ class DiffusionObjective(nn.Module):
                               never_mask=never_mask, generator=generator)
 
 
-def train(recipe: Recipe) -> TrainResult:
-    """Run a recipe to the end (or to a signal) and export the result to output_dir/model."""
+def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
+    """Run a recipe to the end (or to a signal) and export the result to output_dir/model.
+
+    A fresh run (resume: null) refuses an output_dir that holds a previous run unless `overwrite`, which
+    deletes that run's checkpoints, logs, metrics and model first.
+    """
     output_dir = Path(recipe.output_dir)
     accelerator, backend = _make_accelerator(recipe, output_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if recipe.resume is None:
+        _clear_previous_run(output_dir, overwrite, accelerator)
     resume_from = _resume_checkpoint(recipe, output_dir)
 
     from accelerate.utils import set_seed
@@ -95,6 +113,7 @@ def train(recipe: Recipe) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
         model = _apply_lora(model, recipe, diffusion)
+    model_shapes = _model_shapes(model)
     objective = DiffusionObjective(model, diffusion)
     optimizer = _make_optimizer(objective, recipe, backend)
     scheduler = _make_scheduler(optimizer, recipe)
@@ -116,6 +135,7 @@ def train(recipe: Recipe) -> TrainResult:
 
     step = 0
     if resume_from is not None:
+        _check_same_model(resume_from, model_shapes)
         step = _load_checkpoint(resume_from, accelerator, backend, objective, optimizer, scheduler, train_blocks)
         state = json.loads((resume_from / STATE_FILE).read_text())
         diffusion.tokens_trained = state["tokens_trained"]
@@ -127,6 +147,7 @@ def train(recipe: Recipe) -> TrainResult:
     stop = _SignalFlag()
     metrics_file = output_dir / "metrics.jsonl"
     first_loss = last_loss = validation = None
+    nonfinite_in_a_row = 0
     progress = _progress_bar(accelerator, recipe, step)
     micro_batches = train_blocks.batches(recipe.train.batch_size, rank=rank, world_size=world)
     accum = recipe.train.grad_accum
@@ -137,6 +158,7 @@ def train(recipe: Recipe) -> TrainResult:
             started = time.perf_counter()
             ratio = diffusion.anneal_ratio(step)
             totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, ce, tokens, stop
+            finite = True
             for micro in range(accum):
                 batch = {k: v.to(accelerator.device) for k, v in next(micro_batches).items()}
                 generator = _micro_batch_generator(recipe.train.seed, (step * accum + micro) * world + rank, accelerator.device)
@@ -146,7 +168,9 @@ def train(recipe: Recipe) -> TrainResult:
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         grad_norm = _clip_gradients(accelerator, objective, backend, recipe.train.max_grad_norm)
-                    optimizer.step()
+                        finite = _step_is_finite(totals[0] + out.loss.detach(), grad_norm)
+                    if finite:  # a non-finite loss or gradient would poison the weights: skip the update
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 totals += torch.tensor([out.loss.item(), out.unweighted.item(), out.num_tokens, 0.0],
                                        dtype=torch.float64, device=accelerator.device)
@@ -167,6 +191,12 @@ def train(recipe: Recipe) -> TrainResult:
                 "tokens_per_s": tokens / seconds,
                 "tokens_trained": diffusion.tokens_trained,
             }
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if not finite:
+                record["skipped"] = True
+                _warn(accelerator, f"step {step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
+                                   f"{record['grad_norm']}); optimizer step skipped ({nonfinite_in_a_row} in a row, "
+                                   f"the run stops at train.max_nonfinite_steps = {recipe.train.max_nonfinite_steps})")
             first_loss = record["loss"] if first_loss is None else first_loss
             last_loss = record["loss"]
             if step % recipe.train.log_every == 0 or step == recipe.train.max_steps:
@@ -183,9 +213,15 @@ def train(recipe: Recipe) -> TrainResult:
 
             signum = _signal_agreed(stop, totals[3])
             every = recipe.checkpoint.every
-            if signum is not None or (every and step % every == 0) or step == recipe.train.max_steps:
+            fault = nonfinite_in_a_row >= recipe.train.max_nonfinite_steps
+            if fault or signum is not None or (every and step % every == 0) or step == recipe.train.max_steps:
                 checkpoint = _save_checkpoint(output_dir, step, accelerator, backend, objective, optimizer, scheduler,
-                                              train_blocks, diffusion, recipe)
+                                              train_blocks, diffusion, recipe, model_shapes)
+                if fault:
+                    raise NumericalFault(
+                        f"stopped at step {step} after {nonfinite_in_a_row} steps in a row with a non-finite loss or "
+                        f"gradient (all skipped); {checkpoint} holds the last finite weights; lower optim.lr or check "
+                        "the data, then continue with --resume", checkpoint)
                 if signum is not None:
                     raise Interrupted(signum, checkpoint)
     finally:
@@ -274,7 +310,7 @@ def _load_model(recipe: Recipe):
 
     settings = recipe.model
     model, tokenizer = load_model(settings.path, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
-                                  trust_remote_code=settings.trust_remote_code)
+                                  trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle)
     limit = _max_positions(model.config)
     if limit is not None and recipe.data.seq_len > limit:
         raise UserError(f"data.seq_len = {recipe.data.seq_len} exceeds the model's maximum positions ({limit}); "
@@ -291,8 +327,6 @@ def _load_model(recipe: Recipe):
     diffusion.eps = recipe.train.eps
     diffusion.loss_norm = recipe.train.loss_norm
     diffusion.base_model = diffusion.base_model or settings.path
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # SFT batches need a pad id; padding is never a target
     return model, tokenizer, diffusion
 
 
@@ -407,6 +441,23 @@ def _clip_gradients(accelerator, objective, backend: str, max_norm: float):
     return accelerator.clip_grad_norm_(objective.parameters(), limit)
 
 
+def _step_is_finite(local_loss: torch.Tensor, grad_norm) -> bool:
+    """Whether this step's loss on every process and its global gradient norm are finite numbers."""
+    bad = _all_reduce_sum((~torch.isfinite(local_loss)).double().reshape(1))
+    return bad.item() == 0 and (grad_norm is None or math.isfinite(float(grad_norm)))
+
+
+def _nonfinite_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters (this process's shards of them) holding a NaN or an infinity."""
+    bad = []
+    for name, param in module.named_parameters():
+        local = param.detach()
+        local = local.to_local() if hasattr(local, "to_local") else local  # an FSDP2 DTensor shard
+        if not torch.isfinite(local).all():
+            bad.append(name)
+    return bad
+
+
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(values)
@@ -422,22 +473,19 @@ def _validate(accelerator, inner: nn.Module, blocks, diffusion: DiffusionConfig,
               fsdp_root=None) -> dict:
     """Held-out negative ELBO per token at the current attention ratio, summed over all processes.
 
-    Every process scores the same number of batches (ZeRO-3 and FSDP need all ranks in every forward),
-    with a fixed generator so successive validations are comparable.
+    The validation split gives every process the same number of batches (ZeRO-3 and FSDP need all ranks
+    in every forward); a fixed generator makes successive validations comparable.
     """
     was_training = inner.training
     inner.eval()
     batches = list(itertools.islice(
         blocks.batches(recipe.train.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes),
         recipe.train.eval_batches))
-    count = torch.tensor([len(batches)], device=accelerator.device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
     generator = _micro_batch_generator(recipe.train.seed + 1, accelerator.process_index, accelerator.device)
     set_attention(inner, ratio, generator=generator)
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with _unsharded(fsdp_root):
-        for batch in batches[: int(count)]:
+        for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 elbo = elbo_nll(inner, batch["input_ids"], diffusion, n_samples=recipe.train.eval_samples,
@@ -512,6 +560,11 @@ def _log(accelerator, message: str) -> None:
         print(f"adapt train: {message}", flush=True)
 
 
+def _warn(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(f"adapt train: warning: {message}", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # Signals
 
@@ -564,6 +617,41 @@ def _resume_checkpoint(recipe: Recipe, output_dir: Path) -> Path | None:
     return path
 
 
+RUN_ARTEFACTS = (CHECKPOINTS, EXPORT_DIR, "logs", "metrics.jsonl")
+
+
+def _clear_previous_run(output_dir: Path, overwrite: bool, accelerator) -> None:
+    """Refuse to start a fresh run over a previous one unless `overwrite`, which deletes that run."""
+    previous = [output_dir / name for name in RUN_ARTEFACTS if (output_dir / name).exists()]
+    if not previous:
+        return
+    if not overwrite:
+        raise UserError(f"{output_dir} already has checkpoints or other outputs of a run ({', '.join(p.name for p in previous)}); "
+                        "continue it with --resume, replace it with --overwrite, or choose another output_dir")
+    if accelerator.is_main_process:
+        for path in previous:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
+
+
+def _model_shapes(model: nn.Module) -> dict:
+    """A fingerprint of the model's parameters (names and shapes), recorded in every checkpoint."""
+    import hashlib
+
+    listing = "\n".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def _check_same_model(checkpoint: Path, shapes: dict) -> None:
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    saved = state.get("model_shapes")
+    if saved is not None and saved != shapes:
+        raise UserError(f"{checkpoint} was written for a different model ({saved['parameters']:,} parameters, "
+                        f"model.path {state['recipe']['model']['path']}) than this run's ({shapes['parameters']:,}); "
+                        "resume with the model it was trained from, or start a fresh output_dir")
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a folder is complete once renamed from its .tmp- name)."""
     folder = Path(output_dir) / CHECKPOINTS
@@ -573,7 +661,14 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(output_dir, step, accelerator, backend, objective, optimizer, scheduler, blocks, diffusion, recipe) -> Path:
+def _save_checkpoint(output_dir, step, accelerator, backend, objective, optimizer, scheduler, blocks, diffusion, recipe,
+                     model_shapes=None) -> Path:
+    bad = _nonfinite_parameters(objective)
+    if _all_reduce_sum(torch.tensor([float(len(bad))], device=accelerator.device)).item() > 0:
+        previous = complete_checkpoints(output_dir)
+        raise NumericalFault(f"weights became non-finite by step {step} ({', '.join(bad[:3]) or 'on another process'}); "
+                             "no checkpoint written; lower optim.lr and continue from the last complete checkpoint "
+                             f"({previous[-1] if previous else 'none yet'}) with --resume", None)
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
     temp = final.with_name(".tmp-" + final.name)
     if accelerator.is_main_process:
@@ -588,7 +683,7 @@ def _save_checkpoint(output_dir, step, accelerator, backend, objective, optimize
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "tokens_trained": diffusion.tokens_trained, "world_size": accelerator.num_processes,
-                 "diffusion": diffusion.to_dict(), "recipe": recipe.to_dict()}
+                 "diffusion": diffusion.to_dict(), "recipe": recipe.to_dict(), "model_shapes": model_shapes}
         (temp / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         temp.rename(final)

@@ -1,0 +1,240 @@
+"""The training loop on one CPU process: it learns, resumes bit-exactly, checkpoints on signals, trains
+LoRA adapters and new rows only (merged on export), and never masks SFT prompts or padding."""
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapt.data
+import adapt.diffusion
+from adapt.diffusion import DiffusionConfig, diffusion_loss
+from adapt.errors import UserError
+from adapt.presets import tiny_model, tiny_tokenizer
+from adapt.recipe import load_recipe
+from adapt.train import Interrupted, complete_checkpoints, train
+
+SEQ_LEN = 32
+
+
+# ---- fixtures shared with test_distributed.py and test_convert.py -------------------------------
+
+def tiny_model_dir(root: Path, family: str = "llama") -> Path:
+    """A tiny randomly initialised causal LM with the word-level test tokenizer, saved as a folder."""
+    folder = Path(root) / f"tiny-{family}"
+    if not (folder / "config.json").is_file():
+        tiny_model(family).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def corpus(root: Path, name: str = "train.jsonl", docs: int = 80, seed: int = 0) -> Path:
+    """Documents that cycle through ten words in order: easy to learn, so the loss must fall fast."""
+    rng = random.Random(seed)
+    path = Path(root) / name
+    with path.open("w") as f:
+        for _ in range(docs):
+            start, length = rng.randrange(3, 100), rng.randrange(20, 60)
+            f.write(json.dumps({"text": " ".join(f"w{10 + (start + i) % 10}" for i in range(length))}) + "\n")
+    return path
+
+
+def sft_corpus(root: Path, rows: int = 40) -> Path:
+    """Prompts use words w3..w49, responses w60..w119, so a masked position tells which part it was."""
+    rng = random.Random(1)
+    path = Path(root) / "sft.jsonl"
+    with path.open("w") as f:
+        for _ in range(rows):
+            prompt = " ".join(f"w{rng.randrange(3, 50)}" for _ in range(rng.randrange(3, 10)))
+            response = " ".join(f"w{rng.randrange(60, 120)}" for _ in range(rng.randrange(2, 12)))
+            f.write(json.dumps({"prompt": prompt, "response": " " + response}) + "\n")
+    return path
+
+
+def recipe_for(tmp_path: Path, *overrides: str, output: str = "run"):
+    model = tiny_model_dir(tmp_path)
+    train_file = tmp_path / "train.jsonl"
+    if not train_file.exists():
+        corpus(tmp_path)
+        corpus(tmp_path, "validation.jsonl", docs=10, seed=1)
+    base = [
+        f"model.path={model}", f"data.path={train_file}", f"data.validation_path={tmp_path / 'validation.jsonl'}",
+        f"data.seq_len={SEQ_LEN}", "train.batch_size=4", "train.max_steps=6", "train.anneal_steps=4",
+        "train.eval_batches=2", "optim.lr=3e-3", "optim.warmup_steps=1", "checkpoint.every=0",
+        "logging.tensorboard=false", f"output_dir={tmp_path / output}",
+    ]
+    return load_recipe(None, base + list(overrides))
+
+
+def weights(model_dir: Path) -> dict:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+
+def test_training_lowers_the_loss_and_exports_a_diffusion_checkpoint(tmp_path):
+    recipe = recipe_for(tmp_path, "train.max_steps=40", "train.anneal_steps=1", "optim.warmup_steps=2",
+                        "logging.tensorboard=true")
+    result = train(recipe)
+
+    import adapt
+
+    before, tokenizer = adapt.load_model(recipe.model.path)
+    adapt.ensure_mask_token(before, tokenizer, "add")
+    after, _, config = adapt.load(result.model_dir)
+    assert config.tokens_trained == result.tokens_trained == 40 * 4 * SEQ_LEN
+    assert config.mask_token_id == tokenizer.mask_token_id and config.anneal_steps == 1
+    assert config.base_model == recipe.model.path
+
+    # The same blocks, noise levels and masks for both models, at the trained (bidirectional) attention.
+    blocks = adapt.data.open_dataset(recipe.data, tokenizer, split="validation")
+    batch = next(blocks.batches(8))
+    generator = torch.Generator().manual_seed(0)
+    t = torch.full((8,), 0.5)
+    mask = torch.rand(batch["input_ids"].shape, generator=generator) < 0.5
+    losses = []
+    for model in (before, after):
+        adapt.set_attention(model, 1.0)
+        with torch.no_grad():
+            losses.append(diffusion_loss(model.eval(), batch["input_ids"], config, t=t, mask=mask).loss.item())
+    assert losses[1] < 0.6 * losses[0], losses
+
+    lines = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    assert [s["step"] for s in steps] == list(range(1, 41))
+    assert {"loss", "masked_ce", "ratio", "lr", "grad_norm", "tokens_per_s"} <= set(steps[0])
+    assert "val_elbo_nll" in lines[-1]
+    assert list((Path(recipe.output_dir) / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+
+
+def test_attention_ratio_follows_the_optimizer_step(tmp_path):
+    recipe = recipe_for(tmp_path, "train.max_steps=4", "train.grad_accum=2", "train.anneal_steps=3",
+                        "train.eval_batches=0")
+    train(recipe)
+    lines = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [line["ratio"] for line in lines] == [1 / 3, 2 / 3, 1.0, 1.0]
+    assert [line["tokens_trained"] for line in lines] == [2 * 4 * SEQ_LEN * k for k in (1, 2, 3, 4)]
+
+
+class SignalAfter:
+    """Wraps the training blocks: sends `signum` to this process while batch `after` is being consumed."""
+
+    def __init__(self, blocks, signum: int, after: int):
+        self.blocks, self.signum, self.after = blocks, signum, after
+
+    def batches(self, *args, **kwargs):
+        for i, batch in enumerate(self.blocks.batches(*args, **kwargs), start=1):
+            if i == self.after:
+                os.kill(os.getpid(), self.signum)
+            yield batch
+
+    def state_dict(self):
+        return self.blocks.state_dict()
+
+    def load_state_dict(self, state):
+        self.blocks.load_state_dict(state)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_and_resume_ends_with_identical_weights(tmp_path, monkeypatch, signum, code):
+    uninterrupted = train(recipe_for(tmp_path, "train.grad_accum=2", output="straight"))
+
+    open_dataset = adapt.data.open_dataset
+
+    def interrupting(config, tokenizer, split="train"):
+        blocks = open_dataset(config, tokenizer, split)
+        return SignalAfter(blocks, signum, after=5) if split == "train" else blocks
+
+    monkeypatch.setattr(adapt.data, "open_dataset", interrupting)
+    recipe = recipe_for(tmp_path, "train.grad_accum=2", output="interrupted")
+    with pytest.raises(Interrupted) as stop:
+        train(recipe)
+    assert stop.value.exit_code == code
+    # batch 5 is the first micro-batch of step 3: the step finishes, then the checkpoint is written
+    assert [p.name for p in complete_checkpoints(recipe.output_dir)] == ["step-000003"]
+    assert signal.getsignal(signum) is not None and not (Path(recipe.output_dir) / "model").exists()
+
+    monkeypatch.setattr(adapt.data, "open_dataset", open_dataset)
+    with pytest.raises(UserError, match="already has checkpoints"):
+        train(recipe)
+    resumed = train(recipe_for(tmp_path, "train.grad_accum=2", "resume=auto", output="interrupted"))
+    assert resumed.steps == uninterrupted.steps == 6
+    assert resumed.tokens_trained == uninterrupted.tokens_trained
+    a, b = weights(uninterrupted.model_dir), weights(resumed.model_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path):
+    recipe = recipe_for(tmp_path, "checkpoint.every=2", "checkpoint.keep=2", "train.eval_batches=0")
+    train(recipe)
+    unfinished = Path(recipe.output_dir) / "checkpoints" / ".tmp-step-000008"
+    unfinished.mkdir()
+    assert [p.name for p in complete_checkpoints(recipe.output_dir)] == ["step-000004", "step-000006"]
+    state = json.loads((complete_checkpoints(recipe.output_dir)[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 6 and DiffusionConfig.from_dict(state["diffusion"]).anneal_steps == 4
+    assert json.loads((complete_checkpoints(recipe.output_dir)[-1] / "data_rank0.json").read_text())
+
+
+def test_lora_trains_adapters_and_the_mask_row_only_and_merges_exactly(tmp_path):
+    import adapt
+    from adapt.train import _apply_lora, _load_model
+
+    recipe = recipe_for(tmp_path, "lora.r=4", "lora.alpha=8", "train.max_steps=3", "train.eval_batches=0")
+    result = train(recipe)
+
+    original, _, diffusion = _load_model(recipe)
+    original_state = {k: v.clone() for k, v in original.state_dict().items()}
+    peft_model = _apply_lora(original, recipe, diffusion)
+    saved = load_file(str(complete_checkpoints(recipe.output_dir)[-1] / "model.safetensors"))
+    missing, unexpected = peft_model.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()}, strict=False)
+    assert not unexpected and not [k for k in missing if "lora" in k or "token_adapter" in k]
+
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "trainable_tokens" in n for n in trained)
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+            for n, p in peft_model.named_parameters() if not p.requires_grad}
+    for name, value in base.items():
+        if name in original_state:
+            assert torch.equal(value, original_state[name]), f"{name} changed under LoRA"
+
+    merged, tokenizer, config = adapt.load(result.model_dir)
+    mask_id = config.mask_token_id
+    embed = merged.get_input_embeddings().weight
+    before = original_state["model.embed_tokens.weight"]
+    changed_rows = (embed != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed_rows == [mask_id], changed_rows
+
+    ids = torch.tensor([[1, 5, mask_id, 9, mask_id, 40, 7, 3]])
+    for model in (peft_model, merged):
+        adapt.set_attention(model, 1.0)  # a partial ratio would draw a different mask for each model
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_never_masks_the_prompt_or_padding(tmp_path, monkeypatch):
+    seen = []
+    corrupt = adapt.diffusion.corrupt
+
+    def recording(input_ids, t, maskable, mask_token_id, **kwargs):
+        noisy, mask = corrupt(input_ids, t, maskable, mask_token_id, **kwargs)
+        seen.append((input_ids.clone(), mask.clone()))
+        return noisy, mask
+
+    monkeypatch.setattr(adapt.diffusion, "corrupt", recording)
+    data = sft_corpus(tmp_path)
+    recipe = recipe_for(tmp_path, "data.format=sft", f"data.path={data}", "data.validation_path=null",
+                        "data.validation_fraction=0.2", "train.anneal_steps=1", "train.max_steps=3")
+    train(recipe)
+    masked = torch.cat([ids[mask] for ids, mask in seen])
+    assert masked.numel() > 0
+    words = masked[(masked != 2)]  # EOS ends each response and is a target
+    assert (words >= 60).all(), "a prompt token or padding was masked"
