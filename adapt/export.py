@@ -87,6 +87,8 @@ def save_checkpoint(
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(package / name, staging / name)
         (staging / "README.md").write_text(model_card(model, diffusion, card or {}))
+        for path in staging.iterdir():
+            path.chmod(0o644)  # some writers create private files; a checkpoint is meant to be shared
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -100,14 +102,16 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ):
     """Load a diffusion checkpoint: (model, tokenizer, DiffusionConfig), in eval mode, ready to sample.
 
     The attention state saved with the checkpoint (`attention_ratio`, 1 = bidirectional) is restored.
+    The safety switches are `load_model`'s.
     """
     from .modeling import load_model
 
-    model, tokenizer = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     diffusion = DiffusionConfig.from_model_config(model.config)
     if diffusion is None or diffusion.mask_token_id is None:
         raise UserError(f"{path} is not a diffusion checkpoint (config.json has no 'diffusion' section with a "
@@ -126,9 +130,11 @@ def export(
     card: dict | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "2GB",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> Path:
     """Re-export a diffusion checkpoint folder (a training output, say) as a complete checkpoint."""
-    model, tokenizer, diffusion = load(src, dtype=dtype)
+    model, tokenizer, diffusion = load(src, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     return save_checkpoint(model, tokenizer, out_dir, diffusion=diffusion, card=card, overwrite=overwrite,
                            max_shard_size=max_shard_size)
 
@@ -181,20 +187,26 @@ def model_card(model: nn.Module, diffusion: DiffusionConfig, card: dict) -> str:
     ]
     if card.get("description"):
         lines += [card["description"], ""]
+    if diffusion.tokens_trained > 0:
+        lines += [f"A {type(model).__name__} turned into a masked discrete-diffusion language model with `adapt`: "
+                  f"DiffuLLaMA-style continued pretraining on {diffusion.tokens_trained:,} tokens, attention "
+                  "annealed from causal to bidirectional, shift-by-one alignment kept.", ""]
+    else:
+        lines += [f"A {type(model).__name__} set up as a masked diffusion language model with `adapt` (mask "
+                  "token, attention state, sampler) but not trained under the diffusion objective here "
+                  "(tokens_trained = 0).", ""]
     lines += [
-        f"A {type(model).__name__} turned into a masked discrete-diffusion language model with "
-        "`adapt` (DiffuLLaMA-style continued pretraining with attention annealed "
-        "from causal to bidirectional, keeping the shift-by-one alignment).", "",
         "## Use", "",
         "Plain transformers (the sampler ships with the checkpoint as remote code):", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "path = \"path/or/repo-id\"",
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
         'print(model.diffusion_generate(tokenizer, "Once upon a time", length=64, steps=64)[0])',
         'print(model.diffusion_infill(tokenizer, "The capital of France is [MASK:2]."))',
         "```", "",
-        "With adapt: `adapt generate PATH --prompt \"Once upon a time\" --length 64 --steps 64`.", "",
+        "With adapt: `adapt generate path --prompt \"Once upon a time\" --length 64 --steps 64`.", "",
         "## Diffusion settings", "",
         "| setting | value |", "|---|---|",
     ]
