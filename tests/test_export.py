@@ -165,6 +165,8 @@ REMOTE_SCRIPT = textwrap.dedent("""
         sees_future = not torch.allclose(model(input_ids=ids).logits[0, 0], model(input_ids=changed).logits[0, 0])
     print(json.dumps({
         "class": type(model).__name__,
+        "ratio": model.config.attention_ratio,
+        "annealing_hook": hasattr(model.base_model, "_adapt_attention_hook"),
         "sees_future": sees_future,
         "adapt_imported": any(m == "adapt" or m.startswith("adapt.") for m in sys.modules),
         "generated": model.diffusion_generate(tokenizer, "w5 w6", length=8, steps=4, seed=1, num_samples=2,
@@ -174,9 +176,9 @@ REMOTE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_remote_code_samples_like_adapt_without_adapt_installed(tmp_path, family):
-    model, tokenizer = diffusion_model(family)
+@pytest.mark.parametrize("family, ratio", [("llama", 1.0), ("gpt2", 1.0), ("llama", 0.5)])
+def test_remote_code_samples_like_adapt_without_adapt_installed(tmp_path, family, ratio):
+    model, tokenizer = diffusion_model(family, ratio=ratio)
     out = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
     repo = str(Path(adapt.__file__).resolve().parent.parent)
     script = f"REPO = {repo!r}\nCKPT = {str(out)!r}\n" + REMOTE_SCRIPT
@@ -187,6 +189,9 @@ def test_remote_code_samples_like_adapt_without_adapt_installed(tmp_path, family
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     base = type(model).__name__
     assert remote["class"] == f"AdaptDiffusion{base}" and remote["sees_future"] and not remote["adapt_imported"]
+    assert remote["ratio"] == ratio and remote["annealing_hook"] == (ratio < 1)
+    if ratio < 1:
+        return  # the annealed mask is a fresh random draw per forward: samples are not comparable
     assert remote["generated"] == adapt.generate(model, tokenizer, "w5 w6", length=8, steps=4, seed=1,
                                                  num_samples=2, strategy="margin", top_p=0.9)
     assert remote["infilled"] == adapt.infill(model, tokenizer, "w5 [MASK:3] w9 [MASK]", span_length=2, seed=2)
