@@ -76,6 +76,8 @@ def run(command: list[str], log: Path) -> float:
         result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode != 0:
         sys.exit(f"reproduce: command failed (exit {result.returncode}); see {log}")
+    with (log.parent / "commands.txt").open("a") as handle:  # the commands that made the results
+        handle.write(" ".join(shlex.quote(c) for c in command) + "\n")
     return time.time() - start
 
 
@@ -213,8 +215,8 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
         f"- with vs without annealing: {final['adapt']:.1f} vs {final['noanneal']:.1f}.",
         "", "## Commands", "", "```bash",
         "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "```", "", "runs these, in order (also in the log `reproduce.log` of the output folder):", "", "```",
-        *[line[2:] for line in (out / "reproduce.log").read_text().splitlines() if line.startswith("+ ")],
+        "```", "", "runs these, in order (their output is in `reproduce.log` of the output folder):", "", "```",
+        *(out / "commands.txt").read_text().splitlines(),
         "```", "", "## Hardware and time", "",
         f"- {_hardware()}",
         f"- whole reproduction (this invocation): {total / 60:.1f} min", "",
