@@ -2,7 +2,9 @@
 
 Each figure is a ratio against its baseline measured in the same process and run. The measurements are
 interleaved (one of each configuration in turn, the round repeated) so that load from other processes
-hits both sides alike; medians are reported with the spread seen across the repeats.
+hits both sides alike; medians are reported with the spread seen across the repeats. Each measurement
+records wall-clock time and the process's CPU time: on a machine crowded by other work the CPU time
+(all threads of this process) moves far less with the load than the wall clock, so both ratios are given.
 
 * train: one optimizer step (forward, backward, AdamW) under the diffusion objective at attention
   ratio 1 and 0.5, against the causal-LM step a user would run: `model(input_ids, labels=input_ids)`.
@@ -230,6 +232,7 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
     set_attention(model, 0.0)
     for name in results:
         results[name]["time_ratio"] = results[name]["median_s"] / results["causal"]["median_s"]
+        results[name]["cpu_time_ratio"] = results[name]["cpu_median_s"] / results["causal"]["cpu_median_s"]
         results[name]["memory_ratio"] = results[name]["peak_bytes"] / results["causal"]["peak_bytes"]
         results[name]["step_memory_ratio"] = results[name]["step_peak_bytes"] / results["causal"]["step_peak_bytes"]
     return results
@@ -312,7 +315,8 @@ def bench_sampling(model, tokenizer, *, length: int, steps: list[int], batches: 
             diffusion_time = _summary(times[f"diffusion_s{s}_b{b}"])
             rate = b * length / diffusion_time["median_s"]
             rows.append({"length": length, "steps": s, "batch": b, "tokens_per_s": rate, "ar_tokens_per_s": ar_rate,
-                         "speedup": rate / ar_rate, "spread": diffusion_time["spread"], "ar_spread": ar["spread"]})
+                         "speedup": rate / ar_rate, "cpu_speedup": ar["cpu_median_s"] / diffusion_time["cpu_median_s"],
+                         "spread": diffusion_time["spread"], "ar_spread": ar["spread"]})
     return rows
 
 
@@ -339,34 +343,39 @@ def bench_elbo(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: in
     rate = ids.numel() * n_samples / elbo_time["median_s"]
     ar_rate = ids.numel() / ar_time["median_s"]
     return {"n_samples": n_samples, "tokens_per_s": rate, "ar_tokens_per_s": ar_rate, "ratio": rate / ar_rate,
+            "cpu_ratio": n_samples * ar_time["cpu_median_s"] / elbo_time["cpu_median_s"],
             "spread": elbo_time["spread"], "ar_spread": ar_time["spread"]}
 
 
 # ------------------------------------------------------------------------------------------- measuring
 
-def interleave(runs: dict[str, Callable[[], float]], *, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Call each run once per round, in turn; `warmup` rounds are discarded. Each run returns seconds."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+def interleave(runs: dict[str, Callable[[], tuple]], *, repeats: int, warmup: int) -> dict[str, list[tuple]]:
+    """Call each run once per round, in turn; `warmup` rounds are discarded. Each run returns its timing."""
+    times: dict[str, list[tuple]] = {name: [] for name in runs}
     for round_ in range(warmup + repeats):
         for name, run_once in runs.items():
             seconds = run_once()
             if round_ >= warmup:
                 times[name].append(seconds)
-        _log(f"  round {round_ + 1}/{warmup + repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items() if t))
+        _log(f"  round {round_ + 1}/{warmup + repeats}: " + ", ".join(f"{n} {t[-1][0]:.2f}s" for n, t in times.items() if t))
     return times
 
 
-def _timed(device: torch.device, fn: Callable[[], object]) -> float:
+def _timed(device: torch.device, fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) that `fn` took."""
     _synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn()
     _synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def _summary(seconds: list[float]) -> dict:
-    median = statistics.median(seconds)
-    return {"median_s": median, "times_s": seconds, "spread": (max(seconds) - min(seconds)) / median}
+def _summary(timings: list[tuple[float, float]]) -> dict:
+    wall = [w for w, _ in timings]
+    cpu = [c for _, c in timings]
+    median = statistics.median(wall)
+    return {"median_s": median, "times_s": wall, "spread": (max(wall) - min(wall)) / median,
+            "cpu_median_s": statistics.median(cpu), "cpu_times_s": cpu}
 
 
 def peak_step_memory(device: torch.device, step: Callable[[], None]) -> int:
@@ -458,22 +467,23 @@ def format_table(results: dict) -> str:
              f"({hw['cpu_threads']} threads), medians of {results['repeats']} interleaved repeats"]
     if "train" in results:
         lines += ["", f"{'train step':<16}{'median s':>10}{'spread':>8}{'peak MiB':>10}{'step MiB':>10}"
-                      f"{'head rows':>10}{'time ratio':>12}{'mem ratio':>11}{'step mem':>10}" + ("   MFU" if _has_mfu(results) else "")]
+                      f"{'head rows':>10}{'time ratio':>12}{'cpu ratio':>11}{'mem ratio':>11}{'step mem':>10}" + ("   MFU" if _has_mfu(results) else "")]
         for name, row in results["train"].items():
             lines.append(f"{name:<16}{row['median_s']:>10.3f}{row['spread']:>8.0%}{row['peak_bytes'] / 2**20:>10.0f}"
                          f"{row['step_peak_bytes'] / 2**20:>10.0f}{row['head_positions']:>10.0f}{row['time_ratio']:>12.3f}"
+                         f"{row['cpu_time_ratio']:>11.3f}"
                          f"{row['memory_ratio']:>11.3f}{row['step_memory_ratio']:>10.3f}"
                          + (f"{row['mfu']:>6.1%}" if "mfu" in row else ""))
     if "sampling" in results:
-        lines += ["", f"{'sampling':<16}{'steps':>6}{'batch':>6}{'tok/s':>10}{'AR tok/s':>10}{'speedup':>9}{'spread':>8}"]
+        lines += ["", f"{'sampling':<16}{'steps':>6}{'batch':>6}{'tok/s':>10}{'AR tok/s':>10}{'speedup':>9}{'cpu':>7}{'spread':>8}"]
         for row in results["sampling"]:
             lines.append(f"{'length ' + str(row['length']):<16}{row['steps']:>6}{row['batch']:>6}{row['tokens_per_s']:>10.1f}"
-                         f"{row['ar_tokens_per_s']:>10.1f}{row['speedup']:>9.2f}{row['spread']:>8.0%}")
+                         f"{row['ar_tokens_per_s']:>10.1f}{row['speedup']:>9.2f}{row['cpu_speedup']:>7.2f}{row['spread']:>8.0%}")
     if "elbo" in results:
         row = results["elbo"]
-        lines += ["", f"{'ELBO':<16}{'samples':>8}{'tok/s':>10}{'AR tok/s':>10}{'ratio':>8}{'spread':>8}",
+        lines += ["", f"{'ELBO':<16}{'samples':>8}{'tok/s':>10}{'AR tok/s':>10}{'ratio':>8}{'cpu':>7}{'spread':>8}",
                   f"{'per MC pass':<16}{row['n_samples']:>8}{row['tokens_per_s']:>10.0f}{row['ar_tokens_per_s']:>10.0f}"
-                  f"{row['ratio']:>8.3f}{row['spread']:>8.0%}"]
+                  f"{row['ratio']:>8.3f}{row['cpu_ratio']:>7.3f}{row['spread']:>8.0%}"]
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ def test_quick_run_reports_every_figure(tmp_path):
         assert len(row["times_s"]) == results["repeats"] == 2
         assert row["median_s"] > 0 and row["peak_bytes"] > row["step_peak_bytes"] > 0
         assert row["time_ratio"] == pytest.approx(row["median_s"] / train["causal"]["median_s"])
+        assert row["cpu_time_ratio"] == pytest.approx(row["cpu_median_s"] / train["causal"]["cpu_median_s"])
         assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / train["causal"]["peak_bytes"])
     assert train["causal"]["head_positions"] == 2 * 64  # the HF loss path runs the head everywhere
     assert 0 < train["diffusion_r1"]["head_positions"] < 2 * 64  # diffusion only on masked positions
@@ -66,12 +67,12 @@ def test_interleave_alternates_and_drops_warmup():
     def run(name, seconds):
         def once():
             calls.append(name)
-            return seconds
+            return seconds, seconds / 2
         return once
 
     times = bench.interleave({"a": run("a", 1.0), "b": run("b", 2.0)}, repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4
-    assert times == {"a": [1.0] * 3, "b": [2.0] * 3}
+    assert times == {"a": [(1.0, 0.5)] * 3, "b": [(2.0, 1.0)] * 3}
 
 
 @pytest.mark.parametrize("argv, problem", [
