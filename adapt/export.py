@@ -81,7 +81,10 @@ def save_checkpoint(
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())
         config["diffusion"] = diffusion.to_dict()
-        config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.AdaptDiffusion{type(model).__name__}"}
+        # Name the family's own class, also when the model was itself loaded through the remote code.
+        base = next(cls.__name__ for cls in type(model).__mro__ if cls.__module__.startswith("transformers."))
+        config["architectures"] = [base]
+        config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.AdaptDiffusion{base}"}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         package = Path(__file__).parent
         for name in REMOTE_CODE_FILES:

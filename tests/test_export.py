@@ -220,3 +220,12 @@ def test_cli_export_generate_infill(tmp_path, capsys):
     assert "at most 4 steps" in capsys.readouterr().err
     assert main(["export", str(src), str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_model_loaded_through_the_remote_code_re_exports_as_its_family(tmp_path):
+    model, tokenizer = diffusion_model()
+    first = save_checkpoint(model, tokenizer, tmp_path / "first")
+    remote, remote_tokenizer, _ = adapt.load(first, trust_remote_code=True)
+    assert type(remote).__name__ == "AdaptDiffusionLlamaForCausalLM"
+    second = save_checkpoint(remote, remote_tokenizer, tmp_path / "second")
+    assert (second / "config.json").read_text() == (first / "config.json").read_text()
