@@ -12,8 +12,15 @@ import sys
 from .errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage mistake is one line on stderr (exit code 2) like any other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adapt", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="adapt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(subparsers)
@@ -21,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # Progress bars are for terminals; in pipes and log files they bury the one-line error messages.
+        import os
+
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
@@ -32,9 +45,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _add_loading_options(parser) -> None:
+    """The two ways to lower the loader's safety defaults, offered by every command that loads a model."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with the checkpoint (only for sources you trust)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept .bin/.pt weights when there are no safetensors (read with weights_only=True)")
+
+
+def _loading_kwargs(args) -> dict:
+    return dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+
+
+def _loading_overrides(args) -> list[str]:
+    return [f"model.{key}=true" for key, value in _loading_kwargs(args).items() if value]
+
+
 def _add_info(subparsers) -> None:
     parser = subparsers.add_parser("info", help="show the diffusion settings and attention state of a checkpoint")
     parser.add_argument("model", help="a local model folder (or a Hub id when online)")
+    _add_loading_options(parser)
     parser.set_defaults(handler=_run_info)
 
 
@@ -45,7 +75,7 @@ def _run_info(args) -> int:
     from .diffusion import DiffusionConfig
     from .modeling import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, **_loading_kwargs(args))
     diffusion = DiffusionConfig.from_model_config(model.config)
     print(json.dumps({
         "model_type": model.config.model_type,
@@ -66,21 +96,24 @@ def _add_train(subparsers) -> None:
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2-135m-cpu.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=1e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (resume=auto)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even if output_dir holds a previous run (its checkpoints are deleted)")
+    _add_loading_options(parser)
     parser.set_defaults(handler=_run_train)
 
 
 def _run_train(args) -> int:
     from .recipe import load_recipe
 
-    overrides = (["resume=auto"] if args.resume else []) + list(args.overrides)
-    return _train_and_report(load_recipe(args.recipe, overrides))
+    overrides = (["resume=auto"] if args.resume else []) + _loading_overrides(args) + list(args.overrides)
+    return _train_and_report(load_recipe(args.recipe, overrides), overwrite=args.overwrite)
 
 
-def _train_and_report(recipe) -> int:
+def _train_and_report(recipe, overwrite: bool = False) -> int:
     from .train import Interrupted, train
 
     try:
-        result = train(recipe)
+        result = train(recipe, overwrite=overwrite)
     except Interrupted as stop:
         print(f"adapt train: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -116,6 +149,7 @@ def _add_convert(subparsers) -> None:
                         help="add a new mask token (default) or reuse an existing id")
     parser.add_argument("--mask-token-id", type=int, help="the id to reuse with --mask-token reuse")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="any other recipe setting")
+    _add_loading_options(parser)
     parser.set_defaults(handler=_run_convert)
 
 
@@ -128,7 +162,7 @@ def _run_convert(args) -> int:
         args.model, args.data, args.out, tokens=int(args.tokens) if args.tokens is not None else None,
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
         anneal_steps=args.anneal_steps, mask_token=args.mask_token, mask_token_id=args.mask_token_id,
-        overrides=args.overrides)
+        overrides=_loading_overrides(args) + list(args.overrides))
     if _is_main_process():
         write_recipe(recipe, Path(args.out) / "recipe.yaml")
         print(f"adapt convert: {recipe.train.max_steps} steps x {recipe.train.batch_size} x {recipe.data.seq_len} "
@@ -150,6 +184,7 @@ def _add_sampling_options(parser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: saved)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
+    _add_loading_options(parser)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -173,7 +208,7 @@ def _run_generate(args) -> int:
     from .export import load
     from .sampling import generate_with_details
 
-    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     out = generate_with_details(model, tokenizer, args.prompt, length=args.length, steps=args.steps,
                                 **_sampling_kwargs(args))
     if args.json:
@@ -204,7 +239,7 @@ def _run_infill(args) -> int:
     from .export import load
     from .sampling import infill_with_details
 
-    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     out = infill_with_details(model, tokenizer, args.text, mask_marker=args.mask_marker,
                               span_length=args.span_length, steps=args.steps, **_sampling_kwargs(args))
     if args.json:
@@ -228,6 +263,7 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--card", help="JSON file with model card fields: license, datasets, tags, evaluation, "
                                        "description, base_model")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_loading_options(parser)
     parser.set_defaults(handler=_run_export)
 
 
@@ -244,7 +280,7 @@ def _run_export(args) -> int:
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read the model card fields from {args.card}: {err}; pass a JSON file") from None
     out = export(args.src, args.out, dtype=args.dtype, card=card, overwrite=args.overwrite,
-                 max_shard_size=args.max_shard_size)
+                 max_shard_size=args.max_shard_size, **_loading_kwargs(args))
     print(f"adapt export: wrote {out}")
     return 0
 
@@ -318,6 +354,7 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--device", help="cpu (default), cuda, ...")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--output", metavar="FILE", help="also write the results as JSON to FILE")
+    _add_loading_options(parser)
     parser.set_defaults(handler=_run_eval)
 
 
@@ -341,10 +378,10 @@ def _run_eval(args) -> int:
     runs = []
     for path, as_ar in [(args.model, args.ar)] + ([(args.source, True)] if args.source else []):
         if as_ar:
-            model, tokenizer = load_model(path, dtype=args.dtype)
+            model, tokenizer = load_model(path, dtype=args.dtype, **_loading_kwargs(args))
             model, config = model.to(args.device or "cpu"), None
         else:
-            model, tokenizer, config = load(path, dtype=args.dtype, device=args.device)
+            model, tokenizer, config = load(path, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
         results = run_tasks(model, tokenizer, args.task, config=config, settings=settings)
         runs.append({"name": f"{path} ({'AR' if as_ar else 'diffusion'})", "model": path,
                      "mode": "ar" if as_ar else "diffusion", "results": results})

@@ -51,6 +51,11 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source, **load_kwargs)
     except OSError as err:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode() and not Path(source).exists():
+            raise UserError(f"{path!r} is not a local folder and HF_HUB_OFFLINE is set, so the Hub is not "
+                            "consulted; download the model and pass its folder, or unset HF_HUB_OFFLINE") from None
         raise UserError(f"cannot load a model config from {path!r}: {_first_line(err)}; "
                         "pass a local folder with config.json, a .gguf file, or a reachable Hub id") from None
     except ValueError as err:
@@ -67,10 +72,15 @@ def load_model(
         kwargs["use_safetensors"] = None if allow_pickle else True
     if attn_implementation is not None:
         kwargs["attn_implementation"] = _supported_implementation(config, attn_implementation)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise UserError(f"cannot load model weights from {path!r}: {_first_line(err)}") from None
+    except SafetensorError as err:
+        raise UserError(f"the safetensors weights in {path!r} are damaged or incomplete ({_first_line(err)}); "
+                        "copy or download them again") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
     except (OSError, ValueError, TypeError) as err:

@@ -38,6 +38,7 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights as loaded
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # both can carry the annealed mask
     trust_remote_code: bool = False  # run the checkpoint's own Python code (only for sources you trust)
+    allow_pickle: bool = False  # accept .bin/.pt weights when there are no safetensors (read with weights_only=True)
     # "add": a new token, embeddings resized; "reuse": the existing id `mask_token_id`. Ignored when the
     # model is already a diffusion checkpoint (its recorded mask token is kept).
     mask_token: Literal["add", "reuse"] = "add"
@@ -64,6 +65,9 @@ class TrainSection:
     eval_batches: int = field(default=4, metadata=at_least(0))  # validation batches per process (0 = no validation)
     eval_samples: int = field(default=4, metadata=at_least(1))  # Monte Carlo noise levels per validation sequence
     log_every: int = field(default=1, metadata=at_least(1))  # print a log line every N steps
+    # A step with a non-finite loss or gradient is skipped (weights unchanged, a warning); after this many
+    # in a row the run stops with a checkpoint of the last finite weights (exit code 3).
+    max_nonfinite_steps: int = field(default=5, metadata=at_least(1))
 
 
 @dataclass
