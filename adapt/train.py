@@ -66,18 +66,6 @@ class NumericalFault(Interrupted):
         self.checkpoint = checkpoint
 
 
-EXIT_NONFINITE = 3  # stopped on non-finite numbers (bad input is 2; signals 130 and 143)
-
-
-class NumericalFault(Interrupted):
-    """Training stopped because losses, gradients or weights were no longer finite numbers."""
-
-    def __init__(self, message: str, checkpoint: Path | None):
-        Exception.__init__(self, message)
-        self.exit_code = EXIT_NONFINITE
-        self.checkpoint = checkpoint
-
-
 @dataclass
 class TrainResult:
     model_dir: Path  # the exported diffusion checkpoint
@@ -160,7 +148,6 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
     metrics_file = output_dir / "metrics.jsonl"
     first_loss = last_loss = validation = None
     nonfinite_in_a_row = 0
-    nonfinite_in_a_row = 0
     progress = _progress_bar(accelerator, recipe, step)
     micro_batches = train_blocks.batches(recipe.train.batch_size, rank=rank, world_size=world)
     accum = recipe.train.grad_accum
@@ -204,12 +191,6 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
                 "tokens_per_s": tokens / seconds,
                 "tokens_trained": diffusion.tokens_trained,
             }
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if not finite:
-                record["skipped"] = True
-                _warn(accelerator, f"step {step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
-                                   f"{record['grad_norm']}); optimizer step skipped ({nonfinite_in_a_row} in a row, "
-                                   f"the run stops at train.max_nonfinite_steps = {recipe.train.max_nonfinite_steps})")
             nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
             if not finite:
                 record["skipped"] = True
@@ -477,23 +458,6 @@ def _nonfinite_parameters(module: nn.Module) -> list[str]:
     return bad
 
 
-def _step_is_finite(local_loss: torch.Tensor, grad_norm) -> bool:
-    """Whether this step's loss on every process and its global gradient norm are finite numbers."""
-    bad = _all_reduce_sum((~torch.isfinite(local_loss)).double().reshape(1))
-    return bad.item() == 0 and (grad_norm is None or math.isfinite(float(grad_norm)))
-
-
-def _nonfinite_parameters(module: nn.Module) -> list[str]:
-    """Names of the parameters (this process's shards of them) holding a NaN or an infinity."""
-    bad = []
-    for name, param in module.named_parameters():
-        local = param.detach()
-        local = local.to_local() if hasattr(local, "to_local") else local  # an FSDP2 DTensor shard
-        if not torch.isfinite(local).all():
-            bad.append(name)
-    return bad
-
-
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(values)
@@ -601,11 +565,6 @@ def _warn(accelerator, message: str) -> None:
         print(f"adapt train: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _warn(accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        print(f"adapt train: warning: {message}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # Signals
 
@@ -656,41 +615,6 @@ def _resume_checkpoint(recipe: Recipe, output_dir: Path) -> Path | None:
         raise UserError(f"resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
                         f"pass a folder under {output_dir / CHECKPOINTS} or resume=auto")
     return path
-
-
-RUN_ARTEFACTS = (CHECKPOINTS, EXPORT_DIR, "logs", "metrics.jsonl")
-
-
-def _clear_previous_run(output_dir: Path, overwrite: bool, accelerator) -> None:
-    """Refuse to start a fresh run over a previous one unless `overwrite`, which deletes that run."""
-    previous = [output_dir / name for name in RUN_ARTEFACTS if (output_dir / name).exists()]
-    if not previous:
-        return
-    if not overwrite:
-        raise UserError(f"{output_dir} already has checkpoints or other outputs of a run ({', '.join(p.name for p in previous)}); "
-                        "continue it with --resume, replace it with --overwrite, or choose another output_dir")
-    if accelerator.is_main_process:
-        for path in previous:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    accelerator.wait_for_everyone()
-
-
-def _model_shapes(model: nn.Module) -> dict:
-    """A fingerprint of the model's parameters (names and shapes), recorded in every checkpoint."""
-    import hashlib
-
-    listing = "\n".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
-    return {"parameters": sum(p.numel() for p in model.parameters()),
-            "sha256": hashlib.sha256(listing.encode()).hexdigest()}
-
-
-def _check_same_model(checkpoint: Path, shapes: dict) -> None:
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    saved = state.get("model_shapes")
-    if saved is not None and saved != shapes:
-        raise UserError(f"{checkpoint} was written for a different model ({saved['parameters']:,} parameters, "
-                        f"model.path {state['recipe']['model']['path']}) than this run's ({shapes['parameters']:,}); "
-                        "resume with the model it was trained from, or start a fresh output_dir")
 
 
 RUN_ARTEFACTS = (CHECKPOINTS, EXPORT_DIR, "logs", "metrics.jsonl")
