@@ -39,7 +39,8 @@ from .attention import PARTIAL_MASK_IMPLEMENTATIONS, set_attention
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
 
-SMOLLM2 = "/work/notes/smollm2"
+# Where `python scripts/prepare_smollm2.py --out data/smollm2` puts SmolLM2-135M (and this machine's copy).
+SMOLLM2_PATHS = ("data/smollm2", "/work/notes/smollm2")
 # Dense bf16 tensor-core peak in TFLOP/s, for model FLOPs utilisation (no sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 TRAIN_RATIOS = (1.0, 0.5)
@@ -138,9 +139,9 @@ def load_bench_model(name: str, dtype: torch.dtype, device: torch.device, attn: 
     else:
         from .modeling import load_model
 
-        path = SMOLLM2 if name == "smollm2" else name
+        path = next((p for p in SMOLLM2_PATHS if Path(p).exists()), SMOLLM2_PATHS[0]) if name == "smollm2" else name
         if not Path(path).exists():
-            hint = " (python scripts/prepare_smollm2.py --out /work/notes/smollm2)" if name == "smollm2" else ""
+            hint = " (python scripts/prepare_smollm2.py --out data/smollm2)" if name == "smollm2" else ""
             raise UserError(f"model not found: {path}{hint}; pass a local model folder or a preset "
                             "(smollm2, llama-1b, tiny-<family>)")
         model, tokenizer = load_model(path, dtype=dtype, attn_implementation=attn)
