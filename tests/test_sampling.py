@@ -187,3 +187,18 @@ def test_a_model_without_a_mask_token_is_refused():
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     with pytest.raises(UserError, match="no diffusion settings"):
         adapt.generate(model, tokenizer, "w5", length=4, steps=2)
+
+
+def test_top_k_and_top_p_restrict_the_draw_to_the_expected_tokens():
+    from adapt.sampling import _draw
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])  # id 4 plays the mask token
+    logits = probs.clamp_min(1e-12).log().expand(2000, 5).clone()
+    generator = torch.Generator().manual_seed(0)
+    for kwargs, allowed in [(dict(top_k=2, top_p=None), {0, 1}), (dict(top_k=None, top_p=0.7), {0, 1}),
+                            (dict(top_k=None, top_p=0.85), {0, 1, 2}), (dict(top_k=None, top_p=0.9), {0, 1, 2}),
+                            (dict(top_k=None, top_p=None), {0, 1, 2, 3})]:
+        tokens, score = _draw(logits, 4, 1.0, kwargs["top_k"], kwargs["top_p"], "confidence", generator)
+        assert set(tokens.tolist()) == allowed
+        # the confidence score is the model's own probability of the drawn token
+        torch.testing.assert_close(score, probs[tokens])
