@@ -52,7 +52,10 @@ def _wait_for(process: subprocess.Popen, prefix: str) -> str:
     raise AssertionError(f"the run ended before printing {prefix!r}: {process.stderr.read()[-2000:]}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGINT's checkpoint and exit code are also proved in-process by tests/test_train.py; its real-signal
+# run here is in the slow set.
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="SIGTERM"),
+                                    pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
 def test_a_signal_writes_a_complete_checkpoint_and_exits_with_its_code(tmp_path, signum):
     path = recipe(tmp_path, train__max_steps=100_000, checkpoint__every=0, train__eval_batches=0)
     process = _start(path)

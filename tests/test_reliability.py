@@ -201,7 +201,12 @@ def test_bad_input_is_one_line_and_exit_code_2(case, fx, capsys):
     assert _snapshot(case.untouched(fx)) == before, "the command changed files it should not have touched"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.subprocess], ids=[c.name for c in CASES if c.subprocess])
+# The data case loads torch, transformers and datasets in the child: the slowest, so CI's slow run has it.
+SLOW_IN_A_PROCESS = {"dataset without the configured text column"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.name in SLOW_IN_A_PROCESS else [])
+                                  for c in CASES if c.subprocess])
 def test_in_a_fresh_process_the_user_sees_only_the_line(case, fx):
     result = run_cli(*case.argv(fx))
     message = _check(case, fx, result.returncode, result.stderr)
