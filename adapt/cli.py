@@ -148,7 +148,8 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--mask-token", choices=("add", "reuse"), default="add",
                         help="add a new mask token (default) or reuse an existing id")
     parser.add_argument("--mask-token-id", type=int, help="the id to reuse with --mask-token reuse")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any other recipe setting")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other recipe setting (docs/recipes.md), e.g. --set train.mixed_precision=bf16")
     _add_loading_options(parser)
     parser.set_defaults(handler=_run_convert)
 

@@ -261,25 +261,34 @@ def _convert(hint, value, key: str, metadata=None):
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)  # 1e6 in YAML is a float; a whole number is meant
-            else:
+            number = _as_float(value)  # YAML reads 1e6 as a string and 1.0e6 as a float; a whole number is meant
+            if number is None or not number.is_integer():
                 raise UserError(f"{key} must be a whole number, got {_show(value)}")
+            value = int(number)
     elif hint is float:
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise UserError(f"{key} must be a number, got {_show(value)}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _as_float(value)  # YAML reads 1e-4 (no dot) as a string
+        if number is None:
             raise UserError(f"{key} must be a number, got {_show(value)}")
-        value = float(value)
+        value = number
     elif hint is str:
         if not isinstance(value, str):
             raise UserError(f"{key} must be a string, got {_show(value)}")
     if metadata:
         _check_range(key, value, metadata)
     return value
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _check_range(key: str, value, metadata) -> None:

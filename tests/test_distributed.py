@@ -1,0 +1,79 @@
+"""Two CPU processes under torchrun (DDP, DeepSpeed ZeRO-2, ZeRO-3, FSDP2) and accelerate launch train
+exactly what one process with two accumulation steps trains: the same losses and the same weights.
+
+The noise of each micro-batch is seeded by its global index and rank r of a global batch gets the blocks
+one process would read in its r-th micro-step, so the runs must agree up to float summation order.
+Each run takes 20-60 s on 2 cores (process start-up, DeepSpeed import), hence `slow`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adapt.train import train
+from tests.test_train import recipe_for, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+LAUNCHERS = {
+    "ddp": ("torchrun", []),
+    "zero2": ("torchrun", ["distributed.deepspeed_config=" + str(ROOT / "recipes/deepspeed/zero2.json")]),
+    "zero3": ("torchrun", ["distributed.deepspeed_config=" + str(ROOT / "recipes/deepspeed/zero3.json")]),
+    "fsdp": ("torchrun", ["distributed.backend=fsdp"]),
+    "accelerate-ddp": ("accelerate", []),
+}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    recipe = recipe_for(root, "train.grad_accum=2", "train.batch_size=2", "train.max_steps=3", output="single")
+    result = train(recipe)
+    return root, result, _losses(recipe.output_dir)
+
+
+@pytest.mark.parametrize("name", list(LAUNCHERS))
+def test_two_processes_match_one_process(single, name):
+    root, reference, reference_losses = single
+    launcher, extra = LAUNCHERS[name]
+    recipe = recipe_for(root, "train.batch_size=2", "train.max_steps=3", *extra, output=name)
+    recipe_file = root / f"{name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe.to_dict()))
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", str(_free_port())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    run = subprocess.run([*command, "-m", "adapt", "train", str(recipe_file)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+
+    losses = _losses(recipe.output_dir)
+    print(f"{name}: first-step loss {losses[0]:.6f} (one process: {reference_losses[0]:.6f})")
+    assert losses == pytest.approx(reference_losses, abs=1e-5)
+    a, b = weights(reference.model_dir), weights(Path(recipe.output_dir) / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=2e-5, rtol=1e-4, msg=f"{name}: {key}")
+
+
+def _losses(output_dir) -> list[float]:
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
