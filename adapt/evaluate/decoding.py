@@ -138,7 +138,9 @@ def score_code(model, tokenizer, problems: list[CodeProblem], *, config: Diffusi
     """pass@1 (greedy): the filled line makes the problem's unit tests pass in the sandbox."""
     passed = []
     for problem in tqdm(problems, desc=desc, disable=desc is None, leave=False):
-        line = fill_span(model, tokenizer, problem.span, config=config).strip("\n")
+        # One line: the first non-blank line of the decoded span, its indentation being given text.
+        decoded = fill_span(model, tokenizer, problem.span, config=config)
+        line = next((text.strip() for text in decoded.split("\n") if text.strip()), "")
         program = f"{problem.span.before}{line}{problem.span.after}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
         passed.append(float(run_program(program, timeout=timeout).passed))
     return {"n": len(problems), **summary("pass@1", passed)}
