@@ -101,7 +101,7 @@ CASES = [
          "unknown task 'mmlu'", lambda fx: [fx["root"] / "eval.json"]),
 ]
 
-MESSAGES: dict[str, str] = {}  # case name -> the message users see (paths shown as <tmp>)
+MESSAGES: dict[str, str] = {}  # case name -> the message users see (the test folder shown as $TMP)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def _check(case: Case, fx: dict, code: int, stderr: str) -> str:
     assert line.startswith(f"adapt {command}: error: ") and case.expect in line, line
     message = line[len(f"adapt {command}: error: "):]
     assert ";" in message or " must " in message, f"{case.name}: the message names no fix: {message}"
-    return message.replace(str(fx["root"]), "<tmp>")
+    return message.replace(str(fx["root"]), "$TMP")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -223,7 +223,7 @@ def test_ratio_outside_0_1_in_the_python_api_is_a_clear_value_error():
         with pytest.raises(ValueError, match=r"attention ratio must be in \[0, 1\], got .*; pass 0 for causal") as error:
             adapt.set_attention(model, ratio)
     assert adapt.get_attention_ratio(model) == 0.0  # a refused ratio changes nothing
-    MESSAGES["Python API: set_attention(model, 1.5)"] = str(error.value)
+    MESSAGES["Python API: set_attention(model, 1.5) (ValueError)"] = str(error.value)
 
 
 # -- the docs table ------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_ratio_outside_0_1_in_the_python_api_is_a_clear_value_error():
 
 def _table() -> str:
     rows = ["| case | exact message (after `adapt <command>: error: `) |", "|---|---|"]
-    names = [c.name for c in CASES] + ["Python API: set_attention(model, 1.5)"]
+    names = [c.name for c in CASES] + ["Python API: set_attention(model, 1.5) (ValueError)"]
     rows += [f"| {name} | {MESSAGES[name].replace('|', '&#124;')} |" for name in names]
     return "\n".join(rows)
 
