@@ -168,8 +168,11 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         grad_norm = _clip_gradients(accelerator, objective, backend, recipe.train.max_grad_norm)
-                        finite = _step_is_finite(totals[0] + out.loss.detach(), grad_norm)
-                    if finite:  # a non-finite loss or gradient would poison the weights: skip the update
+                        # fp16's loss scaler skips overflowing steps and lowers its scale itself: there only
+                        # a non-finite loss counts, and its step goes to the scaler (which will skip it).
+                        scaled = accelerator.scaler is not None
+                        finite = _step_is_finite(totals[0] + out.loss.detach(), None if scaled else grad_norm)
+                    if finite or accelerator.scaler is not None:  # else skip: NaN/inf would poison the weights
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 totals += torch.tensor([out.loss.item(), out.unweighted.item(), out.num_tokens, 0.0],
