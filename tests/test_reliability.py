@@ -247,3 +247,20 @@ def test_docs_show_the_real_messages():
         return
     assert current.group(1) == _table(), ("docs/reliability.md shows other messages than the commands print; "
                                           "regenerate it: ADAPT_UPDATE_DOCS=1 python -m pytest tests/test_reliability.py")
+
+
+def test_overwrite_replaces_only_the_previous_runs_outputs(tmp_path):
+    """`adapt train --overwrite` deletes the old run's checkpoints, metrics and model, and nothing else."""
+    import json
+
+    from adapt.train import complete_checkpoints
+
+    first = recipe(tmp_path, train__max_steps=3, train__eval_batches=0)
+    assert main(["train", str(first)]) == 0
+    run = tmp_path / "run-recipe"
+    (run / "notes.txt").write_text("the user's own file\n")
+    second = recipe(tmp_path, train__max_steps=1, train__eval_batches=0)
+    assert main(["train", str(second), "--overwrite"]) == 0
+    assert [p.name for p in complete_checkpoints(run)] == ["step-000001"]  # none of the first run's survive
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (run / "notes.txt").read_text() == "the user's own file\n"
