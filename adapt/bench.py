@@ -188,7 +188,7 @@ def _diffusion_config(model, tokenizer) -> DiffusionConfig:
 def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: int, peak_tflops: float | None) -> dict:
     """Median step time and peak memory of causal-LM training and of diffusion training per ratio."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    generator = torch.Generator(device=ids.device).manual_seed(0)
+    mask_generator = torch.Generator(device=ids.device).manual_seed(0)  # the annealed attention masks
     scored: dict[str, list[int]] = {}  # positions the LM head ran on, per configuration
 
     def causal_loss():
@@ -196,8 +196,12 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
         return model(input_ids=ids, labels=ids).loss
 
     def diffusion(ratio):
+        # Each ratio draws the same noise levels and masks, step for step: the head then runs on the same
+        # number of positions at every ratio, and only the attention differs between them.
+        noise = torch.Generator(device=ids.device).manual_seed(0)
+
         def loss():
-            out = diffusion_loss(model, ids, config, generator=generator)
+            out = diffusion_loss(model, ids, config, generator=noise)
             scored.setdefault(f"diffusion_r{ratio:g}", []).append(out.num_masked)
             return out.loss
         return loss
@@ -210,7 +214,7 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
 
     def timed(ratio, loss_fn):
         def step():
-            set_attention(model, ratio, generator=generator)
+            set_attention(model, ratio, generator=mask_generator)
             return _timed(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
         return step
 
@@ -218,7 +222,7 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
     held = _held_bytes(model, optimizer)
     results = {}
     for name, (ratio, loss_fn) in losses.items():
-        set_attention(model, ratio, generator=generator)
+        set_attention(model, ratio, generator=mask_generator)
         step_peak = peak_step_memory(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
         results[name] = {
             "ratio": ratio,
@@ -465,7 +469,7 @@ def format_table(results: dict) -> str:
     hw = results["hardware"]
     lines = [f"{results['model']} ({results['parameters'] / 1e6:.1f} M parameters), {results['dtype']}, "
              f"{results['attention']}, batch {results['batch']} x {results['seq_len']}, on {hw.get('gpu', hw['cpu'])} "
-             f"({hw['cpu_threads']} threads), medians of {results['repeats']} interleaved repeats"]
+             f"({hw['cpu_threads']} torch threads), medians of {results['repeats']} interleaved repeats"]
     if "train" in results:
         lines += ["", f"{'train step':<16}{'median s':>10}{'spread':>8}{'peak MiB':>10}{'step MiB':>10}"
                       f"{'head rows':>10}{'time ratio':>12}{'cpu ratio':>11}{'mem ratio':>11}{'step mem':>10}" + ("   MFU" if _has_mfu(results) else "")]

@@ -26,6 +26,8 @@ def test_quick_run_reports_every_figure(tmp_path):
         assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / train["causal"]["peak_bytes"])
     assert train["causal"]["head_positions"] == 2 * 64  # the HF loss path runs the head everywhere
     assert 0 < train["diffusion_r1"]["head_positions"] < 2 * 64  # diffusion only on masked positions
+    # Every ratio draws the same noise levels and masks, so only the attention differs between them.
+    assert train["diffusion_r1"]["head_positions"] == train["diffusion_r0.5"]["head_positions"]
 
     rows = {(row["steps"], row["batch"]): row for row in results["sampling"]}
     assert set(rows) == {(4, 1), (4, 8), (8, 1), (8, 8)}
