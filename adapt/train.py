@@ -266,7 +266,18 @@ def _make_accelerator(recipe: Recipe, output_dir: Path):
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, world))
     log_with = ["tensorboard"] if recipe.logging.tensorboard else []
     if recipe.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("logging.wandb is true but wandb is not installed; pip install wandb "
+                            "(and set WANDB_API_KEY), or set logging.wandb: false")
         log_with.append("wandb")
+    # accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
+    # notebooks) with other settings would be refused. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision if backend != "fsdp" else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=recipe.train.grad_accum, sync_with_dataloader=False),

@@ -112,9 +112,9 @@ def test_training_lowers_the_loss_and_exports_a_diffusion_checkpoint(tmp_path):
     assert list((Path(recipe.output_dir) / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
 
 
-def test_attention_ratio_follows_the_optimizer_step(tmp_path):
+def test_attention_ratio_follows_the_optimizer_step(tmp_path):  # with gradient checkpointing
     recipe = recipe_for(tmp_path, "train.max_steps=4", "train.grad_accum=2", "train.anneal_steps=3",
-                        "train.eval_batches=0")
+                        "train.eval_batches=0", "train.gradient_checkpointing=true")
     train(recipe)
     lines = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [line["ratio"] for line in lines] == [1 / 3, 2 / 3, 1.0, 1.0]
@@ -171,8 +171,9 @@ def test_signal_checkpoints_and_resume_ends_with_identical_weights(tmp_path, mon
         assert torch.equal(a[name], b[name]), name
 
 
-def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path):
-    recipe = recipe_for(tmp_path, "checkpoint.every=2", "checkpoint.keep=2", "train.eval_batches=0")
+def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path):  # under bf16 autocast
+    recipe = recipe_for(tmp_path, "checkpoint.every=2", "checkpoint.keep=2", "train.eval_batches=0",
+                        "train.mixed_precision=bf16")
     train(recipe)
     unfinished = Path(recipe.output_dir) / "checkpoints" / ".tmp-step-000008"
     unfinished.mkdir()
