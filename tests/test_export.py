@@ -229,3 +229,11 @@ def test_a_model_loaded_through_the_remote_code_re_exports_as_its_family(tmp_pat
     assert type(remote).__name__ == "AdaptDiffusionLlamaForCausalLM"
     second = save_checkpoint(remote, remote_tokenizer, tmp_path / "second")
     assert (second / "config.json").read_text() == (first / "config.json").read_text()
+
+
+def test_the_remote_code_files_are_exactly_what_the_remote_module_imports():
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    package = Path(adapt.__file__).parent
+    needed = get_relative_import_files(package / REMOTE_CODE_FILES[0])
+    assert sorted(Path(f).name for f in needed) == sorted(REMOTE_CODE_FILES[1:])
