@@ -15,6 +15,7 @@ def test_info_reports_the_diffusion_settings(tmp_path, capsys):
     adapt.set_attention(model, 1.0)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
+    capsys.readouterr()  # saving imports DeepSpeed (through accelerate), which logs to stdout once per process
     assert main(["info", str(tmp_path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["attention_ratio"] == 1.0 and info["diffusion"]["mask_token_strategy"] == "add"
