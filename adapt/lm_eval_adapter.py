@@ -38,9 +38,11 @@ class AdaptLM(LM):
         from .export import load
         from .modeling import load_model
 
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness passes "cuda" by default
         if ar:
             model, tokenizer = load_model(pretrained, dtype=dtype)
-            model, config = model.to(device or "cpu"), None
+            model, config = model.to(device), None
         else:
             model, tokenizer, config = load(pretrained, dtype=dtype, device=device)
         self._setup(model, tokenizer, config, **options)

@@ -96,3 +96,31 @@ def test_created_from_a_harness_argument_string(trained, tmp_path):
     assert lm.config is not None and lm.samples == 4 and lm.seed == 2 and lm.batch_size == 8
     [(logprob, _)] = lm.loglikelihood([_request("loglikelihood", "<s> w5", " w6")], True)
     assert logprob > -1.0
+
+
+def test_the_harness_runs_a_local_task_end_to_end(trained, tmp_path):
+    """`lm_eval.simple_evaluate(model="adapt")` on a multiple-choice task read from a local file."""
+    import json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from adapt.export import save_checkpoint
+
+    model, tokenizer, _ = trained
+    set_attention(model, 1.0)
+    save_checkpoint(model, tokenizer, tmp_path / "adapted")
+    set_attention(model, 0.0)
+    rows = [{"q": "<s> w5 w6 w7", "choices": [" w40 w41", " w8 w9", " w13 w14"], "label": 1},
+            {"q": "<s> w5", "choices": [" w6 w7", " w50 w51"], "label": 0}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tinychoice.yaml").write_text(
+        "task: tinychoice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n")
+    results = simple_evaluate(model="adapt", model_args=f"pretrained={tmp_path / 'adapted'},samples=8",
+                              tasks=["tinychoice"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                              device="cpu")
+    assert results["results"]["tinychoice"]["acc,none"] == 1.0
