@@ -9,6 +9,13 @@ from adapt import bench
 from adapt.cli import main as cli_main
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # --threads sets it for the whole process
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_quick_run_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     code = bench.main(["--quick", "--model", "tiny-llama", "--threads", "1", "--batch", "2", "--seq-len", "64",
