@@ -191,16 +191,20 @@ def infill_with_details(
     config = _diffusion_config(model)
     pieces = split_infill_text(text, mask_marker, span_length)
 
-    # Tokenize each given piece on its own so that the spans sit exactly between them.
+    # Tokenize each given piece on its own so that the spans sit exactly between them. Spaces right
+    # before a span are left to the span: BPE vocabularies attach a space to the word after it, so a
+    # lone trailing space token would be an input the model never saw in training.
     sequence, spans = _leading_ids(tokenizer), []
-    for piece in pieces:
+    for index, piece in enumerate(pieces):
         if isinstance(piece, int):
             if not sequence and config.shift:
                 sequence.append(_anchor_id(tokenizer))  # position 0 is never predicted
             spans.append((len(sequence), len(sequence) + piece))
             sequence += [config.mask_token_id] * piece
         else:
-            sequence += tokenizer(piece, add_special_tokens=False)["input_ids"]
+            before_span = index + 1 < len(pieces) and isinstance(pieces[index + 1], int)
+            given = piece.rstrip(" ") if before_span else piece
+            sequence += tokenizer(given, add_special_tokens=False)["input_ids"] if given else []
     masked = sum(end - start for start, end in spans)
     steps = masked if steps is None else steps
     _check_steps(steps, masked)
@@ -215,11 +219,20 @@ def infill_with_details(
         generator=_generator(seed, ids.device), progress=progress,
     )
     rows = out.ids.tolist()
-    filled = [[_decode_after(tokenizer, row, start, end) for start, end in spans] for row in rows]
-    texts = []
-    for span_texts in filled:
-        span_iter = iter(span_texts)
-        texts.append("".join(next(span_iter) if isinstance(piece, int) else piece for piece in pieces))
+    # Splice the decoded spans into the original pieces, so every given character is kept as written;
+    # a span's leading space is dropped where the given text already ends with one.
+    filled, texts = [], []
+    for row in rows:
+        span_texts, parts = iter(_decode_after(tokenizer, row, start, end) for start, end in spans), []
+        for piece in pieces:
+            if isinstance(piece, int):
+                span = next(span_texts)
+                if parts and parts[-1].endswith(" ") and span.startswith(" "):
+                    span = span[1:]
+                piece = span
+            parts.append(piece)
+        filled.append([part for part, piece in zip(parts, pieces) if isinstance(piece, int)])
+        texts.append("".join(parts))
     return Infilling(texts=texts, spans=filled, token_ids=rows, commit_step=out.commit_step.tolist(),
                      forwards=out.forwards)
 

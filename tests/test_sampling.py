@@ -202,3 +202,11 @@ def test_top_k_and_top_p_restrict_the_draw_to_the_expected_tokens():
         assert set(tokens.tolist()) == allowed
         # the confidence score is the model's own probability of the drawn token
         torch.testing.assert_close(score, probs[tokens])
+
+
+def test_a_space_before_a_span_is_left_to_the_span():
+    """The model sees "w5 w6" + masks (no lone space token); the output has no doubled space."""
+    model, tokenizer = diffusion_model()
+    out = infill_with_details(model, tokenizer, "w5 w6 [MASK:2] w9", seed=0)
+    assert out.token_ids[0][:2] == tokenizer("w5 w6", add_special_tokens=False)["input_ids"]
+    assert out.texts[0] == "w5 w6 " + out.spans[0][0] + " w9" and "  " not in out.texts[0]
