@@ -43,10 +43,9 @@ def test_pickle_only_weights_are_refused_unless_allowed_and_then_read_weights_on
     assert (tmp_path / "run-recipe" / "model" / "model.safetensors").is_file()  # and it writes safetensors
 
 
-def test_remote_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
-    import transformers.dynamic_module_utils
-
-    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+def test_remote_code_runs_only_with_trust_remote_code(tmp_path):
+    # The default module cache on purpose: transformers imports remote code as the package
+    # `transformers_modules`, which a process imports once, from the first cache it used.
     folder = diffusion_folder(tmp_path / "checkpoint")  # config.json's auto_map names shipped code
     marker = tmp_path / "remote-code-ran"
     with (folder / "modeling_adapt_diffusion.py").open("a") as code:
