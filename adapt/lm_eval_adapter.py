@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .evaluate.likelihood import continuation_scores, encode_pair
 from .evaluate.perplexity import evaluation_mode
-from .sampling import _anchor_id, generate
+from .sampling import anchor_id, generate
 
 
 @register_model("adapt")
@@ -91,7 +91,7 @@ class AdaptLM(LM):
         return [(-score.nll, score.greedy) for score in scores]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else _anchor_id(self.tokenizer)
+        prefix = anchor_id(self.tokenizer)  # BOS, else EOS
         results = []
         for request in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
             tokens = self.tokenizer(request.args[0], add_special_tokens=False)["input_ids"]

@@ -116,11 +116,7 @@ def generate_with_details(
     _check_positive(length=length, num_samples=num_samples)
     _check_steps(steps, length)
     config = _diffusion_config(model)
-    prompt_ids = _leading_ids(tokenizer)
-    if prompt:
-        prompt_ids += tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not prompt_ids and config.shift:
-        prompt_ids = [_anchor_id(tokenizer)]
+    prompt_ids = context_ids(tokenizer, prompt, anchor=config.shift)
     ids = torch.tensor([prompt_ids + [config.mask_token_id] * length] * num_samples, device=_device(model))
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[:, len(prompt_ids):] = True
@@ -198,7 +194,7 @@ def infill_with_details(
     for index, piece in enumerate(pieces):
         if isinstance(piece, int):
             if not sequence and config.shift:
-                sequence.append(_anchor_id(tokenizer))  # position 0 is never predicted
+                sequence.append(anchor_id(tokenizer))  # position 0 is never predicted
             spans.append((len(sequence), len(sequence) + piece))
             sequence += [config.mask_token_id] * piece
         else:
@@ -419,6 +415,20 @@ def _diffusion_config(model) -> DiffusionConfig:
     return config
 
 
+def context_ids(tokenizer, text: str | None, *, anchor: bool = True) -> list[int]:
+    """Token ids of a given left context: BOS where the tokenizer adds one, then `text`.
+
+    With `anchor`, an empty context becomes one given token (`anchor_id`): with the shift, position 0 is
+    never predicted, so whatever follows must not start there.
+    """
+    ids = _leading_ids(tokenizer)
+    if text:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids and anchor:
+        ids = [anchor_id(tokenizer)]
+    return ids
+
+
 def _leading_ids(tokenizer) -> list[int]:
     """The BOS id if the tokenizer puts one in front of every text (Llama does, GPT-2 does not)."""
     bos = tokenizer.bos_token_id
@@ -427,7 +437,7 @@ def _leading_ids(tokenizer) -> list[int]:
     return []
 
 
-def _anchor_id(tokenizer) -> int:
+def anchor_id(tokenizer) -> int:
     """A given first token when there is no prompt: with the shift, position 0 is never predicted."""
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import DiffusionConfig
 from ..errors import UserError
-from ..sampling import _anchor_id, _leading_ids, denoise
+from ..sampling import context_ids, denoise
 from .choice import read_jsonl
 from .metrics import rouge_l, summary
 from .perplexity import evaluation_mode, model_device
@@ -37,8 +37,7 @@ class Span:
 @torch.no_grad()
 def fill_span(model: nn.Module, tokenizer, span: Span, *, config: DiffusionConfig | None, strategy: str = "confidence") -> str:
     """Decode the span (gold length in tokens) and return its text."""
-    before = _leading_ids(tokenizer) + tokenizer(span.before, add_special_tokens=False)["input_ids"]
-    before = before or [_anchor_id(tokenizer)]
+    before = context_ids(tokenizer, span.before)
     length = len(tokenizer(span.answer, add_special_tokens=False)["input_ids"])
     if length == 0:
         return ""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import DiffusionConfig, elbo_nll, predict_logits
-from ..sampling import _anchor_id, _leading_ids
+from ..sampling import context_ids
 from .perplexity import evaluation_mode, model_device
 
 
@@ -33,11 +33,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     boundary is exact. A BOS goes first where the tokenizer adds one; an empty context gets BOS (or EOS)
     so that position 0, which the shift never predicts, is never part of the continuation.
     """
-    context_ids = _leading_ids(tokenizer) + (tokenizer(context, add_special_tokens=False)["input_ids"] if context else [])
-    if not context_ids:
-        context_ids = [_anchor_id(tokenizer)]
+    given = context_ids(tokenizer, context)
     continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    return context_ids + continuation_ids, len(context_ids)
+    return given + continuation_ids, len(given)
 
 
 @torch.no_grad()
