@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,11 +171,28 @@ def recipe_from_json(text: str) -> Recipe:
     return from_dict(Recipe, json.loads(text))
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML where only true/false are booleans (as in YAML 1.2).
+
+    YAML 1.1, PyYAML's default, also reads yes/no/on/off as booleans, so `mixed_precision: no` (the
+    word accelerate uses) would arrive as False and be refused as not one of the choices.
+    """
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"recipe not found: {path}; pass a YAML file such as recipes/smollm2-135m-cpu.yaml")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as err:
         raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if values is None:
@@ -189,7 +207,7 @@ def _parse_override(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise UserError(f"override {text!r} is not key=value; write e.g. optim.lr=1e-4 or data.seq_len=512")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = yaml.load(raw, Loader=_RecipeLoader) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

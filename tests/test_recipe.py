@@ -52,6 +52,19 @@ def test_overrides_parse_values_and_reach_nested_sections():
     assert recipe.data.sources[0].path == "a" and recipe.data.sources[0].weight == 2.0
 
 
+def test_no_is_a_word_and_only_true_false_are_booleans(tmp_path):
+    # YAML 1.1 reads no/yes/on/off as booleans; `mixed_precision: no` must stay the choice "no".
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\ndata: {path: d}\noutput_dir: o\n"
+                    "train: {mixed_precision: no, gradient_checkpointing: true}\n")
+    recipe = load_recipe(path)
+    assert recipe.train.mixed_precision == "no" and recipe.train.gradient_checkpointing is True
+    assert load_recipe(path, ["train.mixed_precision=bf16", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_recipe(path, ["train.gradient_checkpointing=False"]).train.gradient_checkpointing is False
+    with pytest.raises(UserError, match="gradient_checkpointing must be true or false"):
+        load_recipe(path, ["train.gradient_checkpointing=yes"])
+
+
 def test_overrides_win_over_the_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: m}\ndata: {path: d, seq_len: 128}\noutput_dir: o\noptim: {lr: 3e-4}\n")
