@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import adapt.data
 import adapt.diffusion
+import adapt.train
 from adapt.diffusion import DiffusionConfig, diffusion_loss
 from adapt.errors import UserError
 from adapt.presets import tiny_model, tiny_tokenizer
@@ -171,10 +172,13 @@ def test_signal_checkpoints_and_resume_ends_with_identical_weights(tmp_path, mon
         assert torch.equal(a[name], b[name]), name
 
 
-def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path):  # under bf16 autocast
+def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path, monkeypatch, capsys):  # under bf16 autocast
+    monkeypatch.setattr(adapt.train, "cpu_has_native_bf16", lambda: False)
     recipe = recipe_for(tmp_path, "checkpoint.every=2", "checkpoint.keep=2", "train.eval_batches=0",
                         "train.mixed_precision=bf16")
     train(recipe)
+    # a CPU that would emulate bf16 is told so once, with the setting that fixes it
+    assert capsys.readouterr().err.count("no native bf16") == 1
     unfinished = Path(recipe.output_dir) / "checkpoints" / ".tmp-step-000008"
     unfinished.mkdir()
     assert [p.name for p in complete_checkpoints(recipe.output_dir)] == ["step-000004", "step-000006"]
