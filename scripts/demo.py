@@ -61,9 +61,9 @@ def main() -> None:
 
     validation = open_dataset(recipe.data, tokenizer, split="validation")
     blocks = torch.cat([batch["input_ids"] for batch in validation.batches(EVAL_BLOCKS)])[:EVAL_BLOCKS]
-    elbo = elbo_perplexity(model, blocks, config, n_samples=8)
+    elbo = elbo_perplexity(model, blocks, config, n_samples=8).perplexity
     ar_model, _ = adapt.load_model(recipe.model.path)
-    ar = ar_perplexity(ar_model, blocks)
+    ar = ar_perplexity(ar_model, blocks).perplexity
     finished = time.perf_counter()
 
     steps = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -64,8 +64,8 @@ def test_causal_one_target_elbo_converges_to_ar_cross_entropy():
     # sqrt(E[(1-t)/t] / (K * repeats)) ~ 1%, makes a 4% tolerance (in nats) a real test.
     model = tiny_model("llama")
     blocks = torch.tensor([[1, 17], [1, 80], [5, 3], [9, 44]]).repeat_interleave(1024, dim=0)
-    ar = math.log(ar_perplexity(model, blocks, batch_size=4096))
-    elbo = math.log(elbo_perplexity(model, blocks, _config(), n_samples=64, batch_size=4096, attention_ratio=0.0))
+    ar = ar_perplexity(model, blocks, batch_size=4096).nll_per_token
+    elbo = elbo_perplexity(model, blocks, _config(), n_samples=64, batch_size=4096, attention_ratio=0.0).nll_per_token
     assert elbo == pytest.approx(ar, rel=0.04)
 
 
@@ -74,7 +74,45 @@ def test_ar_perplexity_is_the_causal_lm_loss():
     blocks = torch.randint(3, VOCAB - 1, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = math.exp(float(model(input_ids=blocks, labels=blocks).loss))
-    assert ar_perplexity(model, blocks, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert ar_perplexity(model, blocks, batch_size=2).perplexity == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_stderr_is_the_ratio_estimate_over_blocks_with_padding():
+    model = tiny_model("gpt2")
+    blocks = torch.randint(3, VOCAB - 1, (5, 12), generator=torch.Generator().manual_seed(2))
+    padding = torch.ones_like(blocks)
+    padding[1, 7:] = 0  # a short block: its weight in the ratio is its token count
+    padding[4, 3:] = 0
+    result = ar_perplexity(model, blocks, batch_size=2, attention_mask=padding)
+
+    nll, tokens = [], []
+    with torch.no_grad():
+        for row, keep in zip(blocks, padding):
+            length = int(keep.sum())
+            labels = row[:length].unsqueeze(0)
+            nll.append(float(model(input_ids=labels, labels=labels).loss) * (length - 1))
+            tokens.append(length - 1)
+    nll, tokens = np.array(nll), np.array(tokens)
+    ratio = nll.sum() / tokens.sum()
+    n = len(nll)
+    stderr = math.sqrt(((nll - ratio * tokens) ** 2).sum() / (n - 1) / n) / tokens.mean()
+    assert result.tokens == tokens.sum()
+    assert result.nll_per_token == pytest.approx(ratio, rel=1e-5)
+    assert result.stderr == pytest.approx(stderr, rel=1e-4)
+    assert math.isnan(ar_perplexity(model, blocks[:1]).stderr)  # one block: no spread to measure
+
+
+def test_elbo_stderr_matches_the_spread_of_independent_estimates():
+    # One block repeated: all the spread is Monte Carlo noise. Each seed gives an independent estimate;
+    # the reported standard error should predict how much they vary (batch_size=1: no two blocks share
+    # the stratification offset, so the blocks are independent as the formula assumes).
+    model = tiny_model("llama")
+    set_attention(model, 1.0)
+    blocks = torch.tensor([[1, 17, 42, 99, 5, 63, 8, 21]]).expand(32, -1)
+    runs = [elbo_perplexity(model, blocks, _config(), n_samples=1, batch_size=1, seed=seed) for seed in range(24)]
+    spread = float(np.std([r.nll_per_token for r in runs], ddof=1))
+    reported = float(np.mean([r.stderr for r in runs]))
+    assert 0.6 < spread / reported < 1.6, (spread, reported)
 
 
 def test_perplexities_restore_the_callers_attention_ratio_and_mode():

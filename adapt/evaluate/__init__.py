@@ -7,7 +7,7 @@ examples, so the two print side by side. docs/evaluation.md says how each task i
 from .choice import CHOICE_TASKS, ChoiceItem, load_choice_items, score_choices
 from .decoding import Span, fill_span, score_code, score_spans
 from .likelihood import Score, continuation_scores, encode_pair
-from .perplexity import ar_perplexity, elbo_perplexity, evaluation_mode
+from .perplexity import Perplexity, ar_perplexity, elbo_perplexity, evaluation_mode
 from .sandbox import run_program
 from .tasks import TASKS, EvalSettings, format_table, run_tasks
 
@@ -15,6 +15,7 @@ __all__ = [
     "CHOICE_TASKS",
     "ChoiceItem",
     "EvalSettings",
+    "Perplexity",
     "Score",
     "Span",
     "TASKS",

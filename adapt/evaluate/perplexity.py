@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,37 @@ def evaluation_mode(model: nn.Module, ratio: float | None):
         model.train(was_training)
 
 
+@dataclass(frozen=True)
+class Perplexity:
+    """Negative log-likelihood per scored token over a set of blocks, with its standard error."""
+
+    nll_per_token: float  # nats; for a diffusion model the negative ELBO, an upper bound on the NLL
+    stderr: float  # standard error of nll_per_token over blocks; nan below two blocks
+    tokens: int  # scored tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_per_token)
+
+    @classmethod
+    def from_blocks(cls, nll: torch.Tensor, tokens: torch.Tensor) -> "Perplexity":
+        """From each block's summed NLL and scored-token count.
+
+        The block is the sampling unit, so the standard error counts both how the text varies and the
+        Monte Carlo noise of an ELBO estimate. nll_per_token is a ratio (sum of NLL / sum of tokens);
+        its standard error is the usual linearised one, which handles blocks of unequal length.
+        """
+        nll, tokens = nll.double(), tokens.double()
+        total = float(tokens.sum())
+        ratio = float(nll.sum()) / max(total, 1.0)
+        n = nll.numel()
+        if n < 2:
+            return cls(ratio, math.nan, int(total))
+        residuals = nll - ratio * tokens
+        stderr = math.sqrt(float((residuals**2).sum()) * n / (n - 1)) / total
+        return cls(ratio, stderr, int(total))
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -65,8 +97,9 @@ def elbo_perplexity(
     attention_ratio: float | None = 1.0,
     attention_mask: torch.Tensor | None = None,
     desc: str | None = None,
-) -> float:
-    """exp(negative ELBO per token) of the packed blocks (N, L): targets 1..L-1, position 0 given.
+) -> Perplexity:
+    """Negative ELBO per token of the packed blocks (N, L), targets 1..L-1, position 0 given;
+    `.perplexity` is its exponential, the ELBO perplexity.
 
     A diffusion model is evaluated as it will be sampled, with bidirectional attention: the function sets
     the ratio to `attention_ratio` (default 1) for the duration and restores the caller's ratio and
@@ -77,14 +110,14 @@ def elbo_perplexity(
     """
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
-    nll, tokens = 0.0, 0
+    nll, tokens = [], []
     with evaluation_mode(model, attention_ratio):
         for batch, padding in batches(blocks, attention_mask, batch_size=batch_size, desc=desc):
             elbo = elbo_nll(model, batch.to(device), config, n_samples=n_samples, generator=generator,
                             attention_mask=None if padding is None else padding.to(device))
-            nll += float(elbo.nll.sum())
-            tokens += int(elbo.num_tokens.sum())
-    return math.exp(nll / max(tokens, 1))
+            nll.append(elbo.nll.cpu())
+            tokens.append(elbo.num_tokens.cpu())
+    return Perplexity.from_blocks(torch.cat(nll), torch.cat(tokens))
 
 
 @torch.no_grad()
@@ -95,19 +128,21 @@ def ar_perplexity(
     batch_size: int = 8,
     attention_mask: torch.Tensor | None = None,
     desc: str | None = None,
-) -> float:
-    """exp(mean next-token CE) of the causal model on the targets 1..L-1 of each block (N, L).
+) -> Perplexity:
+    """Mean next-token CE of the causal model on the targets 1..L-1 of each block (N, L), an exact NLL.
 
     Runs at attention ratio 0 (the plain causal model) whatever the model's current setting, restored after.
     """
     device = model_device(model)
-    nll, tokens = 0.0, 0
+    nll, tokens = [], []
     with evaluation_mode(model, 0.0):
         for batch, padding in batches(blocks, attention_mask, batch_size=batch_size, desc=desc):
             batch = batch.to(device)
             padding = None if padding is None else padding.to(device)
             targets = maskable_positions(batch, padding)
             logits = predict_logits(model, batch, targets, shift=True, attention_mask=padding)
-            nll += float(F.cross_entropy(logits.float(), batch[targets], reduction="sum"))
-            tokens += int(targets.sum())
-    return math.exp(nll / max(tokens, 1))
+            ce = F.cross_entropy(logits.float(), batch[targets], reduction="none").double()
+            nll.append(torch.zeros(batch.shape[0], dtype=torch.float64, device=device)
+                       .index_add_(0, targets.nonzero()[:, 0], ce).cpu())
+            tokens.append(targets.sum(dim=1).cpu())
+    return Perplexity.from_blocks(torch.cat(nll), torch.cat(tokens))

