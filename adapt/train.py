@@ -142,11 +142,12 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
         diffusion.tokens_trained = state["tokens_trained"]
         _log(accelerator, f"resumed from {resume_from} at step {step}")
 
+    metrics_file = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        _forget_metrics_after(metrics_file, step)
     trackers = _start_trackers(accelerator, recipe, output_dir)
     stop = _SignalFlag()
-    metrics_file = output_dir / "metrics.jsonl"
     first_loss = last_loss = validation = None
     nonfinite_in_a_row = 0
     progress = _progress_bar(accelerator, recipe, step)
@@ -559,6 +560,27 @@ def _progress_bar(accelerator, recipe: Recipe, step: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=recipe.train.max_steps, initial=step, desc="adapt train", unit="step", dynamic_ncols=True)
+
+
+def _forget_metrics_after(metrics_file: Path, step: int) -> None:
+    """Drop the records of steps after `step`: a run killed between checkpoints logged steps that the
+    resumed run repeats, and each step must appear once in metrics.jsonl. A line cut off by the kill
+    goes too."""
+    if not metrics_file.is_file():
+        return
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
+    lines = metrics_file.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) < len(lines):
+        partial = metrics_file.with_name(metrics_file.name + ".partial")
+        partial.write_text("".join(kept))
+        partial.replace(metrics_file)
 
 
 def _report(accelerator, record: dict, metrics_file: Path, trackers: bool, progress) -> None:

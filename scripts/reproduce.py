@@ -12,7 +12,8 @@ error, the AR source's perplexity on the same blocks, and multiple-choice accura
 the adapted model. Needs matplotlib for the plot (`pip install -e ".[dev]"` has it).
 Writes docs/reproduction_elbo.png and docs/results.md (the tables, the commands, the hardware, the time).
 Every step is a plain `adapt train` / `adapt eval` command (printed and recorded); finished steps are
-skipped when the script runs again, so an interrupted reproduction continues where it stopped.
+skipped when the script runs again and a run cut short resumes from its newest checkpoint, so an
+interrupted reproduction continues where it stopped.
 
     python scripts/prepare_smollm2.py --out data/smollm2 && python scripts/prepare_brown.py --out data/brown
     python scripts/reproduce.py --model data/smollm2 --data data/brown --out runs/reproduce --steps 240 --eval-every 20
@@ -143,7 +144,8 @@ def train(name: str, model_path: str, overrides: list[str], args, out: Path) -> 
         f"data.validation_path={args.data}/validation.jsonl", f"data.seq_len={args.seq_len}",
         f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
         f"train.anneal_steps={max(1, args.steps // 2)}",  # the recipe's proportion: bidirectional after half
-        f"train.eval_every={args.eval_every}", f"checkpoint.every={args.steps}", f"output_dir={run_dir}",
+        f"train.eval_every={args.eval_every}", f"output_dir={run_dir}",
+        f"checkpoint.every={max(1, args.steps // 4)}", "resume=auto",  # an interrupted run loses at most a quarter
     ]
     own = {override.partition("=")[0] for override in overrides}  # the run's own settings replace shared ones
     shared = [override for override in shared if override.partition("=")[0] not in own]

@@ -4,6 +4,7 @@ LoRA adapters and new rows only (merged on export), and never masks SFT prompts 
 import json
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -170,6 +171,27 @@ def test_signal_checkpoints_and_resume_ends_with_identical_weights(tmp_path, mon
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_run_killed_between_checkpoints_resumes_with_each_step_logged_once(tmp_path):
+    def logged(run_dir: Path) -> list[dict]:  # everything but the wall-clock speed
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in record.items() if k != "tokens_per_s"} for record in records]
+
+    straight = train(recipe_for(tmp_path, "checkpoint.every=3", "train.eval_every=2", output="straight"))
+    killed = recipe_for(tmp_path, "checkpoint.every=3", "train.eval_every=2", output="killed")
+    train(killed)
+    # as if killed (SIGKILL, OOM) after logging step 6 and half a line, before its checkpoint and export
+    run_dir = Path(killed.output_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-000006")
+    shutil.rmtree(run_dir / "model")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')
+    resumed = train(recipe_for(tmp_path, "checkpoint.every=3", "train.eval_every=2", "resume=auto", output="killed"))
+    assert resumed.steps == 6
+    records = logged(run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert records == logged(Path(straight.model_dir).parent)  # resumed bit-exactly, so the same figures
 
 
 def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path, monkeypatch, capsys):  # under bf16 autocast
