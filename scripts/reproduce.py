@@ -168,7 +168,8 @@ def evaluate(args, out: Path) -> dict:
     for name, arguments in jobs.items():
         path = out / f"eval_{name}.json"
         if not path.is_file():
-            run([sys.executable, "-m", "adapt", "eval", *arguments, "--output", str(path)], out / "reproduce.log")
+            seconds = run([sys.executable, "-m", "adapt", "eval", *arguments, "--output", str(path)], out / "reproduce.log")
+            _record_seconds(out, f"eval_{name}", seconds)
         results[name] = json.loads(path.read_text())
     return results
 
@@ -255,7 +256,8 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
         *(out / "commands.txt").read_text().splitlines(),
         "```", "", "## Hardware and time", "",
         f"- {_hardware()}",
-        f"- whole reproduction (this invocation): {total / 60:.1f} min", "",
+        f"- training, {len(RUNS)} runs: {_minutes(out, list(RUNS))}; evaluation: "
+        f"{_minutes(out, [f'eval_{name}' for name in evaluations])}; this invocation of the script: {total / 60:.1f} min", "",
     ]
     report = docs / "results.md"
     report.with_name(report.name + ".partial").write_text("\n".join(lines))
@@ -292,16 +294,24 @@ def _hardware() -> str:
     return f"{device}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def _record_seconds(out: Path, name: str, seconds: float) -> None:
-    path = out / "train_seconds.json"
+# Wall times of the steps, kept across invocations (a resumed reproduction skips finished steps).
+def _record_seconds(out: Path, step: str, seconds: float) -> None:
+    path = out / "seconds.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
-    times[name] = seconds
+    times[step] = seconds
     path.write_text(json.dumps(times))
 
 
-def _recorded_seconds(out: Path, name: str) -> float | None:
-    path = out / "train_seconds.json"
-    return json.loads(path.read_text()).get(name) if path.is_file() else None
+def _recorded_seconds(out: Path, step: str) -> float | None:
+    path = out / "seconds.json"
+    return json.loads(path.read_text()).get(step) if path.is_file() else None
+
+
+def _minutes(out: Path, steps: list[str]) -> str:
+    times = [_recorded_seconds(out, step) for step in steps]
+    known = [t for t in times if t is not None]
+    missing = f" ({len(times) - len(known)} of {len(times)} not timed)" if len(known) < len(times) else ""
+    return f"{sum(known) / 60:.1f} min{missing}"
 
 
 if __name__ == "__main__":
