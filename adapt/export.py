@@ -173,7 +173,7 @@ def check_export(folder: str | os.PathLike) -> None:
 
 def model_card(model: nn.Module, diffusion: DiffusionConfig, card: dict) -> str:
     """README.md: YAML metadata for the Hub, then how to use the model and what it was trained with."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     base_model = card.get("base_model") or diffusion.base_model
     metadata = ModelCardData(

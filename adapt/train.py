@@ -38,7 +38,7 @@ from torch import nn
 from .attention import set_attention, unwrap_model
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
-from .recipe import Recipe, recipe_from_json
+from .recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

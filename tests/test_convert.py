@@ -1,6 +1,5 @@
 """`adapt convert` and `adapt train` from the command line: budgets, defaults, the result and its recipe."""
 
-from pathlib import Path
 
 import pytest
 
