@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from .atomic import write_text_atomically
 from .attention import PARTIAL_MASK_IMPLEMENTATIONS, set_attention
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
@@ -504,10 +505,7 @@ def write_report(results: dict, json_path: str | None) -> None:
         return
     print(table)
     if json_path:
-        path = Path(json_path)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(results, indent=2) + "\n")
-        partial.replace(path)
+        write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -361,9 +361,9 @@ def _add_eval(subparsers) -> None:
 
 def _run_eval(args) -> int:
     import json
-    import os
     from dataclasses import asdict
 
+    from .atomic import write_text_atomically
     from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks, to_json
     from .export import load
     from .modeling import load_model
@@ -389,10 +389,7 @@ def _run_eval(args) -> int:
         del model
     report = to_json({"settings": asdict(settings), "runs": runs})
     if args.output:
-        temporary = f"{args.output}.tmp"
-        with open(temporary, "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(temporary, args.output)
+        write_text_atomically(args.output, json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else format_table(runs))
     return 0
 

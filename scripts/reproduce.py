@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from adapt.atomic import write_text_atomically
+
 SCRATCH_LR = 6e-4  # GPT-3's learning rate for its 125M model (Brown et al. 2020, table 2.1)
 # name: (what the run is, its starting checkpoint, recipe overrides on top of the shared ones)
 RUNS = {
@@ -260,8 +262,7 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
         f"{_minutes(out, [f'eval_{name}' for name in evaluations])}; this invocation of the script: {total / 60:.1f} min", "",
     ]
     report = docs / "results.md"
-    report.with_name(report.name + ".partial").write_text("\n".join(lines))
-    report.with_name(report.name + ".partial").replace(report)
+    write_text_atomically(report, "\n".join(lines))
     print(f"reproduce: wrote {report} and {plot}")
 
 
@@ -299,7 +300,7 @@ def _record_seconds(out: Path, step: str, seconds: float) -> None:
     path = out / "seconds.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
     times[step] = seconds
-    path.write_text(json.dumps(times))
+    write_text_atomically(path, json.dumps(times))
 
 
 def _recorded_seconds(out: Path, step: str) -> float | None:
