@@ -70,11 +70,10 @@ def main() -> None:
     started = time.time()
     models = prepare_models(Path(args.model), out / "models")
     tokens_per_step = args.batch_size * args.seq_len
-    seconds = {}
     for name, (_, start, overrides) in RUNS.items():
-        seconds[name] = train(name, models[start], overrides, args, out)
+        train(name, models[start], overrides, args, out)
     evaluations = evaluate(args, out)
-    write_report(args, out, evaluations, tokens_per_step, seconds, time.time() - started)
+    write_report(args, out, evaluations, tokens_per_step, time.time() - started)
 
 
 def check_inputs(args) -> None:
@@ -136,11 +135,11 @@ def prepare_models(source: Path, folder: Path) -> dict[str, str]:
     return {"source": str(source), "scratch": str(scratch), "noshift": str(noshift)}
 
 
-def train(name: str, model_path: str, overrides: list[str], args, out: Path) -> float | None:
+def train(name: str, model_path: str, overrides: list[str], args, out: Path) -> None:
     run_dir = out / name
     if (run_dir / "model" / "config.json").is_file():
         print(f"reproduce: {name} is trained already ({run_dir / 'model'})")
-        return _recorded_seconds(out, name)
+        return
     shared = [
         f"model.path={model_path}", f"data.path={args.data}/train.jsonl",
         f"data.validation_path={args.data}/validation.jsonl", f"data.seq_len={args.seq_len}",
@@ -152,9 +151,7 @@ def train(name: str, model_path: str, overrides: list[str], args, out: Path) -> 
     own = {override.partition("=")[0] for override in overrides}  # the run's own settings replace shared ones
     shared = [override for override in shared if override.partition("=")[0] not in own]
     command = [sys.executable, "-m", "adapt", "train", args.recipe, *shared, *overrides, *args.extra]
-    seconds = run(command, out / "reproduce.log")
-    _record_seconds(out, name, seconds)
-    return seconds
+    _record_seconds(out, name, run(command, out / "reproduce.log"))
 
 
 def evaluate(args, out: Path) -> dict:
@@ -186,7 +183,7 @@ def curve(run_dir: Path, tokens_per_step: int) -> list[tuple[int, float]]:
     return points
 
 
-def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, seconds: dict, total: float) -> None:
+def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,6 +194,7 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
     ar = evaluations["ar"]["runs"][0]["results"]["elbo"]
     final = {name: evaluations[name]["runs"][0]["results"]["elbo"] for name in RUNS}
     budget = args.steps * tokens_per_step
+    times = _recorded_times(out)
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, (label, _, _) in RUNS.items():
@@ -230,7 +228,7 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
         "| run | held-out ELBO perplexity | nats per token | vs AR source | train time |", "|---|---|---|---|---|",
     ]
     for name, (label, _, _) in RUNS.items():
-        time_text = f"{seconds[name] / 60:.1f} min" if seconds.get(name) else "-"
+        time_text = f"{times[name] / 60:.1f} min" if name in times else "-"
         lines.append(f"| {name}: {label} | {_perplexity_cell(final[name])} | {_nats_cell(final[name])} | "
                      f"x{final[name]['perplexity'] / ar['perplexity']:.2f} | {time_text} |")
     lines.append(f"| AR source (exact perplexity) | {_perplexity_cell(ar)} | {_nats_cell(ar)} | x1.00 | - |")
@@ -258,8 +256,8 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, secon
         *(out / "commands.txt").read_text().splitlines(),
         "```", "", "## Hardware and time", "",
         f"- {_hardware()}",
-        f"- training, {len(RUNS)} runs: {_minutes(out, list(RUNS))}; evaluation: "
-        f"{_minutes(out, [f'eval_{name}' for name in evaluations])}; this invocation of the script: {total / 60:.1f} min", "",
+        f"- training, {len(RUNS)} runs: {_minutes(times, list(RUNS))}; evaluation: "
+        f"{_minutes(times, [f'eval_{name}' for name in evaluations])}; this invocation of the script: {total / 60:.1f} min", "",
     ]
     report = docs / "results.md"
     write_text_atomically(report, "\n".join(lines))
@@ -296,22 +294,18 @@ def _hardware() -> str:
 
 
 # Wall times of the steps, kept across invocations (a resumed reproduction skips finished steps).
+def _recorded_times(out: Path) -> dict[str, float]:
+    path = out / "seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _record_seconds(out: Path, step: str, seconds: float) -> None:
-    path = out / "seconds.json"
-    times = json.loads(path.read_text()) if path.is_file() else {}
-    times[step] = seconds
-    write_text_atomically(path, json.dumps(times))
+    write_text_atomically(out / "seconds.json", json.dumps({**_recorded_times(out), step: seconds}))
 
 
-def _recorded_seconds(out: Path, step: str) -> float | None:
-    path = out / "seconds.json"
-    return json.loads(path.read_text()).get(step) if path.is_file() else None
-
-
-def _minutes(out: Path, steps: list[str]) -> str:
-    times = [_recorded_seconds(out, step) for step in steps]
-    known = [t for t in times if t is not None]
-    missing = f" ({len(times) - len(known)} of {len(times)} not timed)" if len(known) < len(times) else ""
+def _minutes(times: dict[str, float], steps: list[str]) -> str:
+    known = [times[step] for step in steps if step in times]
+    missing = f" ({len(steps) - len(known)} of {len(steps)} not timed)" if len(known) < len(steps) else ""
     return f"{sum(known) / 60:.1f} min{missing}"
 
 

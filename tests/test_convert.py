@@ -1,6 +1,5 @@
 """`adapt convert` and `adapt train` from the command line: budgets, defaults, the result and its recipe."""
 
-
 import pytest
 
 import adapt
