@@ -4,13 +4,14 @@ from .attention import get_attention_ratio, set_attention
 from .diffusion import DiffusionConfig, DiffusionLoss, ELBO, diffusion_loss, elbo_nll
 from .errors import UserError
 from .export import load, save_checkpoint
-from .sampling import generate, infill
+from .sampling import SamplingOptions, generate, infill
 from .modeling import ensure_mask_token, load_model
 
 __all__ = [
     "DiffusionConfig",
     "DiffusionLoss",
     "ELBO",
+    "SamplingOptions",
     "UserError",
     "diffusion_loss",
     "elbo_nll",

@@ -23,15 +23,16 @@ between steps) is added from the tensors themselves, so the total is comparable 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -40,88 +41,94 @@ from .attention import PARTIAL_MASK_IMPLEMENTATIONS, set_attention
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
 
-# Where `python scripts/prepare_smollm2.py --out data/smollm2` puts SmolLM2-135M (and this machine's copy).
-SMOLLM2_PATHS = ("data/smollm2", "/work/notes/smollm2")
+# Where `python scripts/prepare_smollm2.py --out data/smollm2` puts SmolLM2-135M.
+SMOLLM2_PATH = "data/smollm2"
 # Dense bf16 tensor-core peak in TFLOP/s, for model FLOPs utilisation (no sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 TRAIN_RATIOS = (1.0, 0.5)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2",
-                        help="a local model folder, 'smollm2' (the prepared SmolLM2-135M), 'llama-1b' (a randomly "
-                             "initialised Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family> (default: smollm2)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
-                        help="attention implementation (flash_attention_2 cannot run ratio 0.5; that row is skipped)")
-    parser.add_argument("--batch", type=int, default=4, help="training and ELBO batch size (default: 4)")
-    parser.add_argument("--seq-len", type=int, default=256, help="training and ELBO sequence length (default: 256)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="measured rounds of the train and ELBO configurations (default: 5, --quick 2)")
-    parser.add_argument("--sample-length", type=int, default=None, help="tokens to sample (default: 256, --quick 64)")
-    parser.add_argument("--sample-steps", type=int, nargs="+", default=None,
-                        help="diffusion steps to sample with (default: 32 64, --quick 8 16)")
-    parser.add_argument("--sample-batch", type=int, nargs="+", default=[1, 8], help="sampling batch sizes (default: 1 8)")
-    parser.add_argument("--sample-repeats", type=int, default=1, help="measured rounds of sampling (default: 1)")
-    parser.add_argument("--elbo-samples", type=int, default=4, help="Monte Carlo samples per ELBO call (default: 4)")
-    parser.add_argument("--parts", nargs="+", choices=("train", "sampling", "elbo"), default=["train", "sampling", "elbo"])
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's peak TFLOP/s in this dtype, for MFU (default: known for H100/H200/A100)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 is faster on a crowded machine")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats and shorter sampling: a smoke run (CI, under 2 minutes with a tiny model)")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                        help="write the results as JSON to PATH; without PATH, JSON goes to stdout and the table to stderr")
+@dataclass
+class BenchSettings:
+    """What `run` measures and how often; `adapt bench` has one flag per setting (--seq-len for seq_len)."""
+
+    # A local model folder, "smollm2" (the prepared SmolLM2-135M), "llama-1b" (a randomly initialised
+    # Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family>.
+    model: str = "smollm2"
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    # flash_attention_2 cannot run ratio 0.5; that row is skipped
+    attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    batch: int = 4  # training and ELBO batch size
+    seq_len: int = 256  # training and ELBO sequence length
+    # None: the default for a full or a quick run, in BY_RUN_LENGTH.
+    repeats: int | None = None  # measured rounds of the train and ELBO configurations
+    sample_length: int | None = None  # tokens to sample
+    sample_steps: list[int] | None = None  # diffusion steps to sample with
+    sample_batch: list[int] = field(default_factory=lambda: [1, 8])  # sampling batch sizes
+    sample_repeats: int = 1  # measured rounds of sampling
+    elbo_samples: int = 4  # Monte Carlo samples per ELBO call
+    parts: list[Literal["train", "sampling", "elbo"]] = field(default_factory=lambda: ["train", "sampling", "elbo"])
+    peak_tflops: float | None = None  # the device's peak TFLOP/s in this dtype, for MFU (None: PEAK_BF16_TFLOPS)
+    threads: int | None = None  # CPU threads for torch (None: torch's choice); 1 is faster on a crowded machine
+    quick: bool = False  # fewer repeats and shorter sampling: a smoke run (CI, under 2 minutes with a tiny model)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the parts of the benchmark that `args` asks for and return the results as a plain dict."""
-    repeats = args.repeats or (2 if args.quick else 5)
-    sample_length = args.sample_length or (64 if args.quick else 256)
-    sample_steps = args.sample_steps or ([8, 16] if args.quick else [32, 64])
-    for name, value in (("--repeats", repeats), ("--batch", args.batch), ("--seq-len", args.seq_len),
-                        ("--sample-length", sample_length), ("--sample-repeats", args.sample_repeats),
-                        ("--elbo-samples", args.elbo_samples), *(("--sample-steps", s) for s in sample_steps),
-                        *(("--sample-batch", b) for b in args.sample_batch)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}; pass a positive number")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}; pass a positive number")
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, tokenizer, source = load_bench_model(args.model, dtype, device, args.attn)
+# The settings whose default depends on `quick`: (full run, quick run).
+BY_RUN_LENGTH = {"repeats": (5, 2), "sample_length": (256, 64), "sample_steps": ([32, 64], [8, 16])}
+
+
+def run(settings: BenchSettings) -> dict:
+    """Run the parts of the benchmark that `settings` asks for and return the results as a plain dict."""
+    settings = _resolved(settings)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    device = _device(settings.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
+    model, tokenizer, source = load_bench_model(settings.model, dtype, device, settings.attn)
     config = _diffusion_config(model, tokenizer)
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(3, vocab, (args.batch, args.seq_len), generator=generator, device=device)
+    ids = torch.randint(3, vocab, (settings.batch, settings.seq_len), generator=generator, device=device)
 
     results = {
         "model": source,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": args.dtype,
+        "dtype": settings.dtype,
         "attention": model.config._attn_implementation,
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "repeats": repeats,
+        "batch": settings.batch,
+        "seq_len": settings.seq_len,
+        "repeats": settings.repeats,
         "hardware": hardware(device),
         "torch": torch.__version__,
     }
-    peak_tflops = args.peak_tflops or _known_peak_tflops(device, dtype)
-    if "train" in args.parts:
+    peak_tflops = settings.peak_tflops or _known_peak_tflops(device, dtype)
+    if "train" in settings.parts:
         _log("train step ...")
-        results["train"] = bench_train(model, config, ids, repeats=repeats, peak_tflops=peak_tflops)
-    if "elbo" in args.parts:
+        results["train"] = bench_train(model, config, ids, repeats=settings.repeats, peak_tflops=peak_tflops)
+    if "elbo" in settings.parts:
         _log("ELBO ...")
-        results["elbo"] = bench_elbo(model, config, ids, repeats=repeats, n_samples=args.elbo_samples)
-    if "sampling" in args.parts:
+        results["elbo"] = bench_elbo(model, config, ids, repeats=settings.repeats, n_samples=settings.elbo_samples)
+    if "sampling" in settings.parts:
         _log("sampling ...")
-        results["sampling"] = bench_sampling(model, tokenizer, length=sample_length, steps=sample_steps,
-                                             batches=args.sample_batch, repeats=args.sample_repeats)
+        results["sampling"] = bench_sampling(model, tokenizer, length=settings.sample_length,
+                                             steps=settings.sample_steps, batches=settings.sample_batch,
+                                             repeats=settings.sample_repeats)
     return results
+
+
+def _resolved(settings: BenchSettings) -> BenchSettings:
+    """`settings` with the run-length defaults filled in; every count must be at least 1."""
+    unset = {name: by_length[settings.quick] for name, by_length in BY_RUN_LENGTH.items()
+             if getattr(settings, name) is None}
+    settings = dataclasses.replace(settings, **unset)
+    for name in ("repeats", "batch", "seq_len", "sample_length", "sample_repeats", "elbo_samples",
+                 "sample_steps", "sample_batch", "threads"):
+        value = getattr(settings, name)
+        for count in value if isinstance(value, list) else [value]:
+            if count is not None and count < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {count}; pass a positive number")
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -140,9 +147,9 @@ def load_bench_model(name: str, dtype: torch.dtype, device: torch.device, attn: 
     else:
         from .modeling import load_model
 
-        path = next((p for p in SMOLLM2_PATHS if Path(p).exists()), SMOLLM2_PATHS[0]) if name == "smollm2" else name
+        path = SMOLLM2_PATH if name == "smollm2" else name
         if not Path(path).exists():
-            hint = " (python scripts/prepare_smollm2.py --out data/smollm2)" if name == "smollm2" else ""
+            hint = f" (python scripts/prepare_smollm2.py --out {SMOLLM2_PATH})" if name == "smollm2" else ""
             raise UserError(f"model not found: {path}{hint}; pass a local model folder or a preset "
                             "(smollm2, llama-1b, tiny-<family>)")
         model, tokenizer = load_model(path, dtype=dtype, attn_implementation=attn)
@@ -507,14 +514,3 @@ def write_report(results: dict, json_path: str | None) -> None:
     if json_path:
         write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        write_report(run(args), args.json)
-    except UserError as err:
-        print(f"bench: error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import UserError, exit_code_of
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,10 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
-    except UserError as err:
-        print(f"adapt {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code_of(lambda: args.handler(args), f"adapt {args.command}")
     except KeyboardInterrupt:
         print(f"adapt {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -131,6 +128,11 @@ def _is_main_process() -> bool:
 
 
 def _add_convert(subparsers) -> None:
+    from .convert import DEFAULT_SEQ_LEN, DEFAULT_STEPS, convert_recipe
+    from .recipe import ModelSection
+    from .settings import choices_of, default_of
+
+    batch_size, lr, mask_token = (default_of(convert_recipe, name) for name in ("batch_size", "lr", "mask_token"))
     parser = subparsers.add_parser(
         "convert", help="one command: adapt MODEL on a corpus with sane defaults",
         description="Adapt a causal LM (local folder, .gguf file or Hub id) into a diffusion LM on a text/jsonl/"
@@ -140,13 +142,14 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder; the model lands in OUT/model")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=float, help="token budget, e.g. 2e6 (rounded up to whole steps)")
-    budget.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
-    parser.add_argument("--seq-len", type=int, help="block length (default 512 or the model's limit)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per process per step (default 8)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine decay (default 1e-4)")
+    budget.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--seq-len", type=int, help=f"block length (default {DEFAULT_SEQ_LEN} or the model's limit)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"sequences per process per step (default {batch_size})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate, cosine decay (default {lr})")
     parser.add_argument("--anneal-steps", type=int, help="steps from causal to bidirectional (default: half the run)")
-    parser.add_argument("--mask-token", choices=("add", "reuse"), default="add",
-                        help="add a new mask token (default) or reuse an existing id")
+    parser.add_argument("--mask-token", choices=choices_of(ModelSection, "mask_token"), default=mask_token,
+                        help=f"add a new mask token or reuse an existing id (default {mask_token})")
     parser.add_argument("--mask-token-id", type=int, help="the id to reuse with --mask-token reuse")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any other recipe setting (docs/recipes.md), e.g. --set train.mixed_precision=bf16")
@@ -172,25 +175,36 @@ def _run_convert(args) -> int:
 
 
 def _add_sampling_options(parser) -> None:
-    from .sampling import STRATEGIES
+    """One flag per `SamplingOptions` field (the progress bar aside), its default taken from the field."""
+    from .sampling import STRATEGIES, SamplingOptions
 
-    parser.add_argument("--strategy", choices=STRATEGIES, default="confidence",
-                        help="which predictions to commit each step (default: confidence)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
-    parser.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= p")
-    parser.add_argument("--block-size", type=int, help="denoise in blocks of this many tokens, left to right")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch (default 1)")
-    parser.add_argument("--seed", type=int, help="same seed, same output")
+    default = SamplingOptions()
+    parser.add_argument("--strategy", choices=STRATEGIES, default=default.strategy,
+                        help="which predictions to commit each step (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=default.temperature,
+                        help="0 = greedy (default %(default)s)")
+    parser.add_argument("--top-k", type=int, default=default.top_k, help="sample from the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, default=default.top_p,
+                        help="sample from the smallest set with probability >= p")
+    parser.add_argument("--block-size", type=int, default=default.block_size,
+                        help="denoise in blocks of this many tokens, left to right")
+    parser.add_argument("--num-samples", type=int, default=default.num_samples,
+                        help="samples drawn in one batch (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=default.seed, help="same seed, same output")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: saved)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
     _add_loading_options(parser)
 
 
-def _sampling_kwargs(args) -> dict:
-    return dict(strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                block_size=args.block_size, num_samples=args.num_samples, seed=args.seed, progress=None)
+def _sampling_options(args):
+    """The `SamplingOptions` of the flags, each read by its field's name; a progress bar on terminals."""
+    from dataclasses import fields
+
+    from .sampling import SamplingOptions
+
+    flags = {field.name: getattr(args, field.name) for field in fields(SamplingOptions) if field.name != "progress"}
+    return SamplingOptions(**flags, progress=None)
 
 
 def _add_generate(subparsers) -> None:
@@ -209,9 +223,9 @@ def _run_generate(args) -> int:
     from .export import load
     from .sampling import generate_with_details
 
+    options = _sampling_options(args)  # bad flags fail before the model loads
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
-    out = generate_with_details(model, tokenizer, args.prompt, length=args.length, steps=args.steps,
-                                **_sampling_kwargs(args))
+    out = generate_with_details(model, tokenizer, args.prompt, length=args.length, steps=args.steps, options=options)
     if args.json:
         print(json.dumps({
             "prompt": args.prompt, "prompt_ids": out.prompt_ids, "forwards": out.forwards,
@@ -227,8 +241,11 @@ def _add_infill(subparsers) -> None:
     parser = subparsers.add_parser("infill", help="fill [MASK] spans in a text, keeping the rest unchanged")
     parser.add_argument("model", help="a diffusion checkpoint folder")
     parser.add_argument("text", help='text with spans to fill: "[MASK:5]" = 5 tokens, "[MASK]" = --span-length')
-    parser.add_argument("--mask-marker", default="[MASK]", help="the span marker (default [MASK])")
-    parser.add_argument("--span-length", type=int, default=8, help="tokens a plain marker stands for (default 8)")
+    from .sampling import DEFAULT_MASK_MARKER, DEFAULT_SPAN_LENGTH
+
+    parser.add_argument("--mask-marker", default=DEFAULT_MASK_MARKER, help="the span marker (default %(default)s)")
+    parser.add_argument("--span-length", type=int, default=DEFAULT_SPAN_LENGTH,
+                        help="tokens a plain marker stands for (default %(default)s)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: one per masked token)")
     _add_sampling_options(parser)
     parser.set_defaults(handler=_run_infill)
@@ -240,9 +257,10 @@ def _run_infill(args) -> int:
     from .export import load
     from .sampling import infill_with_details
 
+    options = _sampling_options(args)  # bad flags fail before the model loads
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     out = infill_with_details(model, tokenizer, args.text, mask_marker=args.mask_marker,
-                              span_length=args.span_length, steps=args.steps, **_sampling_kwargs(args))
+                              span_length=args.span_length, steps=args.steps, options=options)
     if args.json:
         print(json.dumps({
             "text": args.text, "forwards": out.forwards,
@@ -332,7 +350,7 @@ def _run_import(args) -> int:
 
 
 def _add_eval(subparsers) -> None:
-    from .evaluate.tasks import TASKS
+    from .evaluate.tasks import TASKS, EvalSettings
 
     parser = subparsers.add_parser(
         "eval", help="evaluate a diffusion checkpoint (or, with --ar, a causal one) on benchmark tasks",
@@ -343,14 +361,22 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--source", metavar="DIR", help="also score this causal LM the AR way, side by side")
     parser.add_argument("--data", help="elbo / sentence_infill: the text; choice tasks / lambada: a jsonl of requests")
     parser.add_argument("--limit", type=int, help="only the first N examples (blocks for elbo)")
-    parser.add_argument("--samples", type=int, default=32, help="Monte Carlo noise levels per ELBO (default 32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="elbo: blocks per forward")
-    parser.add_argument("--seq-len", type=int, default=512, help="elbo: block length in tokens")
-    parser.add_argument("--validation-fraction", type=float, default=0.0,
-                        help="elbo: score only the documents a training run with this fraction and --seed held out")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--timeout", type=float, default=10.0, help="code_infill: seconds per test program")
+    default = EvalSettings()
+    parser.add_argument("--samples", type=int, default=default.samples,
+                        help=f"Monte Carlo noise levels per ELBO (default {default.samples})")
+    parser.add_argument("--seed", type=int, default=default.seed,
+                        help=f"seeds the noise levels, held-out documents and code lines (default {default.seed})")
+    parser.add_argument("--batch-size", type=int, default=default.batch_size,
+                        help=f"elbo: blocks per forward (default {default.batch_size})")
+    parser.add_argument("--seq-len", type=int, default=default.seq_len,
+                        help=f"elbo: block length in tokens (default {default.seq_len})")
+    parser.add_argument("--validation-fraction", type=float, default=default.validation_fraction,
+                        help="elbo: score only the documents a training run with this fraction and --seed held out "
+                             f"(default {default.validation_fraction})")
+    parser.add_argument("--text-column", default=default.text_column,
+                        help=f"elbo / sentence_infill: the column holding the text (default {default.text_column})")
+    parser.add_argument("--timeout", type=float, default=default.timeout,
+                        help=f"code_infill: seconds per test program (default {default.timeout})")
     parser.add_argument("--dtype", help="float32 (default), bfloat16, float16")
     parser.add_argument("--device", help="cpu (default), cuda, ...")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -395,18 +421,63 @@ def _run_eval(args) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    from .bench import add_arguments
+    from .bench import BY_RUN_LENGTH, BenchSettings
+    from .settings import choices_of
 
-    parser = subparsers.add_parser("bench", help="time and memory of diffusion training, sampling and ELBO "
-                                                 "against the causal baseline, as ratios")
-    add_arguments(parser)
+    parser = subparsers.add_parser(
+        "bench", help="time and memory of diffusion training, sampling and ELBO against the causal baseline, "
+                      "as ratios", description="Also python scripts/bench.py; the figures: docs/performance.md.")
+    default = BenchSettings()
+
+    def shown(value) -> str:
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    def by_run_length(name: str) -> str:
+        full, quick = BY_RUN_LENGTH[name]
+        return f"(default: {shown(full)}, --quick {shown(quick)})"
+
+    parser.add_argument("--model", default=default.model,
+                        help="a local model folder, 'smollm2' (the prepared SmolLM2-135M), 'llama-1b' (a randomly "
+                             "initialised Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family> "
+                             f"(default: {default.model})")
+    parser.add_argument("--dtype", choices=choices_of(BenchSettings, "dtype"), default=default.dtype)
+    parser.add_argument("--device", default=default.device, help=f"cpu, cuda or cuda:N (default: {default.device})")
+    parser.add_argument("--attn", default=default.attn, choices=choices_of(BenchSettings, "attn"),
+                        help="attention implementation (flash_attention_2 cannot run ratio 0.5; that row is skipped)")
+    parser.add_argument("--batch", type=int, default=default.batch,
+                        help=f"training and ELBO batch size (default: {default.batch})")
+    parser.add_argument("--seq-len", type=int, default=default.seq_len,
+                        help=f"training and ELBO sequence length (default: {default.seq_len})")
+    parser.add_argument("--repeats", type=int, help="measured rounds of the train and ELBO configurations "
+                                                    + by_run_length("repeats"))
+    parser.add_argument("--sample-length", type=int, help="tokens to sample " + by_run_length("sample_length"))
+    parser.add_argument("--sample-steps", type=int, nargs="+",
+                        help="diffusion steps to sample with " + by_run_length("sample_steps"))
+    parser.add_argument("--sample-batch", type=int, nargs="+", default=default.sample_batch,
+                        help=f"sampling batch sizes (default: {shown(default.sample_batch)})")
+    parser.add_argument("--sample-repeats", type=int, default=default.sample_repeats,
+                        help=f"measured rounds of sampling (default: {default.sample_repeats})")
+    parser.add_argument("--elbo-samples", type=int, default=default.elbo_samples,
+                        help=f"Monte Carlo samples per ELBO call (default: {default.elbo_samples})")
+    parser.add_argument("--parts", nargs="+", choices=choices_of(BenchSettings, "parts"), default=default.parts)
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak TFLOP/s in this dtype, for MFU (default: known for H100/H200/A100)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's choice); 1 is faster on a crowded machine")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and shorter sampling: a smoke run (CI, under 2 minutes with a tiny model)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write the results as JSON to PATH; without PATH, JSON goes to stdout and the table to stderr")
     parser.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args) -> int:
-    from .bench import run, write_report
+    from dataclasses import fields
 
-    write_report(run(args), args.json)
+    from .bench import BenchSettings, run, write_report
+
+    settings = BenchSettings(**{f.name: getattr(args, f.name) for f in fields(BenchSettings)})
+    write_report(run(settings), args.json)
     return 0
 
 

@@ -16,9 +16,10 @@ import yaml
 from .errors import UserError
 from .recipe import Recipe, load_recipe
 
+# What `steps` and `seq_len` left unset become; `adapt convert --help` reads these and the keyword
+# defaults of `convert_recipe`, so each default is written once.
 DEFAULT_STEPS = 1000
 DEFAULT_SEQ_LEN = 512
-DEFAULT_BATCH = 8
 
 
 def convert_recipe(
@@ -29,7 +30,7 @@ def convert_recipe(
     tokens: int | None = None,
     steps: int | None = None,
     seq_len: int | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = 8,
     lr: float = 1e-4,
     anneal_steps: int | None = None,
     mask_token: str = "add",
@@ -38,8 +39,9 @@ def convert_recipe(
 ) -> Recipe:
     """The recipe `adapt convert` runs.
 
-    Budget: `tokens` (rounded up to whole steps) or `steps`, default 1000 steps. Annealing takes the first
-    half of the run, warmup the first 5%, then cosine decay; seq_len is 512 or the model's limit.
+    Budget: `tokens` (rounded up to whole steps) or `steps`, default DEFAULT_STEPS. Annealing takes the
+    first half of the run, warmup the first 5%, then cosine decay; seq_len is DEFAULT_SEQ_LEN or the
+    model's limit, whichever is lower.
     """
     if tokens is not None and steps is not None:
         raise UserError("give the budget as --tokens or --steps, not both")
@@ -75,14 +77,10 @@ def _model_max_positions(model: str) -> int | None:
     """The model's position limit from its config alone (no weights loaded); None if unknown."""
     from transformers import AutoConfig
 
-    from .train import _max_positions
+    from .modeling import from_pretrained_args, max_positions
 
-    kwargs = {}
-    source = model
-    if model.endswith(".gguf"):
-        kwargs["gguf_file"] = Path(model).name
-        source = str(Path(model).parent)
+    source, kwargs = from_pretrained_args(model)
     try:
-        return _max_positions(AutoConfig.from_pretrained(source, **kwargs))
+        return max_positions(AutoConfig.from_pretrained(source, **kwargs))
     except (OSError, ValueError):
         return None  # load_model reports the problem properly when training starts

@@ -24,16 +24,16 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .settings import above, at_least, between, check_settings
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("pretrain", "sft")
 SPLITS = ("train", "validation")
 # file suffix -> the `datasets` builder that reads it (a trailing .gz/.bz2/.xz/.zst is decompressed by datasets)
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -45,36 +45,55 @@ class DataSource:
     """One corpus of a mixture."""
 
     path: str  # local text/jsonl/parquet file, a folder of them, or a Hub dataset name
-    weight: float = 1.0  # relative sampling weight in a mixture (probability of drawing the next document)
+    # relative sampling weight in a mixture (probability of drawing the next document)
+    weight: float = field(default=1.0, metadata=above(0))
     text_column: str | None = None  # overrides DataConfig.text_column for this source
 
 
 @dataclass
 class DataConfig:
-    """The recipe's `data` section."""
+    """The recipe's `data` section. `check()` holds one built in Python to the same rules as a recipe."""
 
     # A single path (shorthand for one source) or a mixture in `sources`.
     path: str | None = None
     sources: list[DataSource] = field(default_factory=list)
     # "pretrain": text packed into blocks with EOS between documents;
     # "sft": jsonl with prompt/response or chat `messages`, one padded example per row, prompt never masked.
-    format: str = "pretrain"
+    format: Literal["pretrain", "sft"] = "pretrain"
+    # SFT only. "eos": after the response's EOS the row is filled with EOS to seq_len, and those EOS are
+    # real tokens and targets (LLaDA's SFT recipe), so the model learns to end its answer and to fill the
+    # positions after it, which a fixed-length sampler asks it to; "pad": pad tokens, attention_mask 0,
+    # never a target.
+    sft_padding: Literal["eos", "pad"] = "eos"
     text_column: str = "text"
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata=at_least(2))
     # Stream instead of loading the whole corpus (for corpora that don't fit in memory).
     streaming: bool = False
     # Held-out validation: a separate path, or this fraction of documents taken from the training data.
     validation_path: str | None = None
-    validation_fraction: float = 0.01
+    validation_fraction: float = field(default=0.01, metadata=between(0, 1, high_open=True))
     # Shuffling seed; together with the data position it makes the order reproducible and resumable.
-    seed: int = 0
+    seed: int = field(default=0, metadata=at_least(0))
     # Streaming only: documents are shuffled within a buffer of this many (plus the file order).
-    shuffle_buffer: int = 10_000
+    shuffle_buffer: int = field(default=10_000, metadata=at_least(1))
+
+    def check(self) -> None:
+        """Each setting's declared choices and range, and that exactly one corpus or mixture is given."""
+        check_settings(self, "data.")
+        if bool(self.path) == bool(self.sources):
+            problem = "data.path and data.sources are both set" if self.path else "data.path is required"
+            raise UserError(f"{problem}: the data section needs exactly one of data.path and data.sources; "
+                            "set data.path to a text/jsonl/parquet file or folder, or data.sources to a mixture")
 
 
 def open_dataset(config: DataConfig, tokenizer, split: str = "train") -> "Blocks":
     """Load, hold out, tokenize: the blocks of `split` ("train" or "validation") ready for `batches()`."""
-    _check_config(config, split)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    config.check()
+    if split == "validation" and not config.validation_path and config.validation_fraction == 0:
+        raise UserError("no validation data (data.validation_fraction is 0); "
+                        "set data.validation_path or data.validation_fraction > 0")
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token, which separates documents and ends responses; "
                         "set tokenizer.eos_token")
@@ -132,6 +151,8 @@ class Blocks:
         self._seed = config.seed
         self._shuffle_buffer = config.shuffle_buffer
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._eos_id = tokenizer.eos_token_id
+        self._fill_with_eos = config.format == "sft" and config.sft_padding == "eos"
         self._position = (0, 0, 0)  # (epoch, document, offset): where the next block starts
         self.num_tokens, self.num_blocks = self._count() if not config.streaming else (None, None)
 
@@ -216,7 +237,9 @@ class Blocks:
         for index, row in enumerate(documents, start=start):
             if row["prompt_len"] >= self.seq_len:
                 continue
-            ids = row["input_ids"][:self.seq_len]
+            ids = np.asarray(row["input_ids"][:self.seq_len], dtype=np.int64)
+            if self._fill_with_eos:
+                ids = np.concatenate([ids, np.full(self.seq_len - len(ids), self._eos_id, dtype=np.int64)])
             count += 1
             yield (ids, len(ids), int(row["prompt_len"])), (epoch, index + 1, 0)
         return count
@@ -264,7 +287,8 @@ class Blocks:
             for part in self._parts:
                 columns = part.select_columns(["length", "prompt_len"]).with_format("numpy")[:]
                 usable = columns["prompt_len"] < self.seq_len
-                tokens += int(np.minimum(columns["length"], self.seq_len)[usable].sum())
+                lengths = self.seq_len if self._fill_with_eos else np.minimum(columns["length"], self.seq_len)
+                tokens += int(np.broadcast_to(lengths, usable.shape)[usable].sum())
                 blocks += int(usable.sum())
                 if not usable.all():
                     logger.warning("%d of %d examples have prompts of seq_len = %d tokens or more and are skipped",
@@ -278,35 +302,10 @@ class Blocks:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def _check_config(config: DataConfig, split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if config.format not in FORMATS:
-        raise UserError(f"data.format = {config.format!r} is not a format; choose one of {', '.join(FORMATS)}")
-    if config.seq_len < 2:
-        raise UserError(f"data.seq_len = {config.seq_len} is too short; set data.seq_len >= 2")
-    if bool(config.path) == bool(config.sources):
-        raise UserError("the data section needs exactly one of data.path and data.sources; "
-                        "set data.path for one corpus or data.sources for a mixture")
-    for source in _sources(config):
-        if not source.weight > 0:
-            raise UserError(f"mixture weight {source.weight} of {source.path} is not positive; "
-                            "give every data.sources entry a weight > 0")
-    if not 0 <= config.validation_fraction < 1:
-        raise UserError(f"data.validation_fraction = {config.validation_fraction} is outside [0, 1); "
-                        "set a fraction such as 0.01, or data.validation_path")
-    if split == "validation" and not config.validation_path and config.validation_fraction == 0:
-        raise UserError("no validation data (data.validation_fraction is 0); "
-                        "set data.validation_path or data.validation_fraction > 0")
-    if config.shuffle_buffer < 1:
-        raise UserError(f"data.shuffle_buffer = {config.shuffle_buffer} must be at least 1")
-
-
 def _sources(config: DataConfig) -> list[DataSource]:
     if config.path:
         return [DataSource(config.path, 1.0, config.text_column)]
-    sources = [DataSource(**s) if isinstance(s, dict) else s for s in config.sources]
-    return [DataSource(s.path, s.weight, s.text_column or config.text_column) for s in sources]
+    return [DataSource(s.path, s.weight, s.text_column or config.text_column) for s in config.sources]
 
 
 def _load(path: str, streaming: bool, hub_split: str = "train"):

@@ -37,13 +37,20 @@ class DiffusionConfig:
     shift: bool = True
     # t ~ U(eps, 1); eps keeps the 1/t weight finite.
     eps: float = 1e-3
-    # Optimizer steps over which attention goes from causal to bidirectional.
+    # Optimizer steps over which attention goes from `anneal_from` (0 = causal) to bidirectional.
     anneal_steps: int = 10_000
-    # "masked": divide the weighted sum by the number of masked tokens in the batch (DiffuLLaMA);
-    # "tokens": divide by the number of (non-padding) tokens, B*L for packed blocks (SMDM/LLaDA, the ELBO).
+    # The attention ratio training started from: the source's (0 for an AR model; a continued diffusion
+    # checkpoint goes on from the ratio it reached instead of starting causal again).
+    anneal_from: float = 0.0
+    # "masked": divide the weighted sum by the number of masked tokens (DiffuLLaMA); "tokens": by the
+    # number of maskable tokens, (L-1) per packed block (SMDM/LLaDA, the ELBO). In training both counts
+    # are over the whole optimizer step: every micro-batch and every process.
     loss_norm: str = "masked"
     base_model: str | None = None
-    tokens_trained: int = 0
+    tokens_trained: int = 0  # tokens the model has been trained on in diffusion mode, all runs together
+    # Token ids the model may predict (the tokenizer's size). The embedding may have more rows, padding
+    # to a multiple of 64 for tensor cores: their logits are dropped. None: every row is a token.
+    vocab_size: int | None = None
     # What the model was trained for: absorbing-state masked diffusion, linear schedule, CE weighted 1/t.
     objective: str = "masked-diffusion"
     # Whether training reached attention ratio 1 (written by `adapt.export.save_checkpoint`).
@@ -56,6 +63,8 @@ class DiffusionConfig:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if self.anneal_steps < 1:
             raise ValueError(f"anneal_steps must be >= 1, got {self.anneal_steps}")
+        if not 0.0 <= self.anneal_from <= 1.0:
+            raise ValueError(f"anneal_from must be in [0, 1], got {self.anneal_from}")
         if self.mask_token_strategy not in (None, "add", "reuse"):
             raise ValueError(f"mask_token_strategy must be 'add' or 'reuse', got {self.mask_token_strategy!r}")
 
@@ -80,8 +89,9 @@ class DiffusionConfig:
         return None if values is None else cls.from_dict(dict(values))
 
     def anneal_ratio(self, step: int) -> float:
-        """Attention ratio at optimizer step `step` (0-based): min(1, (step+1)/anneal_steps)."""
-        return min(1.0, (step + 1) / self.anneal_steps)
+        """Attention ratio at optimizer step `step` (0-based): linear from `anneal_from` to 1,
+        min(1, r0 + (1 - r0)(step+1)/anneal_steps)."""
+        return min(1.0, self.anneal_from + (1.0 - self.anneal_from) * (step + 1) / self.anneal_steps)
 
 
 @dataclass
@@ -89,7 +99,7 @@ class DiffusionLoss:
     loss: torch.Tensor  # scalar, differentiable: the 1/t-weighted masked CE, normalised per `loss_norm`
     unweighted: torch.Tensor  # scalar: plain CE averaged over masked tokens (no 1/t), for logging
     num_masked: int  # masked (scored) tokens in the batch
-    num_tokens: int  # non-padding tokens in the batch (the "tokens" normaliser)
+    num_tokens: int  # non-padding tokens in the batch (what a run counts as trained on)
 
 
 def sample_t(batch: int, eps: float, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -153,10 +163,15 @@ def predict_logits(
 
 
 def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head and any output transform the family's forward applies after it."""
+    """Apply the LM head and any output transform the family's forward applies after it; the logits of
+    embedding rows past the recorded `vocab_size` (alignment padding) are dropped, so those ids are
+    never predicted, sampled or given probability mass."""
     model = unwrap_model(model)
     logits = model.get_output_embeddings()(hidden)
     config = model.config
+    vocab_size = (getattr(config, "diffusion", None) or {}).get("vocab_size")
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
     # Families that rescale logits after the head (the head-only path must match `model(...).logits`).
     if getattr(config, "logit_scale", None) is not None:  # Cohere
         logits = logits * config.logit_scale
@@ -168,6 +183,31 @@ def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def draw_noise(
+    input_ids: torch.Tensor,
+    config: DiffusionConfig,
+    maskable: torch.Tensor,
+    *,
+    t: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise of one forward, each part drawn unless given: levels t (B,) and the corrupted
+    positions (bool (B, L)), always among the `maskable` ones."""
+    if t is None:
+        t = sample_t(input_ids.shape[0], config.eps, device=input_ids.device, generator=generator)
+    t = t.to(device=input_ids.device, dtype=torch.float32)
+    if mask is None:
+        _, mask = corrupt(input_ids, t, maskable, config.mask_token_id, generator=generator)
+    return t, mask.to(input_ids.device).bool() & maskable
+
+
+def loss_denominator(config: DiffusionConfig, mask: torch.Tensor, maskable: torch.Tensor) -> int:
+    """What the 1/t-weighted CE sum is divided by: the masked tokens ("masked") or the maskable ones
+    ("tokens": every position that could be a target, so SFT prompts and padding do not count)."""
+    return int(mask.sum()) if config.loss_norm == "masked" else int(maskable.sum())
+
+
 def diffusion_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -177,26 +217,23 @@ def diffusion_loss(
     never_mask: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    denominator: float | None = None,
     generator: torch.Generator | None = None,
 ) -> DiffusionLoss:
     """One Monte Carlo sample of the diffusion loss for a batch of token ids (B, L).
 
     `t` (B,) fixes the noise levels; `mask` (bool (B, L)) fixes which tokens are corrupted (it is
     intersected with the maskable positions: position 0, `never_mask` and padding always stay clean).
-    Padding is never a target. Each masked token's CE is weighted by 1/t of its sequence.
+    Padding is never a target. Each masked token's CE is weighted by 1/t of its sequence, and the sum is
+    divided by `denominator`, by default this batch's `loss_denominator`; the training loop passes the
+    count of its whole optimizer step (all micro-batches, all processes), so that the objective does not
+    depend on how the step is split.
     """
     if config.mask_token_id is None:
         raise ValueError("DiffusionConfig.mask_token_id is not set; call adapt.ensure_mask_token first")
-    batch = input_ids.shape[0]
-    if t is None:
-        t = sample_t(batch, config.eps, device=input_ids.device, generator=generator)
-    t = t.to(device=input_ids.device, dtype=torch.float32)
     maskable = maskable_positions(input_ids, attention_mask, never_mask)
-    if mask is None:
-        noisy, mask = corrupt(input_ids, t, maskable, config.mask_token_id, generator=generator)
-    else:
-        mask = mask.to(input_ids.device).bool() & maskable
-        noisy = input_ids.masked_fill(mask, config.mask_token_id)
+    t, mask = draw_noise(input_ids, config, maskable, t=t, mask=mask, generator=generator)
+    noisy = input_ids.masked_fill(mask, config.mask_token_id)
 
     logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask)
     # Cross-entropy in the logits' own dtype: the kernels already reduce in float32, and the logits are
@@ -206,13 +243,13 @@ def diffusion_loss(
     weights = (1.0 / t)[:, None].expand_as(mask)[mask]
 
     num_masked = int(mask.sum())
-    num_tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
-    denominator = num_masked if config.loss_norm == "masked" else num_tokens
+    if denominator is None:
+        denominator = loss_denominator(config, mask, maskable)
     return DiffusionLoss(
         loss=(ce * weights).sum() / max(denominator, 1),
         unweighted=ce.detach().sum() / max(num_masked, 1),
         num_masked=num_masked,
-        num_tokens=num_tokens,
+        num_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel(),
     )
 
 

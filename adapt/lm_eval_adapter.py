@@ -12,10 +12,12 @@ it has no plugin hook, so run it through this module (the same command line as `
   is the argmax with the whole continuation masked. With `ar=True`: the exact AR log-likelihood.
 * `loglikelihood_rolling`: the ELBO of the whole text after a BOS/EOS, in windows of the model's length.
 * `generate_until`: `max_gen_toks` tokens decoded by the sampler (greedy unless the task sets a
-  temperature), then cut at the first stop string; with `ar=True`, HF greedy generation.
+  temperature), ending at the first EOS, then cut at the first stop string; with `ar=True`, HF greedy
+  generation.
 
 Model arguments: pretrained, ar, samples (32), seed (0), batch_size (8), steps (default: one per token),
-strategy ("confidence"), block_size, max_gen_toks (256), dtype, device.
+max_gen_toks (256), dtype, device, and the sampler's `strategy`, `top_k`, `top_p`, `block_size`
+(`adapt.SamplingOptions`, same defaults; the temperature is the task's, the seed is `seed`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from tqdm.auto import tqdm
 
 from .evaluate.likelihood import continuation_scores, encode_pair
 from .evaluate.perplexity import evaluation_mode
-from .sampling import anchor_id, generate
+from .sampling import SamplingOptions, anchor_id, generate
+
+SAMPLER_ARGUMENTS = ("strategy", "top_k", "top_p", "block_size")  # the SamplingOptions a model argument sets
 
 
 @register_model("adapt")
@@ -64,17 +68,17 @@ class AdaptLM(LM):
         seed: int = 0,
         batch_size: int | str = 8,
         steps: int | None = None,
-        strategy: str = "confidence",
-        block_size: int | None = None,
         max_gen_toks: int = 256,
         max_length: int | None = None,
-        **_harness_options,  # e.g. max_batch_size, which the harness passes to every model: not used
+        **options,  # SAMPLER_ARGUMENTS; the rest (e.g. max_batch_size, passed to every model) are not used
     ) -> None:
         LM.__init__(self)
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.samples, self.seed = int(samples), int(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> the default
-        self.steps, self.strategy, self.block_size = steps, strategy, block_size
+        self.steps = steps
+        sampler = {name: options[name] for name in SAMPLER_ARGUMENTS if name in options}
+        self.sampling = SamplingOptions(seed=self.seed, **sampler)
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
 
@@ -129,8 +133,7 @@ class AdaptLM(LM):
             return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         with evaluation_mode(self.model, 1.0):
             return generate(self.model, self.tokenizer, context or None, length=length, steps=self.steps or length,
-                            strategy=self.strategy, temperature=temperature, block_size=self.block_size,
-                            seed=self.seed)[0]
+                            options=self.sampling, temperature=temperature)[0]
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from .diffusion import DiffusionConfig
 from .errors import UserError
 
 MASK_TOKEN = "<|mdm_mask|>"
+EMBEDDING_ROW_MULTIPLE = 64  # an added mask token pads the embedding to a multiple of this
 
 
 def load_model(
@@ -36,16 +37,14 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = str(path)
-    load_kwargs: dict = {"trust_remote_code": trust_remote_code}
-    source = path
-    if path.endswith(".gguf"):
+    source, gguf = from_pretrained_args(path)
+    load_kwargs: dict = {"trust_remote_code": trust_remote_code, **gguf}
+    if gguf:
         if not Path(path).is_file():
             raise UserError(f"model file not found: {path}; pass an existing .gguf file")
-        load_kwargs["gguf_file"] = Path(path).name
-        source = str(Path(path).parent)
     elif not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise UserError(f"model path not found: {path}; pass a local model folder, a .gguf file or a Hub id")
-    if Path(source).is_dir() and "gguf_file" not in load_kwargs:
+    elif Path(source).is_dir():
         _check_weights_format(Path(source), allow_pickle)
 
     try:
@@ -67,7 +66,7 @@ def load_model(
     kwargs = dict(load_kwargs)
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if "gguf_file" not in load_kwargs:
+    if not gguf:
         # None lets transformers fall back to .bin, which it then reads with weights_only=True.
         kwargs["use_safetensors"] = None if allow_pickle else True
     if attn_implementation is not None:
@@ -86,9 +85,25 @@ def load_model(
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"no usable tokenizer at {path!r} ({_first_line(err)}); "
                         "save the tokenizer files next to the weights") from None
-    if "gguf_file" in load_kwargs:
+    if gguf:
         _detach_gguf_quantizer(model)
     return model, tokenizer
+
+
+def from_pretrained_args(path: str) -> tuple[str, dict]:
+    """(what to pass transformers' from_pretrained, extra keywords): a .gguf file is its folder + gguf_file."""
+    if path.endswith(".gguf"):
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings allow, by the config's name for it; None if unstated."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def ensure_mask_token(model: nn.Module, tokenizer, strategy: str = "add", token_id: int | None = None) -> int:
@@ -118,24 +133,33 @@ def ensure_mask_token(model: nn.Module, tokenizer, strategy: str = "add", token_
     diffusion = DiffusionConfig.from_model_config(inner.config) or DiffusionConfig()
     diffusion.mask_token_id = mask_id
     diffusion.mask_token_strategy = strategy
+    if strategy == "add":
+        diffusion.vocab_size = max(len(tokenizer), mask_id + 1)
     diffusion.save_to(inner.config)
     return mask_id
 
 
 def _init_new_row(model: nn.Module, row: int) -> None:
-    """Make room for embedding row `row` and set it (in and out) to the mean of the existing rows."""
+    """Make room for embedding row `row` and set it (in and out) to the mean of the existing rows.
+
+    The embedding grows to a multiple of EMBEDDING_ROW_MULTIPLE, as tensor cores want its matmul sizes;
+    the padding rows past `row` get the same mean (never random values) and are never predicted: their
+    logits are dropped (`DiffusionConfig.vocab_size`).
+    """
     old_rows = model.get_input_embeddings().weight.shape[0]
-    if row >= old_rows:
-        model.resize_token_embeddings(row + 1, mean_resizing=False)
     existing = min(old_rows, row)
+    new_rows = slice(row, row + 1)
+    if row >= old_rows:
+        model.resize_token_embeddings(row + 1, pad_to_multiple_of=EMBEDDING_ROW_MULTIPLE, mean_resizing=False)
+        new_rows = slice(old_rows, model.get_input_embeddings().weight.shape[0])
     with torch.no_grad():
         inputs = model.get_input_embeddings().weight
-        inputs[row] = inputs[:existing].mean(dim=0)
+        inputs[new_rows] = inputs[:existing].mean(dim=0)
         head = model.get_output_embeddings()
         if head is not None and head.weight is not inputs:
-            head.weight[row] = head.weight[:existing].mean(dim=0)
+            head.weight[new_rows] = head.weight[:existing].mean(dim=0)
             if getattr(head, "bias", None) is not None:
-                head.bias[row] = head.bias[:existing].mean()
+                head.bias[new_rows] = head.bias[:existing].mean()
 
 
 def _is_causal_lm_config(config) -> bool:

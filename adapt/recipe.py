@@ -1,9 +1,10 @@
 """Recipes: a YAML file (plus `key=value` overrides) parsed into typed, validated dataclasses.
 
 Every setting is a dataclass field with a default; the comment beside it is its documentation
-(docs/recipes.md lists them all). Parsing is generic: the type annotations decide what a value may be,
-`Literal[...]` lists the valid choices, and `field(metadata=at_least(n))` states a range. An unknown key,
-a wrong type or an out-of-range value is a `UserError` that names the key and what it accepts.
+(docs/recipes.md lists them all). Parsing is generic (adapt/settings.py): the type annotations decide
+what a value may be, `Literal[...]` lists the valid choices, and `field(metadata=at_least(n))` states a
+range. An unknown key, a wrong type or an out-of-range value is a `UserError` that names the key and
+what it accepts; `validate` adds the rules that involve more than one setting.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +21,7 @@ import yaml
 
 from .data import DataConfig
 from .errors import UserError
-
-
-def at_least(low: float) -> dict:
-    return {"min": low}
-
-
-def between(low: float, high: float) -> dict:
-    return {"min": low, "max": high}
+from .settings import at_least, between, default_of, from_dict
 
 
 @dataclass
@@ -53,9 +46,11 @@ class TrainSection:
     batch_size: int = field(default=8, metadata=at_least(1))  # sequences per process per micro-step
     grad_accum: int = field(default=1, metadata=at_least(1))  # micro-steps per optimizer step
     max_steps: int = field(default=1000, metadata=at_least(1))  # optimizer steps in the whole run
-    # Optimizer steps over which attention goes from causal to bidirectional (1 = bidirectional at once).
+    # Optimizer steps over which attention goes from the source's ratio (0 = causal, an AR model) to
+    # bidirectional (1 = bidirectional at once); a source already adapted stays bidirectional.
     anneal_steps: int = field(default=10_000, metadata=at_least(1))
-    # "masked": divide by the masked tokens in the micro-batch (DiffuLLaMA); "tokens": by all tokens (ELBO).
+    # "masked": divide by the masked tokens of the whole optimizer step (DiffuLLaMA); "tokens": by its
+    # maskable tokens (the ELBO). Counted over every micro-batch and process.
     loss_norm: Literal["masked", "tokens"] = "masked"
     eps: float = field(default=1e-3, metadata=between(1e-9, 0.5))  # t ~ U(eps, 1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast (weights stay in model.dtype)
@@ -233,120 +228,14 @@ def _merge(target: dict, source: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Generic dataclass parsing: the annotations are the schema
-
-
-def from_dict(cls, values, prefix: str = ""):
-    """Build dataclass `cls` from a dict, checking keys, types, choices and ranges recursively."""
-    where = prefix.rstrip(".") or "the recipe"
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise UserError(f"{where} must be a mapping of keys, got {_show(values)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UserError(f"unknown key {prefix}{unknown[0]}; valid keys in {where}: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _convert(hints[name], value, prefix + name, fields[name].metadata) for name, value in values.items()}
-    return cls(**kwargs)
-
-
-def _convert(hint, value, key: str, metadata=None):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key, metadata)
-    if value is None:
-        raise UserError(f"{key} cannot be null; give a {_type_name(hint)}")
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, key + ".")
-    if origin is Literal:
-        if value not in args:
-            raise UserError(f"{key} = {_show(value)} is not a valid choice; choose one of: {', '.join(map(str, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value] if isinstance(value, (str, dict)) else value
-        if not isinstance(value, list):
-            raise UserError(f"{key} must be a list, got {_show(value)}")
-        return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{key} must be true or false, got {_show(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            number = _as_float(value)  # YAML reads 1e6 as a string and 1.0e6 as a float; a whole number is meant
-            if number is None or not number.is_integer():
-                raise UserError(f"{key} must be a whole number, got {_show(value)}")
-            value = int(number)
-    elif hint is float:
-        number = _as_float(value)  # YAML reads 1e-4 (no dot) as a string
-        if number is None:
-            raise UserError(f"{key} must be a number, got {_show(value)}")
-        value = number
-    elif hint is str:
-        if not isinstance(value, str):
-            raise UserError(f"{key} must be a string, got {_show(value)}")
-    if metadata:
-        _check_range(key, value, metadata)
-    return value
-
-
-def _as_float(value) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _check_range(key: str, value, metadata) -> None:
-    low, high = metadata.get("min"), metadata.get("max")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise UserError(f"{key} = {value} is out of range; it must be {bounds}")
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", str(hint))
-
-
-def _show(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-# --------------------------------------------------------------------------------------------------
 # Checks that involve more than one field
-
-
-DATA_FORMATS = ("pretrain", "sft")
 
 
 def validate(recipe: Recipe) -> None:
     """Cross-field rules; each names the key to change."""
     if not recipe.model.path:
         raise UserError("model.path is required; set it to a local model folder, a .gguf file or a Hub id")
-    data = recipe.data
-    if not data.path and not data.sources:
-        raise UserError("data.path is required (or data.sources for a mixture); set it to a text/jsonl/parquet file or folder")
-    if data.format not in DATA_FORMATS:
-        raise UserError(f"data.format = {data.format!r} is not a valid choice; choose one of: {', '.join(DATA_FORMATS)}")
-    if data.seq_len < 2:
-        raise UserError(f"data.seq_len = {data.seq_len} is out of range; it must be >= 2")
-    if not 0.0 <= data.validation_fraction < 1.0:
-        raise UserError(f"data.validation_fraction = {data.validation_fraction} is out of range; it must be in [0, 1)")
-    for i, source in enumerate(data.sources):
-        if source.weight <= 0:
-            raise UserError(f"data.sources[{i}].weight = {source.weight} is out of range; it must be > 0")
+    recipe.data.check()
     if not recipe.output_dir:
         raise UserError("output_dir is required; set it to a folder for checkpoints, logs and the exported model")
     if recipe.model.mask_token == "reuse" and recipe.model.mask_token_id is None:
@@ -380,8 +269,7 @@ def fields_doc() -> list[tuple[str, str, str]]:
             if dataclasses.is_dataclass(hint):
                 walk(hint, prefix + f.name + ".")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, str(hint).replace("typing.", ""), repr(default)))
+            rows.append((prefix + f.name, str(hint).replace("typing.", ""), repr(default_of(cls, f.name))))
 
     walk(Recipe, "")
     return rows

@@ -20,6 +20,18 @@ instead of recomputed, and fewer than `steps` forwards may run.
 left to right, and a block is finished before the next one starts (the later blocks stay masked in the
 input). The steps are shared between blocks in proportion to their sizes.
 
+The settings of the draw and the commit order (strategy, temperature, top-k, top-p, block size, number
+of samples, seed, progress bar) are one `SamplingOptions`, validated when it is made. Every public
+function takes it as `options=` and any of its fields as keywords, which override `options`.
+
+A generated continuation ends at its first EOS: the texts `generate` returns stop before it (the model
+has said the text is finished; what it drew after EOS is not part of the answer). The details keep all
+`length` ids and commit steps, EOS and what follows included. Infill spans are not cut: they sit
+between given texts, and the text is the whole input with the spans filled.
+
+The sampler puts the model in eval mode for the duration (dropout would make even greedy samples
+random) and restores the caller's training flag afterwards.
+
 No key/value cache: at attention ratio 1 every position attends to every other, so the keys and values
 of the prompt depend on the masked (and then committed) positions after it and change at every step.
 A prefix cache would be an approximation, not the same computation, so the sampler does not use one.
@@ -32,7 +44,7 @@ code (`modeling_adapt_diffusion.py`) calls this same sampler: one implementation
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +54,45 @@ from .errors import UserError
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 DEFAULT_SPAN_LENGTH = 8  # tokens a plain "[MASK]" stands for
+DEFAULT_MASK_MARKER = "[MASK]"
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How tokens are drawn and committed. Invalid values raise `UserError` when the options are made."""
+
+    strategy: str = "confidence"  # which predictions to commit first, one of STRATEGIES
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # draw from the k most likely tokens only
+    top_p: float | None = None  # draw from the smallest set of tokens with probability >= top_p
+    block_size: int | None = None  # denoise in blocks of this many tokens, left to right; None = one block
+    num_samples: int = 1  # samples denoised as one batch
+    seed: int | None = None  # same seed, same output; None draws a fresh one
+    progress: bool | None = False  # a progress bar; None = when stderr is a terminal
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.block_size is not None and self.block_size < 1:
+            raise UserError(f"block size must be >= 1, got {self.block_size}; omit it to denoise all positions "
+                            "at once")
+        _check_positive(num_samples=self.num_samples)
+
+    @classmethod
+    def with_overrides(cls, options: SamplingOptions | None, overrides: dict) -> SamplingOptions:
+        """`options` (None: the defaults) with the fields named in `overrides` replaced."""
+        names = [field.name for field in fields(cls)]
+        unknown = [name for name in overrides if name not in names]
+        if unknown:
+            raise TypeError(f"unknown sampling option {', '.join(map(repr, unknown))}; the options are "
+                            f"{', '.join(names)}")
+        return replace(options if options is not None else cls(), **overrides)
 
 
 @dataclass
@@ -53,9 +104,9 @@ class Denoised:
 
 @dataclass
 class Generation:
-    texts: list[str]  # one continuation per sample, prompt excluded
+    texts: list[str]  # one continuation per sample, prompt excluded, ending before the first EOS
     prompt_ids: list[int]
-    token_ids: list[list[int]]  # the generated ids of each sample
+    token_ids: list[list[int]]  # all generated ids of each sample, EOS and what follows it included
     commit_step: list[list[int]]  # the step at which each generated token was committed
     forwards: int
 
@@ -76,24 +127,17 @@ def generate(
     *,
     length: int,
     steps: int,
-    strategy: str = "confidence",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    block_size: int | None = None,
-    num_samples: int = 1,
-    seed: int | None = None,
-    progress: bool | None = False,
+    options: SamplingOptions | None = None,
+    **overrides,
 ) -> list[str]:
     """Generate `length` tokens after `prompt` (or after BOS) in `steps` denoising steps.
 
-    Returns one continuation per sample, prompt excluded. `progress=None` shows a progress bar when
-    stderr is a terminal.
+    Returns one continuation per sample, prompt excluded, ending before its first EOS. The sampling
+    settings are `options` with any `SamplingOptions` field given as a keyword (`temperature=0.8`,
+    `seed=0`, ...) overriding it.
     """
-    return generate_with_details(
-        model, tokenizer, prompt, length=length, steps=steps, strategy=strategy, temperature=temperature,
-        top_k=top_k, top_p=top_p, block_size=block_size, num_samples=num_samples, seed=seed, progress=progress,
-    ).texts
+    return generate_with_details(model, tokenizer, prompt, length=length, steps=steps, options=options,
+                                 **overrides).texts
 
 
 def generate_with_details(
@@ -103,32 +147,27 @@ def generate_with_details(
     *,
     length: int,
     steps: int,
-    strategy: str = "confidence",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    block_size: int | None = None,
-    num_samples: int = 1,
-    seed: int | None = None,
-    progress: bool | None = False,
+    options: SamplingOptions | None = None,
+    **overrides,
 ) -> Generation:
-    """`generate`, also returning the token ids, the step each token was committed at, and the forwards."""
-    _check_positive(length=length, num_samples=num_samples)
+    """`generate`, also returning the token ids, the step each token was committed at, and the forwards.
+
+    The ids and commit steps cover all `length` positions; only the texts end at the first EOS.
+    """
+    options = SamplingOptions.with_overrides(options, overrides)
+    _check_positive(length=length)
     _check_steps(steps, length)
     config = _diffusion_config(model)
     prompt_ids = context_ids(tokenizer, prompt, anchor=config.shift)
-    ids = torch.tensor([prompt_ids + [config.mask_token_id] * length] * num_samples, device=_device(model))
+    ids = torch.tensor([prompt_ids + [config.mask_token_id] * length] * options.num_samples, device=_device(model))
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[:, len(prompt_ids):] = True
-    out = denoise(
-        model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps, strategy=strategy,
-        temperature=temperature, top_k=top_k, top_p=top_p, block_size=block_size,
-        generator=_generator(seed, ids.device), progress=progress,
-    )
+    out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps,
+                  options=options)
     rows = out.ids.tolist()
     start = len(prompt_ids)
     return Generation(
-        texts=[_decode_after(tokenizer, row, start, len(row)) for row in rows],
+        texts=[_decode_after(tokenizer, row, start, _text_end(row, start, tokenizer.eos_token_id)) for row in rows],
         prompt_ids=prompt_ids,
         token_ids=[row[start:] for row in rows],
         commit_step=out.commit_step[:, len(prompt_ids):].tolist(),
@@ -141,28 +180,24 @@ def infill(
     tokenizer,
     text: str,
     *,
-    mask_marker: str = "[MASK]",
+    mask_marker: str = DEFAULT_MASK_MARKER,
     span_length: int = DEFAULT_SPAN_LENGTH,
     steps: int | None = None,
-    strategy: str = "confidence",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    block_size: int | None = None,
-    seed: int | None = None,
-    progress: bool | None = False,
+    options: SamplingOptions | None = None,
+    **overrides,
 ) -> str:
     """Fill every marker in `text` and return the whole text; every given character is kept unchanged.
 
     `[MASK:5]` stands for 5 tokens, a plain `[MASK]` for `span_length` tokens (for another
     `mask_marker`, the count goes before its closing bracket, `<blank:5>`, or at its end, `___:5`).
-    `steps` defaults to one step per masked token.
+    `steps` defaults to one step per masked token. Sampling settings: as for `generate`.
     """
-    return infill_with_details(
-        model, tokenizer, text, mask_marker=mask_marker, span_length=span_length, steps=steps,
-        strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p, block_size=block_size,
-        num_samples=1, seed=seed, progress=progress,
-    ).texts[0]
+    options = SamplingOptions.with_overrides(options, overrides)
+    if options.num_samples != 1:
+        raise UserError(f"infill returns one text, not {options.num_samples}; use infill_with_details for "
+                        "several samples")
+    return infill_with_details(model, tokenizer, text, mask_marker=mask_marker, span_length=span_length,
+                               steps=steps, options=options).texts[0]
 
 
 def infill_with_details(
@@ -170,20 +205,15 @@ def infill_with_details(
     tokenizer,
     text: str,
     *,
-    mask_marker: str = "[MASK]",
+    mask_marker: str = DEFAULT_MASK_MARKER,
     span_length: int = DEFAULT_SPAN_LENGTH,
     steps: int | None = None,
-    strategy: str = "confidence",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    block_size: int | None = None,
-    num_samples: int = 1,
-    seed: int | None = None,
-    progress: bool | None = False,
+    options: SamplingOptions | None = None,
+    **overrides,
 ) -> Infilling:
     """`infill` for `num_samples` samples, also returning the spans, token ids and commit steps."""
-    _check_positive(span_length=span_length, num_samples=num_samples)
+    options = SamplingOptions.with_overrides(options, overrides)
+    _check_positive(span_length=span_length)
     config = _diffusion_config(model)
     pieces = split_infill_text(text, mask_marker, span_length)
 
@@ -205,15 +235,12 @@ def infill_with_details(
     steps = masked if steps is None else steps
     _check_steps(steps, masked)
 
-    ids = torch.tensor([sequence] * num_samples, device=_device(model))
+    ids = torch.tensor([sequence] * options.num_samples, device=_device(model))
     fill = torch.zeros_like(ids, dtype=torch.bool)
     for start, end in spans:
         fill[:, start:end] = True
-    out = denoise(
-        model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps, strategy=strategy,
-        temperature=temperature, top_k=top_k, top_p=top_p, block_size=block_size,
-        generator=_generator(seed, ids.device), progress=progress,
-    )
+    out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps,
+                  options=options)
     rows = out.ids.tolist()
     # Splice the decoded spans into the original pieces, so every given character is kept as written;
     # a span's leading space is dropped where the given text already ends with one.
@@ -233,7 +260,9 @@ def infill_with_details(
                      forwards=out.forwards)
 
 
-def split_infill_text(text: str, mask_marker: str = "[MASK]", span_length: int = DEFAULT_SPAN_LENGTH) -> list:
+def split_infill_text(
+    text: str, mask_marker: str = DEFAULT_MASK_MARKER, span_length: int = DEFAULT_SPAN_LENGTH
+) -> list:
     """Split `text` into given strings and span lengths (ints), in order; empty strings are dropped.
 
     "a [MASK:3] b [MASK]" -> ["a ", 3, " b ", span_length].
@@ -268,42 +297,48 @@ def denoise(
     mask_token_id: int,
     steps: int,
     shift: bool = True,
-    strategy: str = "confidence",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    block_size: int | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool | None = False,
+    options: SamplingOptions | None = None,
+    **overrides,
 ) -> Denoised:
     """Fill the positions where `fill` (bool (B, L)) is True; every other token is held fixed.
 
-    Every row must have the same number of positions to fill (the commit schedule is shared).
+    Every row must have the same number of positions to fill (the commit schedule is shared). The rows
+    are the samples: `num_samples` is not read here. Sampling settings: as for `generate`.
     """
+    options = SamplingOptions.with_overrides(options, overrides)
     counts = fill.sum(dim=1)
     if len(set(counts.tolist())) != 1:
         raise ValueError("every row must have the same number of positions to fill")
     total = int(counts[0])
     _check_steps(steps, total)
-    _check_sampling(strategy, temperature, top_k, top_p)
-    if block_size is not None and block_size < 1:
-        raise UserError(f"block size must be >= 1, got {block_size}; omit it to denoise all positions at once")
     if shift and fill[:, 0].any():
         raise UserError("position 0 cannot be generated with the shift (it is never predicted); start with a "
                         "given token such as BOS")
-
-    ids = ids.masked_fill(fill, mask_token_id)
     # Block of each position to fill: its rank among the row's positions to fill, // block_size.
     rank = fill.long().cumsum(dim=1) - 1
-    block_of = torch.where(fill, rank // (block_size or total), -1)
+    block_of = torch.where(fill, rank // (options.block_size or total), -1)
     sizes = torch.bincount(block_of[0][fill[0]]).tolist()
     if steps < len(sizes):
-        raise UserError(f"{steps} steps cannot cover {len(sizes)} blocks of {block_size} tokens; "
+        raise UserError(f"{steps} steps cannot cover {len(sizes)} blocks of {options.block_size} tokens; "
                         f"use at least {len(sizes)} steps or a larger block size")
+
+    was_training = model.training
+    model.eval()  # dropout would make even greedy samples random
+    try:
+        return _denoise_blocks(model, ids.masked_fill(fill, mask_token_id), block_of, sizes,
+                               mask_token_id=mask_token_id, steps=steps, shift=shift, options=options)
+    finally:
+        model.train(was_training)
+
+
+def _denoise_blocks(model, ids, block_of, sizes, *, mask_token_id, steps, shift, options) -> Denoised:
+    """The loop of `denoise`: block after block (`block_of` (B, L): -1 = given), each in its share of steps."""
+    generator = _generator(options.seed, ids.device)
     commit_step = torch.full_like(ids, -1)
-    masked = fill.clone()
+    masked = block_of >= 0
     forwards, step = 0, 0
-    bar = tqdm(total=steps, desc="denoising", unit="step", disable=None if progress is None else not progress)
+    bar = tqdm(total=steps, desc="denoising", unit="step",
+               disable=None if options.progress is None else not options.progress)
     for block, block_steps in enumerate(_share(steps, sizes)):
         schedule = _even_split(sizes[block], block_steps)
         logits = None  # reused while the input is unchanged
@@ -312,10 +347,10 @@ def denoise(
             if logits is None:
                 logits = predict_logits(model, ids, candidates, shift=shift)
                 forwards += 1
-            tokens, score = _draw(logits, mask_token_id, temperature, top_k, top_p, strategy, generator)
-            if strategy == "random":
+            tokens, score = _draw(logits, mask_token_id, options, generator)
+            if options.strategy == "random":
                 steps_left = block_steps - block_step
-                u = torch.rand(score.shape, generator=generator, device=generator.device if generator else None)
+                u = torch.rand(score.shape, generator=generator, device=generator.device)
                 chosen = u.to(score.device) < 1.0 / steps_left
                 commit = torch.zeros_like(candidates)
                 commit[candidates] = chosen
@@ -337,12 +372,13 @@ def denoise(
     return Denoised(ids=ids, commit_step=commit_step, forwards=forwards)
 
 
-def _draw(logits, mask_token_id, temperature, top_k, top_p, strategy, generator):
+def _draw(logits, mask_token_id, options: SamplingOptions, generator):
     """Draw a token for each row of `logits` (N, V); return it and its commit score (higher = sooner).
 
     Temperature, top-k and top-p shape the draw only; the scores are read from the model's unmodified
     distribution, so they rank positions by how certain the model is whatever the sampling settings.
     """
+    temperature, top_k, top_p = options.temperature, options.top_k, options.top_p
     logits = logits.float()
     logits[:, mask_token_id] = -torch.inf  # the mask token is never a prediction
     model_probs = logits.softmax(dim=-1)  # the scores use the model's own distribution
@@ -362,7 +398,7 @@ def _draw(logits, mask_token_id, temperature, top_k, top_p, strategy, generator)
     else:
         tokens = logits.argmax(dim=-1)
 
-    probs = model_probs
+    probs, strategy = model_probs, options.strategy
     if strategy == "confidence":
         score = probs.gather(1, tokens[:, None]).squeeze(1)
     elif strategy == "margin":
@@ -392,6 +428,13 @@ def _share(steps: int, sizes: list[int]) -> list[int]:
         spare = [i for i in range(len(sizes)) if shares[i] > 1]
         shares[max(spare, key=lambda i: shares[i] - quota[i])] -= 1
     return shares
+
+
+def _text_end(ids: list[int], start: int, eos_token_id: int | None) -> int:
+    """Where the text of the continuation ids[start:] ends: at its first EOS, else at the end of `ids`."""
+    if eos_token_id is not None and eos_token_id in ids[start:]:
+        return ids.index(eos_token_id, start)
+    return len(ids)
 
 
 def _decode_after(tokenizer, ids: list[int], start: int, end: int) -> str:
@@ -470,17 +513,6 @@ def _check_steps(steps: int, tokens: int) -> None:
     if steps > tokens:
         raise UserError(f"{steps} steps for {tokens} tokens would waste forwards (each step commits at "
                         f"least one token); use at most {tokens} steps")
-
-
-def _check_sampling(strategy: str, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top-p must be in (0, 1], got {top_p}")
 
 
 def _marker_parts(marker: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from adapt.errors import UserError  # noqa: E402
+from adapt.errors import UserError, exit_code_of  # noqa: E402
 
 
 def cache_dir(*parts: str) -> Path:
@@ -91,12 +91,8 @@ def already_done(out: Path, force: bool) -> bool:
 
 
 def main_guard(main) -> None:
-    """Run `main()`; a UserError becomes one line on stderr and exit code 2, as in the `adapt` CLI."""
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """Run `main()` and exit; a UserError is one line `prepare_x: error: ...` and exit code 2, as in the CLI."""
+    sys.exit(exit_code_of(main, Path(sys.argv[0]).stem))
 
 
 def _run(command: list[str], failure: str) -> None:

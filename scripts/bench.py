@@ -6,7 +6,7 @@
 
 import sys
 
-from adapt.bench import main
+from adapt.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -3,6 +3,8 @@ import torch
 
 from adapt.presets import FAMILIES, implementations
 
+from .tiny_runs import train_tiny_model
+
 # Every (family, attention implementation) pair the toolkit supports; tests parametrised over it prove
 # each property for each pair.
 FAMILY_IMPLS = [(family, impl) for family in FAMILIES for impl in implementations(family)]
@@ -13,3 +15,9 @@ def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model, tokenizer, config) of `train_tiny_model`, trained once per test module that asks for it."""
+    return train_tiny_model()

@@ -18,8 +18,8 @@ def _restore_threads():
 
 def test_quick_run_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    code = bench.main(["--quick", "--model", "tiny-llama", "--threads", "1", "--batch", "2", "--seq-len", "64",
-                       "--sample-length", "16", "--sample-steps", "4", "8", "--json", str(out)])
+    code = cli_main(["bench", "--quick", "--model", "tiny-llama", "--threads", "1", "--batch", "2", "--seq-len", "64",
+                     "--sample-length", "16", "--sample-steps", "4", "8", "--json", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
 
@@ -47,8 +47,8 @@ def test_quick_run_reports_every_figure(tmp_path):
 
 
 def test_json_to_stdout_keeps_the_table_off_it(capsys):
-    assert bench.main(["--quick", "--model", "tiny-gpt2", "--threads", "1", "--batch", "1", "--seq-len", "16",
-                       "--parts", "elbo", "--json"]) == 0
+    assert cli_main(["bench", "--quick", "--model", "tiny-gpt2", "--threads", "1", "--batch", "1", "--seq-len", "16",
+                     "--parts", "elbo", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["elbo"]["n_samples"] == 4
     assert "ELBO" in captured.err

@@ -27,3 +27,27 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "model path not found" in result.stderr
+
+
+def test_generate_and_infill_flags_are_the_sampling_options_with_their_defaults():
+    from dataclasses import replace
+
+    from adapt.cli import _sampling_options, build_parser
+    from adapt.sampling import DEFAULT_MASK_MARKER, DEFAULT_SPAN_LENGTH, SamplingOptions
+
+    parser = build_parser()
+    generate = parser.parse_args(["generate", "m", "--length", "4", "--steps", "2"])
+    infill = parser.parse_args(["infill", "m", "a [MASK] b"])
+    for args in (generate, infill):
+        assert _sampling_options(args) == replace(SamplingOptions(), progress=None)  # a bar on terminals
+    assert (infill.span_length, infill.mask_marker) == (DEFAULT_SPAN_LENGTH, DEFAULT_MASK_MARKER)
+    given = parser.parse_args(["generate", "m", "--length", "4", "--steps", "2", "--strategy", "margin",
+                               "--temperature", "0", "--top-k", "5", "--top-p", "0.9", "--block-size", "2",
+                               "--num-samples", "3", "--seed", "7"])
+    assert _sampling_options(given) == SamplingOptions(strategy="margin", temperature=0.0, top_k=5, top_p=0.9,
+                                                       block_size=2, num_samples=3, seed=7, progress=None)
+
+
+def test_a_bad_generate_flag_is_refused_before_the_model_loads(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--length", "4", "--steps", "2", "--top-p", "2"]) == 2
+    assert "top-p must be in (0, 1]" in capsys.readouterr().err

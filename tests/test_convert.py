@@ -7,11 +7,12 @@ from adapt.cli import main
 from adapt.convert import convert_recipe
 from adapt.errors import UserError
 from adapt.recipe import load_recipe
-from tests.test_train import corpus, tiny_model_dir
+
+from .tiny_runs import causal_folder, corpus
 
 
 def test_budget_defaults_and_seq_len_limit(tmp_path):
-    model = str(tiny_model_dir(tmp_path))
+    model = str(causal_folder(tmp_path / "causal"))
     recipe = convert_recipe(model, "d.jsonl", "out", tokens=10_000, batch_size=2, seq_len=32)
     assert recipe.train.max_steps == 157  # ceil(10,000 / (2 x 32))
     assert recipe.train.anneal_steps == 78 and recipe.optim.warmup_steps == 7 and recipe.resume == "auto"
@@ -25,7 +26,7 @@ def test_budget_defaults_and_seq_len_limit(tmp_path):
 
 
 def test_convert_command_trains_exports_and_says_how_to_sample(tmp_path, capsys):
-    model, data, out = tiny_model_dir(tmp_path), corpus(tmp_path), tmp_path / "converted"
+    model, data, out = causal_folder(tmp_path / "causal"), corpus(tmp_path / "train.jsonl"), tmp_path / "converted"
     code = main(["convert", str(model), "--data", str(data), "--out", str(out), "--steps", "4", "--seq-len", "32",
                  "--batch-size", "2", "--set", "data.validation_fraction=0.2", "--set", "logging.tensorboard=false"])
     assert code == 0
@@ -44,9 +45,8 @@ def test_convert_command_trains_exports_and_says_how_to_sample(tmp_path, capsys)
 
 
 def test_train_command_reports_bad_recipes_in_one_line(tmp_path, capsys):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{path: {tiny_model_dir(tmp_path)}}}\ndata: {{path: {corpus(tmp_path)}}}\n"
-                      f"output_dir: {tmp_path / 'out'}\n")
+    recipe, model, data = tmp_path / "r.yaml", causal_folder(tmp_path / "causal"), corpus(tmp_path / "train.jsonl")
+    recipe.write_text(f"model: {{path: {model}}}\ndata: {{path: {data}}}\noutput_dir: {tmp_path / 'out'}\n")
     capsys.readouterr()
     assert main(["train", str(recipe), "optim.lr=fast"]) == 2
     assert capsys.readouterr().err.strip() == "adapt train: error: optim.lr must be a number, got 'fast' (str)"

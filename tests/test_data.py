@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from adapt.data import DataConfig, DataSource, open_dataset
+from adapt.diffusion import maskable_positions
 from adapt.errors import UserError
 from adapt.presets import tiny_tokenizer
 
@@ -269,12 +270,14 @@ def test_streaming_holds_out_the_same_documents_and_covers_the_same_tokens(tmp_p
 # -- SFT ------------------------------------------------------------------------------------------
 
 
-def test_sft_prompt_is_never_masked_padding_is_no_target_and_response_ends_with_eos(tmp_path, tokenizer):
-    rows = [{"prompt": "w10 w11 w12", "response": "w20 w21"},
+SFT_ROWS = [{"prompt": "w10 w11 w12", "response": "w20 w21"},
             {"prompt": "w13", "response": "w22 w23 w24 w25 w26 w27 w28"},  # truncated at seq_len
             {"prompt": " ".join(["w14"] * 8), "response": "w29"}]  # prompt fills seq_len: no target, skipped
-    config = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", rows), format="sft", seq_len=8,
-                        validation_fraction=0)
+
+
+def test_sft_prompt_is_never_masked_padding_is_no_target_and_response_ends_with_eos(tmp_path, tokenizer):
+    config = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS), format="sft", seq_len=8,
+                        validation_fraction=0, sft_padding="pad")
     blocks = open_dataset(config, tokenizer)
     assert blocks.num_blocks == 2
     seen = {}
@@ -286,10 +289,24 @@ def test_sft_prompt_is_never_masked_padding_is_no_target_and_response_ends_with_
     assert seen[13] == ([13, 22, 23, 24, 25, 26, 27, 28], [1] * 8, [True] + [False] * 7)
 
 
+def test_sft_answers_go_on_as_eos_targets_to_the_end_of_the_row_by_default(tmp_path, tokenizer):
+    """LLaDA's SFT recipe: the EOS after the answer are real tokens and targets, so a model learns what
+    a fixed-length sampler asks of it after its answer."""
+    config = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS), format="sft", seq_len=8,
+                        validation_fraction=0)
+    blocks = open_dataset(config, tokenizer)
+    assert blocks.num_blocks == 2 and blocks.num_tokens == 2 * 8
+    batch = next(b for b in take(blocks, 4, batch_size=1) if int(b["input_ids"][0, 0]) == 10)
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 20, 21, EOS, EOS, EOS]
+    assert batch["attention_mask"][0].tolist() == [1] * 8
+    maskable = maskable_positions(batch["input_ids"], batch["attention_mask"], batch["never_mask"])
+    assert maskable[0].tolist() == [False] * 3 + [True] * 5  # the answer and every EOS after it
+
+
 def test_sft_uses_eos_to_pad_when_the_tokenizer_has_no_pad(tmp_path, tokenizer):
     tokenizer.pad_token = None
     config = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "w10", "response": "w20"}]),
-                        format="sft", seq_len=6, validation_fraction=0)
+                        format="sft", seq_len=6, validation_fraction=0, sft_padding="pad")
     batch = next(open_dataset(config, tokenizer).batches(1))
     assert batch["input_ids"][0].tolist() == [10, 20, EOS, EOS, EOS, EOS]
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
@@ -304,7 +321,7 @@ def test_sft_chat_messages_are_rendered_with_the_chat_template(tmp_path, tokeniz
     rows = [{"messages": [{"role": "user", "content": "w10 w11"}, {"role": "assistant", "content": "w20"},
                           {"role": "user", "content": "w12"}, {"role": "assistant", "content": "w21 w22"}]}]
     config = DataConfig(path=write_jsonl(tmp_path / "chat.jsonl", rows), format="sft", seq_len=20,
-                        validation_fraction=0)
+                        validation_fraction=0, sft_padding="pad")
     batch = next(open_dataset(config, tokenizer).batches(1))
     prompt = [1, user, 10, 11, EOS, 1, assistant, 20, EOS, 1, user, 12, EOS, 1, assistant]
     response = [21, 22, EOS]  # the template's own end-of-turn EOS, not a second one

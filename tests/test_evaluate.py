@@ -125,40 +125,8 @@ def test_perplexities_restore_the_callers_attention_ratio_and_mode():
     assert elbo_perplexity(model, blocks, _config(), n_samples=4, seed=3) == first  # seeded: reproducible
 
 
-# -- scoring continuations, multiple choice, decoding: a tiny model trained on one sentence ---------
-
-SENTENCE = "<s> w5 w6 w7 w8 w9 w10 w11 w12"
-
-
-@pytest.fixture(scope="module")
-def trained():
-    return train_tiny_model()
-
-
-def train_tiny_model():
-    """(model, tokenizer, config): a tiny Llama trained for a few steps on SENTENCE, both as a diffusion
-    model (ratio 1) and as an AR model (ratio 0), so both ways of scoring know its continuations."""
-    import adapt
-    from adapt.diffusion import diffusion_loss
-    from adapt.presets import tiny_tokenizer
-
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    adapt.ensure_mask_token(model, tokenizer, "add")
-    config = DiffusionConfig.from_model_config(model.config)
-    ids = tokenizer(SENTENCE, return_tensors="pt").input_ids.repeat(8, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(60):
-        set_attention(model, 1.0)
-        loss = diffusion_loss(model, ids, config, generator=generator).loss
-        set_attention(model, 0.0)
-        loss = loss + model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), tokenizer, config
+# -- scoring continuations, multiple choice, decoding: the tiny model trained on one sentence -------
+# (`trained`, a fixture in conftest.py: tests/tiny_runs.py `train_tiny_model`)
 
 
 def test_ar_continuation_scores_are_exact_log_likelihoods_with_padding(trained):
@@ -169,8 +137,8 @@ def test_ar_continuation_scores_are_exact_log_likelihoods_with_padding(trained):
     encoded = [encode_pair(tokenizer, *pair) for pair in pairs]
     scores = continuation_scores(model, [e[0] for e in encoded], [e[1] for e in encoded], config=None, batch_size=3)
     for (ids, start), score in zip(encoded, scores):
-        with torch.no_grad():
-            logprobs = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        with torch.no_grad():  # over the tokens: the embedding's alignment padding rows are never predicted
+            logprobs = model(input_ids=torch.tensor([ids])).logits[0, :, :len(tokenizer)].log_softmax(-1)
         expected = -sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
         assert score.nll == pytest.approx(expected, abs=1e-4)
         assert score.num_tokens == len(ids) - start

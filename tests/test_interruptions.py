@@ -125,9 +125,9 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ref
 
 def _poison_losses(monkeypatch, bad_calls):
     """Make the training loss NaN on the given (1-based) micro-batches, as a diverging run would."""
-    import adapt.train
+    import adapt.train.build
 
-    real_loss = adapt.train.diffusion_loss
+    real_loss = adapt.train.build.diffusion_loss
     count = {"calls": 0}
 
     def loss(*args, **kwargs):
@@ -137,7 +137,7 @@ def _poison_losses(monkeypatch, bad_calls):
             return dataclasses.replace(out, loss=out.loss * float("nan"))
         return out
 
-    monkeypatch.setattr(adapt.train, "diffusion_loss", loss)
+    monkeypatch.setattr(adapt.train.build, "diffusion_loss", loss)
 
 
 def _weights(checkpoint) -> dict:

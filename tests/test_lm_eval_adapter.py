@@ -14,12 +14,7 @@ from lm_eval.api.registry import get_model  # noqa: E402
 from adapt.attention import set_attention  # noqa: E402
 from adapt.lm_eval_adapter import AdaptLM  # noqa: E402
 
-from .test_evaluate import train_tiny_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def trained():
-    return train_tiny_model()
+# `trained`, the tiny model these tests score with, is a fixture in conftest.py.
 
 
 def _request(kind, *args):
@@ -47,8 +42,8 @@ def test_ar_loglikelihood_rolling_is_the_exact_sum_over_windows(trained):
     model, tokenizer, _ = trained
     text = "w5 w6 w7 w8 w9 w10 w11"
     ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        logprobs = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    with torch.no_grad():  # over the tokens: the embedding's alignment padding rows are never predicted
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0, :, :len(tokenizer)].log_softmax(-1)
     expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids)))
     whole = AdaptLM.from_model(model, tokenizer, None).loglikelihood_rolling([_request("loglikelihood_rolling", text)], True)
     # windows of 4 positions: the same tokens, each predicted once, with less context
@@ -82,6 +77,16 @@ def test_generate_until_decodes_and_stops(trained, mode):
     ], True)
     assert free.split() == ["w7", "w8", "w9"]
     assert stopped.split() == ["w7", "w8"]
+
+
+def test_sampler_model_arguments_become_the_sampling_options(trained):
+    from adapt import SamplingOptions, UserError
+
+    model, tokenizer, config = trained
+    lm = AdaptLM.from_model(model, tokenizer, config, seed=4, strategy="margin", block_size=2, max_batch_size=None)
+    assert lm.sampling == SamplingOptions(strategy="margin", block_size=2, seed=4)
+    with pytest.raises(UserError, match="unknown strategy"):
+        AdaptLM.from_model(model, tokenizer, config, strategy="best")
 
 
 def test_created_from_a_harness_argument_string(trained, tmp_path):

@@ -8,6 +8,9 @@ from adapt.diffusion import DiffusionConfig
 from adapt.presets import VOCAB, tiny_model, tiny_tokenizer
 
 
+PADDED_ROWS = -(-(VOCAB + 1) // 64) * 64  # the mask row, then padding to a multiple of 64 for tensor cores
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # GPT-2 ties input and output embeddings, Llama does not
 def test_add_appends_a_row_initialised_to_the_mean(family):
     model, tokenizer = tiny_model(family), tiny_tokenizer()
@@ -21,22 +24,27 @@ def test_add_appends_a_row_initialised_to_the_mean(family):
     assert mask_id == VOCAB and tokenizer.mask_token_id == mask_id
     assert tokenizer.convert_ids_to_tokens(mask_id) == tokenizer.mask_token
     embeddings = model.get_input_embeddings().weight
-    assert embeddings.shape[0] == VOCAB + 1 and model.get_output_embeddings().weight.shape[0] == VOCAB + 1
+    assert PADDED_ROWS > VOCAB + 1
+    assert embeddings.shape[0] == PADDED_ROWS and model.get_output_embeddings().weight.shape[0] == PADDED_ROWS
     assert torch.equal(embeddings[:VOCAB], inputs_before)
-    torch.testing.assert_close(embeddings[mask_id], inputs_before.mean(dim=0))
-    torch.testing.assert_close(model.get_output_embeddings().weight[mask_id], head_before.mean(dim=0))
+    for row in (mask_id, PADDED_ROWS - 1):  # the mask row and the padding rows: the mean, not random values
+        torch.testing.assert_close(embeddings[row], inputs_before.mean(dim=0))
+        torch.testing.assert_close(model.get_output_embeddings().weight[row], head_before.mean(dim=0))
     assert (model.get_output_embeddings().weight is embeddings) == tied
     assert DiffusionConfig.from_model_config(model.config).mask_token_id == mask_id
     assert model.config.diffusion["mask_token_strategy"] == "add"
-    with torch.no_grad():  # the model runs on the new id
-        assert model(input_ids=torch.tensor([[1, mask_id]])).logits.shape[-1] == VOCAB + 1
+    assert model.config.diffusion["vocab_size"] == VOCAB + 1
+    with torch.no_grad():  # the model runs on the new id; the diffusion logits never cover the padding rows
+        assert model(input_ids=torch.tensor([[1, mask_id]])).logits.shape[-1] == PADDED_ROWS
+        hidden = torch.zeros(3, model.config.hidden_size)
+        assert adapt.diffusion.output_logits(model, hidden).shape == (3, VOCAB + 1)
 
 
 def test_add_keeps_an_existing_mask_token_and_spare_rows():
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     first = adapt.ensure_mask_token(model, tokenizer, "add")
     second = adapt.ensure_mask_token(model, tokenizer, "add")
-    assert first == second and model.get_input_embeddings().weight.shape[0] == VOCAB + 1
+    assert first == second and model.get_input_embeddings().weight.shape[0] == PADDED_ROWS
 
 
 def test_reuse_takes_the_given_id_without_resizing():

@@ -44,8 +44,8 @@ def test_paper_settings_in_gpt2_and_llama2_recipes(monkeypatch):
 
 def test_overrides_parse_values_and_reach_nested_sections():
     recipe = load_recipe(None, REQUIRED + ["optim.lr=1e-4", "data.seq_len=512", "train.mixed_precision=bf16",
-                                           "lora.target_modules=[q_proj, v_proj]", "data.sources=[{path: a, weight: 2}]",
-                                           "train.max_steps=1e3"])
+                                           "lora.target_modules=[q_proj, v_proj]", "data.path=null",
+                                           "data.sources=[{path: a, weight: 2}]", "train.max_steps=1e3"])
     assert recipe.optim.lr == 1e-4 and isinstance(recipe.optim.lr, float)
     assert recipe.data.seq_len == 512 and recipe.train.max_steps == 1000
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
@@ -118,13 +118,13 @@ def test_missing_or_malformed_recipe_file(tmp_path):
 
 
 def test_seq_len_beyond_the_model_is_a_user_error(tmp_path):
-    from adapt.train import _load_model
-    from tests.test_train import tiny_model_dir
+    from adapt.train.build import load_model
+    from .tiny_runs import causal_folder
 
-    recipe = load_recipe(None, [f"model.path={tiny_model_dir(tmp_path)}", "data.path=d", "output_dir=o",
+    recipe = load_recipe(None, [f"model.path={causal_folder(tmp_path / 'causal')}", "data.path=d", "output_dir=o",
                                 "data.seq_len=4096"])
     with pytest.raises(UserError, match=r"data\.seq_len = 4096 exceeds the model's maximum positions \(256\)"):
-        _load_model(recipe)
+        load_model(recipe)
 
 
 def test_docs_list_every_key_with_its_default():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import corpus, tiny_model_dir
+from .tiny_runs import causal_folder, corpus
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,10 @@ def reproduce(*args: str) -> subprocess.CompletedProcess:
 def test_reproduction_reports_every_run_and_a_second_invocation_reruns_nothing(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    corpus(data)
-    corpus(data, "validation.jsonl", docs=10, seed=1)
-    out, docs = tmp_path / "out", tmp_path / "docs"
-    args = ["--model", str(tiny_model_dir(tmp_path)), "--data", str(data), "--out", str(out), "--docs", str(docs),
+    corpus(data / "train.jsonl")
+    corpus(data / "validation.jsonl", docs=10, seed=1)
+    out, docs, model = tmp_path / "out", tmp_path / "docs", causal_folder(tmp_path / "causal")
+    args = ["--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
             "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "3",
             "--samples", "2", "--choice-tasks", "--extra", "train.eval_batches=1", "train.eval_samples=2"]
 

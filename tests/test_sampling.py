@@ -9,6 +9,7 @@ from adapt.errors import UserError
 from adapt.presets import tiny_model, tiny_tokenizer
 from adapt.sampling import (
     STRATEGIES,
+    SamplingOptions,
     _even_split,
     _share,
     denoise,
@@ -91,7 +92,7 @@ def test_given_tokens_never_change(strategy):
     fill[:, 2:5] = True
     fill[:, 8:11] = True
     out = denoise(model, ids, fill, mask_token_id=model.config.diffusion["mask_token_id"], steps=4,
-                  strategy=strategy, generator=torch.Generator().manual_seed(0))
+                  strategy=strategy, seed=0)
     assert torch.equal(out.ids[~fill], ids[~fill])
     assert (out.ids != model.config.diffusion["mask_token_id"]).all()
     assert (out.commit_step[~fill] == -1).all() and (out.commit_step[fill] >= 0).all()
@@ -176,11 +177,27 @@ def test_bad_generate_arguments_raise_user_errors(kwargs, message):
     ("no marker here", {}, "no '\\[MASK\\]' marker"),
     ("a [MASK:0] b", {}, "at least 1"),
     ("a [MASK:2] b", dict(steps=3), "at most 2 steps"),
+    ("a [MASK:2] b", dict(num_samples=2), "use infill_with_details"),
 ])
 def test_bad_infill_arguments_raise_user_errors(text, kwargs, message):
     model, tokenizer = diffusion_model()
     with pytest.raises(UserError, match=message):
         adapt.infill(model, tokenizer, text, **kwargs)
+
+
+def test_an_options_object_and_keywords_are_the_same_settings():
+    model, tokenizer = diffusion_model()
+    options = SamplingOptions(strategy="margin", top_k=20, num_samples=2, seed=5)
+    by_keywords = adapt.generate(model, tokenizer, "w5", length=8, steps=4, strategy="margin", top_k=20,
+                                 num_samples=2, seed=5, temperature=0.7)
+    # a keyword overrides the options' field; the other fields are the options'
+    assert adapt.generate(model, tokenizer, "w5", length=8, steps=4, options=options, temperature=0.7) == by_keywords
+    assert adapt.infill(model, tokenizer, "w5 [MASK:3] w9", options=SamplingOptions(seed=1)) == \
+        adapt.infill(model, tokenizer, "w5 [MASK:3] w9", seed=1)
+    with pytest.raises(TypeError, match="'temprature'; the options are strategy, temperature, top_k"):
+        adapt.generate(model, tokenizer, "w5", length=8, steps=4, temprature=0.7)
+    with pytest.raises(UserError, match="top-p"):
+        SamplingOptions(top_p=0.0)  # checked when the options are made, before any model runs
 
 
 def test_a_model_without_a_mask_token_is_refused():
@@ -198,7 +215,7 @@ def test_top_k_and_top_p_restrict_the_draw_to_the_expected_tokens():
     for kwargs, allowed in [(dict(top_k=2, top_p=None), {0, 1}), (dict(top_k=None, top_p=0.7), {0, 1}),
                             (dict(top_k=None, top_p=0.85), {0, 1, 2}), (dict(top_k=None, top_p=0.9), {0, 1, 2}),
                             (dict(top_k=None, top_p=None), {0, 1, 2, 3})]:
-        tokens, score = _draw(logits, 4, 1.0, kwargs["top_k"], kwargs["top_p"], "confidence", generator)
+        tokens, score = _draw(logits, 4, SamplingOptions(**kwargs), generator)
         assert set(tokens.tolist()) == allowed
         # the confidence score is the model's own probability of the drawn token
         torch.testing.assert_close(score, probs[tokens])
@@ -210,3 +227,45 @@ def test_a_space_before_a_span_is_left_to_the_span():
     out = infill_with_details(model, tokenizer, "w5 w6 [MASK:2] w9", seed=0)
     assert out.token_ids[0][:2] == tokenizer("w5 w6", add_special_tokens=False)["input_ids"]
     assert out.texts[0] == "w5 w6 " + out.spans[0][0] + " w9" and "  " not in out.texts[0]
+
+
+def test_denoise_runs_a_training_mode_model_in_eval_mode_and_restores_the_flag():
+    """Dropout would change greedy picks: the sampler must not depend on the caller's train/eval state."""
+    model, tokenizer = diffusion_model("gpt2")
+    assert model.config.attn_pdrop > 0 and model.config.resid_pdrop > 0  # the tiny GPT-2 has dropout
+    ids = torch.tensor([[1] + list(range(5, 17))])
+    fill = torch.zeros_like(ids, dtype=torch.bool)
+    fill[:, 2:] = True
+    mask_token_id = model.config.diffusion["mask_token_id"]
+
+    def greedy():
+        return denoise(model, ids, fill, mask_token_id=mask_token_id, steps=6, temperature=0, seed=0).ids
+
+    expected = greedy()
+    assert not model.training
+    model.train()
+    assert torch.equal(greedy(), expected) and torch.equal(greedy(), expected)
+    assert model.training and all(module.training for module in model.modules())
+
+
+def test_generated_text_ends_at_the_first_eos(monkeypatch):
+    """The text stops before EOS; the details still hold every sampled id, EOS and what follows."""
+    import adapt.sampling
+
+    model, tokenizer = diffusion_model()
+    eos, eos_position = tokenizer.eos_token_id, 3  # prompt "w5" + 2 tokens, then EOS, then 3 more
+    real_predict_logits = adapt.sampling.predict_logits
+
+    def eos_at_one_position(model, ids, targets, *, shift):
+        logits = real_predict_logits(model, ids, targets, shift=shift)
+        positions = targets.flatten().nonzero().squeeze(1) % ids.shape[1]  # row-major, like the logits
+        logits[positions == eos_position, eos] = 1e4
+        return logits
+
+    monkeypatch.setattr(adapt.sampling, "predict_logits", eos_at_one_position)
+    out = generate_with_details(model, tokenizer, "w5", length=6, steps=6, temperature=0)
+    generated = out.token_ids[0]
+    assert len(out.prompt_ids) == 1 and len(generated) == 6 and generated.index(eos) == 2
+    assert tokenizer.decode(generated[3:], skip_special_tokens=True).strip()  # there was text after EOS
+    assert out.texts[0].split() == tokenizer.convert_ids_to_tokens(generated[:2])
+    assert adapt.generate(model, tokenizer, "w5", length=6, steps=6, temperature=0) == out.texts

@@ -14,37 +14,16 @@ from safetensors.torch import load_file
 
 import adapt.data
 import adapt.diffusion
-import adapt.train
+import adapt.train.backends
 from adapt.diffusion import DiffusionConfig, diffusion_loss
 from adapt.errors import UserError
-from adapt.presets import tiny_model, tiny_tokenizer
-from adapt.recipe import load_recipe
 from adapt.train import Interrupted, complete_checkpoints, train
 
-SEQ_LEN = 32
+from .tiny_runs import SEQ_LEN, recipe_for
+from .tiny_runs import tensors as weights  # every tensor of a model folder
 
 
-# ---- fixtures shared with test_distributed.py and test_convert.py -------------------------------
-
-def tiny_model_dir(root: Path, family: str = "llama") -> Path:
-    """A tiny randomly initialised causal LM with the word-level test tokenizer, saved as a folder."""
-    folder = Path(root) / f"tiny-{family}"
-    if not (folder / "config.json").is_file():
-        tiny_model(family).save_pretrained(folder)
-        tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def corpus(root: Path, name: str = "train.jsonl", docs: int = 80, seed: int = 0) -> Path:
-    """Documents that cycle through ten words in order: easy to learn, so the loss must fall fast."""
-    rng = random.Random(seed)
-    path = Path(root) / name
-    with path.open("w") as f:
-        for _ in range(docs):
-            start, length = rng.randrange(3, 100), rng.randrange(20, 60)
-            f.write(json.dumps({"text": " ".join(f"w{10 + (start + i) % 10}" for i in range(length))}) + "\n")
-    return path
-
+# ---- a helper of this file's own tests (the shared builders are in tiny_runs.py) ----------------
 
 def sft_corpus(root: Path, rows: int = 40) -> Path:
     """Prompts use words w3..w49, responses w60..w119, so a masked position tells which part it was."""
@@ -56,25 +35,6 @@ def sft_corpus(root: Path, rows: int = 40) -> Path:
             response = " ".join(f"w{rng.randrange(60, 120)}" for _ in range(rng.randrange(2, 12)))
             f.write(json.dumps({"prompt": prompt, "response": " " + response}) + "\n")
     return path
-
-
-def recipe_for(tmp_path: Path, *overrides: str, output: str = "run"):
-    model = tiny_model_dir(tmp_path)
-    train_file = tmp_path / "train.jsonl"
-    if not train_file.exists():
-        corpus(tmp_path)
-        corpus(tmp_path, "validation.jsonl", docs=10, seed=1)
-    base = [
-        f"model.path={model}", f"data.path={train_file}", f"data.validation_path={tmp_path / 'validation.jsonl'}",
-        f"data.seq_len={SEQ_LEN}", "train.batch_size=4", "train.max_steps=6", "train.anneal_steps=4",
-        "train.eval_batches=2", "optim.lr=3e-3", "optim.warmup_steps=1", "checkpoint.every=0",
-        "logging.tensorboard=false", f"output_dir={tmp_path / output}",
-    ]
-    return load_recipe(None, base + list(overrides))
-
-
-def weights(model_dir: Path) -> dict:
-    return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
 # ---- tests ----------------------------------------------------------------------------------------
@@ -195,7 +155,7 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_logged_once(tmp
 
 
 def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path, monkeypatch, capsys):  # under bf16 autocast
-    monkeypatch.setattr(adapt.train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(adapt.train.backends, "cpu_has_native_bf16", lambda: False)
     recipe = recipe_for(tmp_path, "checkpoint.every=2", "checkpoint.keep=2", "train.eval_batches=0",
                         "train.mixed_precision=bf16")
     train(recipe)
@@ -211,14 +171,14 @@ def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path, monkey
 
 def test_lora_trains_adapters_and_the_mask_row_only_and_merges_exactly(tmp_path):
     import adapt
-    from adapt.train import _apply_lora, _load_model
+    from adapt.train.build import apply_lora, load_model
 
     recipe = recipe_for(tmp_path, "lora.r=4", "lora.alpha=8", "train.max_steps=3", "train.eval_batches=0")
     result = train(recipe)
 
-    original, _, diffusion = _load_model(recipe)
+    original, _, diffusion = load_model(recipe)
     original_state = {k: v.clone() for k, v in original.state_dict().items()}
-    peft_model = _apply_lora(original, recipe, diffusion)
+    peft_model = apply_lora(original, recipe, diffusion)
     saved = load_file(str(complete_checkpoints(recipe.output_dir)[-1] / "model.safetensors"))
     missing, unexpected = peft_model.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()}, strict=False)
     assert not unexpected and not [k for k in missing if "lora" in k or "token_adapter" in k]
@@ -247,7 +207,8 @@ def test_lora_trains_adapters_and_the_mask_row_only_and_merges_exactly(tmp_path)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sft_never_masks_the_prompt_or_padding(tmp_path, monkeypatch):
+@pytest.mark.parametrize("padding", ["eos", "pad"])
+def test_sft_never_masks_the_prompt_or_padding(tmp_path, monkeypatch, padding):
     seen = []
     corrupt = adapt.diffusion.corrupt
 
@@ -259,9 +220,63 @@ def test_sft_never_masks_the_prompt_or_padding(tmp_path, monkeypatch):
     monkeypatch.setattr(adapt.diffusion, "corrupt", recording)
     data = sft_corpus(tmp_path)
     recipe = recipe_for(tmp_path, "data.format=sft", f"data.path={data}", "data.validation_path=null",
-                        "data.validation_fraction=0.2", "train.anneal_steps=1", "train.max_steps=3")
+                        "data.validation_fraction=0.2", "train.anneal_steps=1", "train.max_steps=3",
+                        f"data.sft_padding={padding}")
     train(recipe)
     masked = torch.cat([ids[mask] for ids, mask in seen])
     assert masked.numel() > 0
     words = masked[(masked != 2)]  # EOS ends each response and is a target
     assert (words >= 60).all(), "a prompt token or padding was masked"
+
+
+# ---- method: continuing, normalisation, the logged rate -------------------------------------------
+
+def _steps(run_dir) -> list[dict]:
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "loss" in line]
+
+
+def test_continuing_an_adapted_checkpoint_keeps_its_bidirectional_attention(tmp_path):
+    import adapt
+
+    adapted = train(recipe_for(tmp_path, "train.max_steps=2", "train.anneal_steps=1", "train.eval_batches=0",
+                               output="adapted"))
+    # The default anneal_steps (10,000) would restart the schedule near causal attention (ratio 1e-4).
+    continued = recipe_for(tmp_path, f"model.path={adapted.model_dir}", "train.max_steps=2",
+                           "train.anneal_steps=10000", "train.eval_batches=0", output="continued")
+    result = train(continued)
+    assert [s["ratio"] for s in _steps(continued.output_dir)] == [1.0, 1.0]
+    _, _, config = adapt.load(result.model_dir)
+    assert config.annealing_finished and config.anneal_from == 1.0
+    assert config.tokens_trained == result.tokens_trained == adapted.tokens_trained + 2 * 4 * SEQ_LEN
+
+
+def _noise_from_the_data(input_ids, config, maskable, *, t=None, mask=None, generator=None):
+    """Noise that depends on each sequence alone, so any split of a batch sees the same masks."""
+    t = 0.25 + 0.5 * (input_ids[:, 1] % 2).float()
+    positions = torch.arange(input_ids.shape[1])
+    return t, maskable & ((input_ids + positions) % 3 == 0)
+
+
+@pytest.mark.parametrize("loss_norm", ["masked", "tokens"])
+def test_the_objective_does_not_depend_on_how_a_step_is_split(tmp_path, monkeypatch, loss_norm):
+    import adapt.train.loop
+
+    monkeypatch.setattr(adapt.train.loop, "draw_noise", _noise_from_the_data)
+    common = ("train.max_steps=2", "train.anneal_steps=1", "train.eval_batches=0", "optim.warmup_steps=0",
+              f"train.loss_norm={loss_norm}")
+    whole = train(recipe_for(tmp_path, "train.batch_size=2", "train.grad_accum=1", *common, output="whole"))
+    split = train(recipe_for(tmp_path, "train.batch_size=1", "train.grad_accum=2", *common, output="split"))
+    for a, b in zip(_steps(Path(whole.model_dir).parent), _steps(Path(split.model_dir).parent)):
+        for key in ("loss", "masked_ce", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a[key], b[key])
+    a, b = weights(whole.model_dir), weights(split.model_dir)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4, msg=name)  # float summation order
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(tmp_path):
+    recipe = recipe_for(tmp_path, "train.max_steps=4", "optim.warmup_steps=2", "optim.schedule=constant",
+                        "optim.lr=1e-3", "train.eval_batches=0")
+    train(recipe)
+    assert [s["lr"] for s in _steps(recipe.output_dir)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])

@@ -1,9 +1,14 @@
-"""Tiny models, corpora and recipes on disk, shared by the reliability, interruption and safety tests."""
+"""The builders every test file shares: tiny models, the tiny corpus and recipes on disk, a trained model.
+
+One corpus builder and one causal-model builder serve all tests (conftest.py offers the trained model
+as the `trained` fixture); test modules import from here, never from each other.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +17,22 @@ import yaml
 
 import adapt
 from adapt.presets import tiny_model, tiny_tokenizer
+from adapt.recipe import Recipe, load_recipe
 
 # Subprocesses run offline, with the repository importable, whatever the caller's environment.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def causal_folder(path: Path, family: str = "llama", tokenizer: bool = True) -> Path:
-    """A tiny causal LM saved as safetensors (+ tokenizer): what `adapt train` starts from."""
-    tiny_model(family).save_pretrained(path)
-    if tokenizer:
-        tiny_tokenizer().save_pretrained(path)
+    """A tiny causal LM saved as safetensors (+ tokenizer): what `adapt train` starts from.
+
+    A folder that holds one already is kept, so recipe builders can ask for it on every call.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        tiny_model(family).save_pretrained(path)
+        if tokenizer:
+            tiny_tokenizer().save_pretrained(path)
     return path
 
 
@@ -45,24 +56,23 @@ def diffusion_folder(path: Path, family: str = "llama") -> Path:
     return adapt.save_checkpoint(model, tokenizer, path)
 
 
-def corpus(path: Path, documents: int = 60, words: int = 40) -> Path:
-    """A jsonl corpus of word-id documents the tiny tokenizer knows."""
-    lines = [json.dumps({"text": " ".join(f"w{(7 * d + 3 * i) % 120 + 3}" for i in range(words))})
-             for d in range(documents)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def corpus(path: Path, docs: int = 80, seed: int = 0) -> Path:
+    """A jsonl file of documents that cycle through ten words in order: easy to learn, so a loss must fall fast."""
+    rng = random.Random(seed)
+    with Path(path).open("w") as f:
+        for _ in range(docs):
+            start, length = rng.randrange(3, 100), rng.randrange(20, 60)
+            f.write(json.dumps({"text": " ".join(f"w{10 + (start + i) % 10}" for i in range(length))}) + "\n")
+    return Path(path)
 
 
 def recipe(folder: Path, name: str = "recipe", **settings) -> Path:
-    """A recipe for a few-second CPU run on the tiny model; `section__key=value` overrides settings."""
-    model = folder / "causal"
-    if not model.exists():
-        causal_folder(model)
+    """A recipe file for a few-second CPU run on the tiny model; `section__key=value` overrides settings."""
     data = folder / "corpus.jsonl"
     if not data.exists():
         corpus(data)
     values = {
-        "model": {"path": str(model)},
+        "model": {"path": str(causal_folder(folder / "causal"))},
         "data": {"path": str(data), "seq_len": 32, "validation_fraction": 0.1},
         "train": {"batch_size": 2, "max_steps": 4, "anneal_steps": 2, "eval_batches": 1, "eval_samples": 1},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
@@ -79,6 +89,53 @@ def recipe(folder: Path, name: str = "recipe", **settings) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+SEQ_LEN = 32  # of the runs `recipe_for` builds
+
+
+def recipe_for(folder: Path, *overrides: str, output: str = "run") -> Recipe:
+    """The loaded `Recipe` of a few-second run with its own validation file; `key=value` overrides settings."""
+    train_file, validation_file = folder / "train.jsonl", folder / "validation.jsonl"
+    if not train_file.exists():
+        corpus(train_file)
+        corpus(validation_file, docs=10, seed=1)
+    base = [
+        f"model.path={causal_folder(folder / 'causal')}", f"data.path={train_file}",
+        f"data.validation_path={validation_file}", f"data.seq_len={SEQ_LEN}", "train.batch_size=4",
+        "train.max_steps=6", "train.anneal_steps=4", "train.eval_batches=2", "optim.lr=3e-3", "optim.warmup_steps=1",
+        "checkpoint.every=0", "logging.tensorboard=false", f"output_dir={folder / output}",
+    ]
+    return load_recipe(None, base + list(overrides))
+
+
+SENTENCE = "<s> w5 w6 w7 w8 w9 w10 w11 w12"
+
+
+def train_tiny_model():
+    """(model, tokenizer, config): a tiny Llama trained for a few steps on SENTENCE, both as a diffusion
+    model (ratio 1) and as an AR model (ratio 0), so both ways of scoring know its continuations."""
+    import torch
+
+    from adapt.diffusion import DiffusionConfig, diffusion_loss
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    adapt.ensure_mask_token(model, tokenizer, "add")
+    config = DiffusionConfig.from_model_config(model.config)
+    ids = tokenizer(SENTENCE, return_tensors="pt").input_ids.repeat(8, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):
+        adapt.set_attention(model, 1.0)
+        loss = diffusion_loss(model, ids, config, generator=generator).loss
+        adapt.set_attention(model, 0.0)
+        loss = loss + model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokenizer, config
 
 
 def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:

@@ -1,0 +1,134 @@
+"""The checkpoint format: output_dir/checkpoints/step-NNNNNN/, complete once renamed from .tmp-.
+
+A checkpoint holds the backend's state files (model, optimizer, scheduler, RNG), each process's data
+position (data_rank{r}.json) and trainer_state.json (step, tokens, diffusion settings, recipe, model
+fingerprint), written last. A crash while saving leaves a .tmp- folder that is never taken for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..recipe import Recipe
+from .collectives import all_reduce_sum
+from .report import METRICS_FILE
+from .state import Run
+from .stops import NumericalFault
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+EXPORT_DIR = "model"
+RUN_ARTEFACTS = (CHECKPOINTS, EXPORT_DIR, "logs", METRICS_FILE)
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder is complete once renamed from its .tmp- name)."""
+    folder = Path(output_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resume_checkpoint(recipe: Recipe) -> Path | None:
+    """The checkpoint `recipe.resume` asks for (None: a fresh run), refusing a fresh run over checkpoints."""
+    output_dir = Path(recipe.output_dir)
+    existing = complete_checkpoints(output_dir)
+    if recipe.resume is None:
+        if existing:
+            raise UserError(f"{output_dir} already has checkpoints ({existing[-1].name}); continue with --resume "
+                            "(resume=auto), or choose another output_dir")
+        return None
+    if recipe.resume == "auto":
+        return existing[-1] if existing else None
+    path = Path(recipe.resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
+                        f"pass a folder under {output_dir / CHECKPOINTS} or resume=auto")
+    return path
+
+
+def clear_previous_run(output_dir: Path, overwrite: bool, accelerator) -> None:
+    """Refuse to start a fresh run over a previous one unless `overwrite`, which deletes that run."""
+    previous = [output_dir / name for name in RUN_ARTEFACTS if (output_dir / name).exists()]
+    if not previous:
+        return
+    if not overwrite:
+        raise UserError(f"{output_dir} already has checkpoints or other outputs of a run ({', '.join(p.name for p in previous)}); "
+                        "continue it with --resume, replace it with --overwrite, or choose another output_dir")
+    if accelerator.is_main_process:
+        for path in previous:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
+
+
+def model_shapes(model: nn.Module) -> dict:
+    """A fingerprint of the model's parameters (names and shapes), recorded in every checkpoint."""
+    listing = "\n".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write step `run.step` under a .tmp- name on every process, then rename it on the main one."""
+    accelerator = run.accelerator
+    _refuse_nonfinite_weights(run)
+    final = run.output_dir / CHECKPOINTS / f"step-{run.step:06d}"
+    temp = final.with_name(".tmp-" + final.name)
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    run.backend.save_state(temp, run.objective, run.optimizer, run.scheduler)
+    (temp / f"data_rank{accelerator.process_index}.json").write_text(json.dumps(run.train_blocks.state_dict()))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": run.step, "tokens_trained": run.tokens_trained, "world_size": accelerator.num_processes,
+                 "diffusion": run.diffusion.to_dict(), "recipe": run.recipe.to_dict(), "model_shapes": run.model_shapes}
+        (temp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        temp.rename(final)
+        for old in complete_checkpoints(run.output_dir)[: -run.recipe.checkpoint.keep]:
+            shutil.rmtree(old)
+        print(f"adapt train: checkpoint {final}", flush=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restore the state and the progress (step, tokens) that `save_checkpoint` wrote into `run`."""
+    state = json.loads((path / STATE_FILE).read_text())
+    saved_shapes = state.get("model_shapes")
+    if saved_shapes is not None and saved_shapes != run.model_shapes:
+        raise UserError(f"{path} was written for a different model ({saved_shapes['parameters']:,} parameters, "
+                        f"model.path {state['recipe']['model']['path']}) than this run's "
+                        f"({run.model_shapes['parameters']:,}); resume with the model it was trained from, or "
+                        "start a fresh output_dir")
+    accelerator = run.accelerator
+    if state["world_size"] != accelerator.num_processes:
+        raise UserError(f"{path} was written by {state['world_size']} processes but this run has "
+                        f"{accelerator.num_processes}; resume with the same process count")
+    run.backend.load_state(path, run.objective, run.optimizer, run.scheduler)
+    run.train_blocks.load_state_dict(json.loads((path / f"data_rank{accelerator.process_index}.json").read_text()))
+    run.step, run.tokens_trained = int(state["step"]), int(state["tokens_trained"])
+
+
+def _refuse_nonfinite_weights(run: Run) -> None:
+    bad = []
+    for name, param in run.objective.named_parameters():
+        local = param.detach()
+        local = local.to_local() if hasattr(local, "to_local") else local  # an FSDP2 DTensor shard
+        if not torch.isfinite(local).all():
+            bad.append(name)
+    if all_reduce_sum(torch.tensor([float(len(bad))], device=run.accelerator.device)).item() > 0:
+        previous = complete_checkpoints(run.output_dir)
+        raise NumericalFault(f"weights became non-finite by step {run.step} ({', '.join(bad[:3]) or 'on another process'}); "
+                             "no checkpoint written; lower optim.lr and continue from the last complete checkpoint "
+                             f"({previous[-1] if previous else 'none yet'}) with --resume", None)

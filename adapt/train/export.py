@@ -1,0 +1,62 @@
+"""The end of a run: the trained model written as a diffusion checkpoint folder (LoRA merged)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..attention import set_attention, unwrap_model
+from ..export import save_checkpoint
+from .backends import no_zero3_init
+from .checkpoint import EXPORT_DIR
+from .state import Run
+
+
+def export_model(run: Run) -> Path:
+    """Write output_dir/model. Sharded weights are gathered first (every process takes part in the
+    gather); the main process writes."""
+    recipe, accelerator = run.recipe, run.accelerator
+    out_dir = run.output_dir / EXPORT_DIR
+    full_state = run.backend.full_state_dict(run.objective)
+    if accelerator.is_main_process:
+        model = run.inner_model
+        if full_state is not None:
+            model = _materialise(model, full_state, recipe)
+        if recipe.lora.r > 0:
+            model = model.merge_and_unload()
+        model = unwrap_model(model)
+        set_attention(model, run.diffusion.anneal_ratio(max(recipe.train.max_steps - 1, 0)))
+        model.config.use_cache = True
+        diffusion = dataclasses.replace(run.diffusion, tokens_trained=run.tokens_trained)
+        card = {"base_model": diffusion.base_model}
+        if run.validation:
+            card["evaluation"] = {"validation ELBO perplexity": run.validation["val_elbo_ppl"]}
+        save_checkpoint(model, run.tokenizer, out_dir, diffusion=diffusion, card=card, overwrite=True)
+        print(f"adapt train: exported {out_dir}", flush=True)
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def _materialise(model: nn.Module, full_state: dict, recipe) -> nn.Module:
+    """A plain CPU copy of a sharded model, filled from its gathered state dict."""
+    from transformers import AutoModelForCausalLM
+
+    base = unwrap_model(model)
+    prefix = "model."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full_state.items()}
+    with no_zero3_init():
+        fresh = AutoModelForCausalLM.from_config(base.config, dtype=getattr(torch, recipe.model.dtype))
+    if recipe.lora.r > 0:
+        from peft import get_peft_model
+
+        fresh = get_peft_model(fresh, model.peft_config["default"])
+    fresh.load_state_dict(state, strict=False)
+    missing = set(fresh.state_dict()) - set(state)
+    tied = {n for n in missing if "lm_head" in n or "embed_out" in n}
+    if missing - tied:
+        raise RuntimeError(f"gathered state dict lacks {sorted(missing - tied)[:5]}")
+    fresh.tie_weights()
+    return fresh

@@ -1,0 +1,236 @@
+"""The training loop: continued pretraining under the diffusion objective, on accelerate.
+
+One loop for every scale; what differs between one process, DDP, ZeRO and FSDP2 is in backends.py.
+The objective is a small module whose forward is `diffusion_loss`, so every wrapper sees an ordinary
+forward/backward.
+
+Reproducibility: the noise levels, the corruption and the annealed attention mask of a micro-batch are
+drawn from a generator seeded by (seed, global micro-batch index). They depend on the data, not on how
+the batch is split over processes or accumulation steps, and nothing about them needs saving to resume.
+The loss of a step is normalised by the count (masked or maskable tokens, `loss_norm`) of the whole
+step, over micro-batches and processes, so the objective does not change with grad_accum or world size.
+
+Layout of output_dir:
+    checkpoints/step-000100/   backend state + data position + trainer_state.json (checkpoint.py)
+    logs/                      TensorBoard event files
+    metrics.jsonl              one line per logged step / validation
+    model/                     the exported diffusion checkpoint (LoRA merged)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..attention import set_attention
+from ..diffusion import draw_noise, elbo_nll, loss_denominator, maskable_positions
+from ..recipe import Recipe
+from .backends import no_zero3_init, open_backend
+from .build import DiffusionObjective, apply_lora, load_model, make_scheduler, param_groups
+from .checkpoint import clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint, save_checkpoint
+from .collectives import all_reduce_sum
+from .export import export_model
+from .report import Reporter, log, warn
+from .state import Run, TrainResult
+from .stops import Interrupted, NumericalFault, StopSignal
+
+
+def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
+    """Run a recipe to the end (or to a signal) and export the result to output_dir/model.
+
+    A fresh run (resume: null) refuses an output_dir that holds a previous run unless `overwrite`, which
+    deletes that run's checkpoints, logs, metrics and model first.
+    """
+    run = start_run(recipe, overwrite)
+    try:
+        micro_batches = run.train_blocks.batches(recipe.train.batch_size, rank=run.accelerator.process_index,
+                                                 world_size=run.accelerator.num_processes)
+        run.objective.train()
+        while run.step < recipe.train.max_steps:
+            record = train_step(run, micro_batches)
+            end_of_step(run, record)
+        model_dir = export_model(run)
+    finally:
+        run.stop.restore()
+        run.reporter.close()
+    return TrainResult(model_dir, run.step, run.tokens_trained, run.first_loss, run.last_loss, run.validation)
+
+
+def start_run(recipe: Recipe, overwrite: bool) -> Run:
+    """Everything the loop needs, built from the recipe, and restored from a checkpoint when resuming."""
+    from accelerate.utils import set_seed
+
+    from ..data import open_dataset
+
+    output_dir = Path(recipe.output_dir)
+    backend = open_backend(recipe, output_dir)
+    if recipe.resume is None:
+        clear_previous_run(output_dir, overwrite, backend.accelerator)
+    resume_from = resume_checkpoint(recipe)
+
+    set_seed(recipe.train.seed)
+    with no_zero3_init():
+        # Loaded whole on every process and partitioned by deepspeed.initialize: the mask token's new row
+        # is set from the other rows, which zero.Init's partitioned weights would hide (NaN rows).
+        model, tokenizer, diffusion = load_model(recipe)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora.r > 0:
+        model = apply_lora(model, recipe, diffusion)
+    shapes = model_shapes(model)
+    objective, optimizer, scheduler = backend.prepare(DiffusionObjective(model, diffusion), param_groups,
+                                                      partial(make_scheduler, recipe=recipe))
+    train_blocks = open_dataset(recipe.data, tokenizer, split="train")  # first: it names an empty corpus
+    validation_blocks = open_dataset(recipe.data, tokenizer, split="validation") if recipe.train.eval_batches else None
+    run = Run(recipe, backend, objective, optimizer, scheduler, tokenizer, diffusion, train_blocks, validation_blocks,
+              shapes, tokens_trained=diffusion.tokens_trained)
+    if resume_from is not None:
+        load_checkpoint(run, resume_from)
+        log(run.accelerator, f"resumed from {resume_from} at step {run.step}")
+    run.reporter = Reporter(run.accelerator, recipe, output_dir, run.step)
+    run.stop = StopSignal()
+    return run
+
+
+@dataclass
+class MicroBatch:
+    batch: dict  # input_ids, attention_mask, never_mask on the device
+    generator: torch.Generator  # draws its noise and its annealed attention mask
+    t: torch.Tensor
+    mask: torch.Tensor  # the corrupted positions
+    counts: torch.Tensor  # (masked tokens, loss denominator), float64
+
+
+def train_step(run: Run, micro_batches) -> dict:
+    """One optimizer step over `grad_accum` micro-batches; updates the run's progress, returns its record."""
+    accelerator, accum, world = run.accelerator, run.recipe.train.grad_accum, run.accelerator.num_processes
+    started = time.perf_counter()
+    ratio = run.diffusion.anneal_ratio(run.step)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
+    micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
+    num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, masked CE sum, tokens
+    finite, grad_norm = True, None
+    for micro in micros:
+        set_attention(run.inner_model, ratio, generator=micro.generator)
+        with accelerator.accumulate(run.objective), accelerator.autocast():
+            out = run.objective(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator,
+                                generator=micro.generator)
+            # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
+            # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
+            accelerator.backward(out.loss * (accum * world))
+            if accelerator.sync_gradients:
+                grad_norm, finite = _clip_and_check(run, totals[0] + out.loss.detach())
+            if finite or accelerator.scaler is not None:  # else skip: NaN/inf would poison the weights
+                run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        totals += torch.tensor([out.loss.item(), out.unweighted.item() * out.num_masked, out.num_tokens],
+                               dtype=torch.float64, device=accelerator.device)
+    run.scheduler.step()
+    loss, ce_sum, tokens = all_reduce_sum(totals).tolist()
+    run.step += 1
+    run.tokens_trained += int(tokens)
+    record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1), "ratio": ratio, "lr": lr,
+              "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+              "tokens_per_s": tokens / (time.perf_counter() - started), "tokens_trained": run.tokens_trained}
+    _count_finite(run, record, finite)
+    return record
+
+
+def _draw_micro_batch(run: Run, batch: dict, micro: int) -> MicroBatch:
+    """The next micro-batch with its noise drawn, so the whole step's counts are known before any forward."""
+    accelerator, config = run.accelerator, run.diffusion
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    index = (run.step * run.recipe.train.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
+    generator = micro_batch_generator(run.recipe.train.seed, index, accelerator.device)
+    maskable = maskable_positions(batch["input_ids"], batch["attention_mask"], batch["never_mask"])
+    t, mask = draw_noise(batch["input_ids"], config, maskable, generator=generator)
+    counts = torch.tensor([float(mask.sum()), float(loss_denominator(config, mask, maskable))],
+                          dtype=torch.float64, device=accelerator.device)
+    return MicroBatch(batch, generator, t, mask, counts)
+
+
+def micro_batch_generator(seed: int, index: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+def _clip_and_check(run: Run, local_loss: torch.Tensor):
+    """The global gradient norm (clipped to max_grad_norm) and whether the step's numbers are finite
+    on every process. fp16's loss scaler skips overflowing steps and lowers its scale itself: there only
+    a non-finite loss counts, and its step goes to the scaler (which will skip it)."""
+    grad_norm = run.backend.clip_gradients(run.objective, run.recipe.train.max_grad_norm)
+    bad_losses = all_reduce_sum((~torch.isfinite(local_loss)).double().reshape(1)).item()
+    checked_norm = None if run.accelerator.scaler is not None else grad_norm
+    return grad_norm, bad_losses == 0 and (checked_norm is None or math.isfinite(float(checked_norm)))
+
+
+def _count_finite(run: Run, record: dict, finite: bool) -> None:
+    run.nonfinite_in_a_row = 0 if finite else run.nonfinite_in_a_row + 1
+    if not finite:
+        record["skipped"] = True
+        warn(run.accelerator, f"step {run.step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
+                              f"{record['grad_norm']}); optimizer step skipped ({run.nonfinite_in_a_row} in a row, "
+                              f"the run stops at train.max_nonfinite_steps = {run.recipe.train.max_nonfinite_steps})")
+    run.first_loss = record["loss"] if run.first_loss is None else run.first_loss
+    run.last_loss = record["loss"]
+
+
+def end_of_step(run: Run, record: dict) -> None:
+    """Report the step; validate and checkpoint when due; stop on a signal or on repeated non-finite steps."""
+    train, step = run.recipe.train, run.step
+    last = step == train.max_steps
+    if step % train.log_every == 0 or last:
+        run.reporter.write(record)
+    run.reporter.advance()
+    if run.validation_blocks is not None and ((train.eval_every and step % train.eval_every == 0) or last):
+        run.validation = validate(run, record["ratio"])
+        run.validation["step"] = step
+        run.reporter.write(run.validation)
+        run.objective.train()
+
+    signum = run.stop.agreed(run.accelerator.device)
+    fault = run.nonfinite_in_a_row >= train.max_nonfinite_steps
+    every = run.recipe.checkpoint.every
+    if fault or signum is not None or (every and step % every == 0) or last:
+        checkpoint = save_checkpoint(run)
+        if fault:
+            raise NumericalFault(
+                f"stopped at step {step} after {run.nonfinite_in_a_row} steps in a row with a non-finite loss or "
+                f"gradient (all skipped); {checkpoint} holds the last finite weights; lower optim.lr or check "
+                "the data, then continue with --resume", checkpoint)
+        if signum is not None:
+            raise Interrupted(signum, checkpoint)
+
+
+def validate(run: Run, ratio: float) -> dict:
+    """Held-out negative ELBO per token at the current attention ratio, summed over all processes.
+
+    The validation split gives every process the same number of batches (ZeRO-3 and FSDP need all ranks
+    in every forward); a fixed generator makes successive validations comparable.
+    """
+    accelerator, train, inner = run.accelerator, run.recipe.train, run.inner_model
+    was_training = inner.training
+    inner.eval()
+    batches = list(itertools.islice(run.validation_blocks.batches(
+        train.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes), train.eval_batches))
+    generator = micro_batch_generator(train.seed + 1, accelerator.process_index, accelerator.device)
+    set_attention(inner, ratio, generator=generator)
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with run.backend.full_weights(run.objective):
+        for batch in batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                elbo = elbo_nll(inner, batch["input_ids"], run.diffusion, n_samples=train.eval_samples,
+                                target_mask=~batch["never_mask"], attention_mask=batch["attention_mask"],
+                                generator=generator)
+            totals += torch.stack([elbo.nll.sum(), elbo.num_tokens.sum().double()])
+    totals = all_reduce_sum(totals)
+    inner.train(was_training)
+    per_token = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"val_elbo_nll": per_token, "val_elbo_ppl": math.exp(min(per_token, 50.0)), "val_tokens": int(totals[1])}

@@ -1,0 +1,58 @@
+"""How a run stops early: on SIGTERM/SIGINT (with a checkpoint) or on non-finite numbers."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from .collectives import all_reduce_sum
+
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal number, as shells report them
+EXIT_NONFINITE = 3  # stopped on non-finite numbers (bad input is 2; signals 130 and 143)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; `exit_code` tells which signal."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at {checkpoint}; continue with resume=auto")
+        self.exit_code = EXIT_CODES[signum]
+        self.checkpoint = checkpoint
+
+
+class NumericalFault(Interrupted):
+    """Training stopped because losses, gradients or weights were no longer finite numbers."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        Exception.__init__(self, message)
+        self.exit_code = EXIT_NONFINITE
+        self.checkpoint = checkpoint
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits. A second
+    signal of the same kind gets the default behaviour (kill), for when saving hangs."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in EXIT_CODES}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def agreed(self, device) -> int | None:
+        """The signal to stop on, the same on every process: one seen by any process stops them all."""
+        seen = all_reduce_sum(torch.tensor([float(self.signum is not None)], device=device)).item() > 0
+        if self.signum is not None:
+            return self.signum
+        return signal.SIGTERM if seen else None
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
