@@ -34,11 +34,28 @@ def load_model(
     `attn_implementation` defaults to "sdpa" (falls back to "eager" for families without it, such as
     Gemma 2), the implementations that can carry the annealed mask.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path = str(path)
     source, gguf = from_pretrained_args(path)
     load_kwargs: dict = {"trust_remote_code": trust_remote_code, **gguf}
+    _check_source(path, source, gguf, allow_pickle)
+    config = _load_config(path, source, load_kwargs)
+    kwargs = dict(load_kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not gguf:
+        # None lets transformers fall back to .bin, which it then reads with weights_only=True.
+        kwargs["use_safetensors"] = None if allow_pickle else True
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = _supported_implementation(config, attn_implementation)
+    model = _load_weights(path, source, kwargs)
+    tokenizer = _load_tokenizer(path, source, load_kwargs)
+    if gguf:
+        _detach_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def _check_source(path: str, source: str, gguf: dict, allow_pickle: bool) -> None:
+    """A missing local path or pickle-only weights, refused before transformers is asked."""
     if gguf:
         if not Path(path).is_file():
             raise UserError(f"model file not found: {path}; pass an existing .gguf file")
@@ -46,6 +63,11 @@ def load_model(
         raise UserError(f"model path not found: {path}; pass a local model folder, a .gguf file or a Hub id")
     elif Path(source).is_dir():
         _check_weights_format(Path(source), allow_pickle)
+
+
+def _load_config(path: str, source: str, load_kwargs: dict):
+    """The model's config, which must be a causal LM's."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, **load_kwargs)
@@ -62,32 +84,30 @@ def load_model(
     if not _is_causal_lm_config(config):
         raise UserError(f"{path} is a {config.model_type!r} model with no causal-LM head; "
                         "adapt needs a decoder-only causal LM (GPT-2, Llama, Mistral, Qwen, ...)")
+    return config
 
-    kwargs = dict(load_kwargs)
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not gguf:
-        # None lets transformers fall back to .bin, which it then reads with weights_only=True.
-        kwargs["use_safetensors"] = None if allow_pickle else True
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = _supported_implementation(config, attn_implementation)
+
+def _load_weights(path: str, source: str, kwargs: dict):
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise UserError(f"cannot load model weights from {path!r}: {_first_line(err)}") from None
     except SafetensorError as err:
         raise UserError(f"the safetensors weights in {path!r} are damaged or incomplete ({_first_line(err)}); "
                         "copy or download them again") from None
+
+
+def _load_tokenizer(path: str, source: str, load_kwargs: dict):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
+        return AutoTokenizer.from_pretrained(source, **load_kwargs)
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"no usable tokenizer at {path!r} ({_first_line(err)}); "
                         "save the tokenizer files next to the weights") from None
-    if gguf:
-        _detach_gguf_quantizer(model)
-    return model, tokenizer
 
 
 def from_pretrained_args(path: str) -> tuple[str, dict]:

@@ -92,17 +92,24 @@ def test_loss_is_weighted_by_one_over_t_per_sequence():
 
 
 def test_both_normalisations():
+    """`masked` divides by the masked tokens, `tokens` by the maskable ones: never position 0, padding
+    or a prompt (`never_mask`), which are never targets."""
     model = tiny_model("gpt2")
     ids = _tokens(batch=3, length=16)
     padding = torch.ones_like(ids)
     padding[2, 12:] = 0
+    prompt = torch.zeros_like(ids, dtype=torch.bool)
+    prompt[0, :6] = True
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731 - same corruption for both runs
     with torch.no_grad():
-        masked = adapt.diffusion_loss(model, ids, _config(loss_norm="masked"), attention_mask=padding, generator=gen())
-        tokens = adapt.diffusion_loss(model, ids, _config(loss_norm="tokens"), attention_mask=padding, generator=gen())
+        masked = adapt.diffusion_loss(model, ids, _config(loss_norm="masked"), attention_mask=padding,
+                                      never_mask=prompt, generator=gen())
+        tokens = adapt.diffusion_loss(model, ids, _config(loss_norm="tokens"), attention_mask=padding,
+                                      never_mask=prompt, generator=gen())
     assert masked.num_masked == tokens.num_masked > 0
     assert tokens.num_tokens == 3 * 16 - 4
-    torch.testing.assert_close(masked.loss * masked.num_masked, tokens.loss * tokens.num_tokens)
+    maskable = tokens.num_tokens - 3 - 5  # position 0 of each row, and the prompt's other 5 positions
+    torch.testing.assert_close(masked.loss * masked.num_masked, tokens.loss * maskable)
 
 
 def test_never_mask_position_zero_and_padding_stay_clean():
