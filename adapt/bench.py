@@ -87,7 +87,7 @@ def run(settings: BenchSettings) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
     model, tokenizer, source = load_bench_model(settings.model, dtype, device, settings.attn)
     config = _diffusion_config(model, tokenizer)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = config.vocab_size or model.get_input_embeddings().weight.shape[0]  # never an alignment padding row
     generator = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(3, vocab, (settings.batch, settings.seq_len), generator=generator, device=device)
 

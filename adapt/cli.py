@@ -238,11 +238,11 @@ def _run_generate(args) -> int:
 
 
 def _add_infill(subparsers) -> None:
+    from .sampling import DEFAULT_MASK_MARKER, DEFAULT_SPAN_LENGTH
+
     parser = subparsers.add_parser("infill", help="fill [MASK] spans in a text, keeping the rest unchanged")
     parser.add_argument("model", help="a diffusion checkpoint folder")
     parser.add_argument("text", help='text with spans to fill: "[MASK:5]" = 5 tokens, "[MASK]" = --span-length')
-    from .sampling import DEFAULT_MASK_MARKER, DEFAULT_SPAN_LENGTH
-
     parser.add_argument("--mask-marker", default=DEFAULT_MASK_MARKER, help="the span marker (default %(default)s)")
     parser.add_argument("--span-length", type=int, default=DEFAULT_SPAN_LENGTH,
                         help="tokens a plain marker stands for (default %(default)s)")

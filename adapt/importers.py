@@ -81,8 +81,10 @@ def import_checkpoint(
     if not 0 <= mask_token_id < rows:
         raise UserError(f"mask token id {mask_token_id} is outside the vocabulary (0..{rows - 1}); pass --mask-id")
     set_attention(model, 1.0)
+    # DiffuGPT's padded vocabulary rows are no tokens: their logits are dropped (never sampled).
+    vocab_size = len(tokenizer) if rows > len(tokenizer) > mask_token_id else None
     diffusion = DiffusionConfig(mask_token_id=mask_token_id, mask_token_strategy="reuse", shift=True,
-                                base_model=str(base), annealing_finished=True)
+                                base_model=str(base), annealing_finished=True, vocab_size=vocab_size)
     diffusion.save_to(model.config)
     return save_checkpoint(model.eval(), tokenizer, out_dir, diffusion=diffusion, overwrite=overwrite,
                            card={"description": f"Imported from the published {format} checkpoint."})

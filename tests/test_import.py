@@ -78,6 +78,24 @@ def test_diffugpt_import_reproduces_the_original_logits(tmp_path, with_config):
     assert len(adapt.generate(model, tokenizer, "w5", length=4, steps=2, seed=0)) == 1
 
 
+def test_diffugpt_padded_vocabulary_rows_are_never_predicted(tmp_path):
+    """DiffuGPT pads GPT-2's vocabulary; the padding rows are no tokens, so their logits are dropped."""
+    gpt2 = tiny_model("gpt2", seed=3)
+    vocab = len(tiny_tokenizer())
+    gpt2.resize_token_embeddings(vocab + 8, mean_resizing=False)
+    original = DiffuGPTWrapper(gpt2).eval()
+    src = tmp_path / "diffugpt"
+    src.mkdir()
+    save_file(plain_state(original), src / "model.safetensors")
+    out = import_checkpoint(src, format="diffugpt", base=str(save_base(tmp_path / "gpt2-base", "gpt2")),
+                            out_dir=tmp_path / "out", mask_token_id=MASK_ID)
+    model, tokenizer, diffusion = adapt.load(out)
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 8 and diffusion.vocab_size == vocab
+    hidden = torch.randn(3, model.config.n_embd)
+    with torch.no_grad():
+        torch.testing.assert_close(adapt.diffusion.output_logits(model, hidden), original.lm_head(hidden)[:, :vocab])
+
+
 @pytest.mark.parametrize("layout", ["plain", "wrapper"])
 def test_diffullama_import_reproduces_the_original_logits(tmp_path, layout):
     llama = tiny_model("llama", seed=4)
