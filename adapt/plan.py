@@ -1,0 +1,361 @@
+"""`adapt plan`: what a recipe needs per GPU and per node, and how long it runs, before anything is paid for.
+
+Everything is computed from the model's config on the meta device (accelerate's `init_empty_weights`),
+so a config.json is enough: no weights are downloaded or read.
+
+Per GPU, three kinds of memory:
+
+* Model states (weights, gradients, optimizer). Under DeepSpeed the total is DeepSpeed's own estimator
+  (`estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`, the figures its
+  `..._all_cold` tables print) for the recipe's stage and offload settings; the rows beside it split the
+  same bytes the way DeepSpeed counts them: 2 bytes per parameter of 16-bit weights, 2 + 4 of 16- and
+  32-bit gradients, 4 + 8 of fp32 master weights and Adam moments, divided by the GPUs where ZeRO shards
+  them, plus ZeRO-3's 4 bytes per parameter of the largest layer for the gathered weights it works on.
+  DDP and FSDP2 are counted by the same rules for torch's AdamW, whose moments take the weights' dtype.
+* Activations saved for backward, following Korthikanti et al. 2022 ("Reducing Activation Recomputation
+  in Large Transformer Models", arXiv:2205.05198, section 4.1) adapted to the families adapt supports:
+  fused attention (SDPA/flash keeps no L x L scores; eager keeps the probabilities), grouped-query
+  K/V, gated MLPs, no dropout. Per token and layer, in elements of the compute dtype:
+  attention 4h + 2 x kv_width (norm input, normed input, Q, K, V, attention output), MLP 2h + 4i for a
+  gated MLP (norm input, normed input, gate, up, activation, product) or 2h + 2i otherwise. Gradient
+  checkpointing keeps only each layer's input (h) plus one layer's activations while it is recomputed
+  (with the gradients of its MLP's widest tensors), which happens after the LM head's backward has
+  freed the logits.
+* The LM head and loss at their worst case, every position masked (t near 1): logits, the
+  log-softmax cross-entropy keeps and their gradient, three V-wide rows per position in the compute
+  dtype; while attention is annealed, the bool B x L x L mask and the float32 uniform draws it is cut from.
+
+Time: PaLM-style model FLOPs (`adapt.bench.train_flops`, the LM head counted on the expected masked
+half of the positions) over the GPUs' dense bf16 peak at an assumed model FLOPs utilisation, printed
+with the result and set with --mfu.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import UserError
+from .settings import at_least, between, check_settings
+
+# Dense bf16 tensor-core peak (FLOP/s) and the memory CUDA reports for the 80 GB A100 and H100 and the H200.
+GPUS = {"A100": (312.0e12, 81920 * 2**20), "H100": (989.4e12, 81559 * 2**20), "H200": (989.4e12, 143771 * 2**20)}
+GPUS_PER_NODE = 8  # the usual node, when --nodes is not given
+# A plan fits when it leaves this share of the GPU free: the CUDA context, NCCL buffers and the
+# caching allocator's fragmentation, none of which the formulas count.
+HEADROOM = 0.10
+# Families whose MLP is up-projection, activation, down-projection (no gate).
+UNGATED_MLP = {"gpt2", "gpt_neox", "gpt_neo", "gptj", "opt", "bloom", "falcon", "phi"}
+UNITS = {"": 2**30, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+         "tib": 2**40}
+
+
+@dataclass
+class PlanSettings:
+    """The hardware a recipe is planned for; `adapt plan` has one flag per setting."""
+
+    gpus: int = field(default=8, metadata=at_least(1))  # GPUs in the whole run
+    nodes: int | None = field(default=None, metadata=at_least(1))  # None: gpus / 8, at least 1
+    gpu: Literal["A100", "H100", "H200"] = "H100"  # for its peak FLOP/s and, by default, its memory
+    gpu_memory: str | None = None  # per GPU, e.g. "80GiB" or "141GB"; None: the named GPU's
+    mfu: float = field(default=0.40, metadata=between(0.01, 1.0))  # assumed model FLOPs utilisation
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know about the model, read off the meta-device model."""
+
+    model_type: str
+    parameters: int  # tied weights once
+    trainable: int  # all of them, or LoRA's
+    largest_layer: int  # the most parameters held directly by one module (DeepSpeed's "largest layer")
+    largest_block: int  # parameters of one decoder layer (what FSDP2 gathers at a time)
+    layers: int
+    hidden: int
+    kv_width: int
+    intermediate: int
+    heads: int
+    vocab: int
+    gated_mlp: bool
+
+
+def plan(recipe, settings: PlanSettings) -> dict:
+    """Every figure of the plan, in bytes, seconds and counts (the JSON `adapt plan --json` writes)."""
+    check_settings(settings)
+    nodes, per_node = _layout(settings)
+    peak_flops, default_memory = GPUS[settings.gpu]
+    gpu_memory = parse_bytes(settings.gpu_memory) if settings.gpu_memory else default_memory
+    model, shape = meta_model(recipe)
+    states = model_states(recipe, shape, settings.gpus, per_node)
+    per_sequence = activation_bytes(recipe, shape, batch=1)
+    fixed = sum(states["gpu"].values())
+    budget = gpu_memory * (1 - HEADROOM)
+    batch = recipe.train.batch_size
+    gpu = {**states["gpu"], **activation_bytes(recipe, shape, batch)}
+    total = sum(gpu.values())
+    tokens_per_step = batch * recipe.train.grad_accum * settings.gpus * recipe.data.seq_len
+    step_flops = _step_flops(model, recipe, settings.gpus)
+    seconds = recipe.train.max_steps * step_flops / (settings.gpus * peak_flops * settings.mfu)
+    return {
+        "hardware": {"gpus": settings.gpus, "nodes": nodes, "gpus_per_node": per_node, "gpu": settings.gpu,
+                     "gpu_memory_bytes": gpu_memory, "peak_flops": peak_flops, "mfu": settings.mfu},
+        "model": asdict(shape),
+        "backend": states["backend"],
+        "per_gpu_bytes": {**gpu, "total": total},
+        "deepspeed_model_states_estimate": states.get("deepspeed_gpu_estimate"),  # the rows' sum, by DeepSpeed
+        "fits": total <= budget,
+        "headroom": HEADROOM,
+        "largest_micro_batch": max(0, math.floor((budget - fixed) / sum(per_sequence.values()))),
+        "per_node_cpu_bytes": states["cpu"],
+        "tokens_per_step": tokens_per_step,
+        "tokens": tokens_per_step * recipe.train.max_steps,
+        "flops_per_step": step_flops,
+        "seconds": seconds,
+    }
+
+
+def _layout(settings: PlanSettings) -> tuple[int, int]:
+    nodes = settings.nodes or max(1, settings.gpus // GPUS_PER_NODE)
+    if settings.gpus % nodes:
+        raise UserError(f"--gpus {settings.gpus} does not split evenly over --nodes {nodes}; "
+                        "give a GPU count that is a multiple of the node count")
+    return nodes, settings.gpus // nodes
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '141GB', '81559MiB' or a bare number of GiB, as bytes."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = found and UNITS.get(found.group(2).lower())
+    if not unit or float(found.group(1)) <= 0:
+        raise UserError(f"--gpu-memory {text!r} is not an amount of memory; write it like 80GiB, 141GB or 81559MiB")
+    return int(float(found.group(1)) * unit)
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+def meta_model(recipe):
+    """The recipe's model on the meta device (no weights read) and its `ModelShape`."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import max_positions
+
+    config = read_config(recipe.model.path)
+    limit = max_positions(config)
+    if limit is not None and recipe.data.seq_len > limit:
+        raise UserError(f"data.seq_len = {recipe.data.seq_len} exceeds the model's maximum positions ({limit}); "
+                        f"set data.seq_len <= {limit}")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
+    return model, _shape(model, config, recipe)
+
+
+def read_config(path: str):
+    """The model's config from a config.json file, a folder holding one (weights not needed) or a Hub id."""
+    from transformers import AutoConfig
+
+    from .modeling import from_pretrained_args
+
+    source, gguf = from_pretrained_args(path)
+    try:
+        return AutoConfig.from_pretrained(source, **gguf)
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read the model config at {path!r} ({reason}); plan with the config alone: "
+                        "model.path=path/to/config.json (e.g. recipes/models/llama2-7b/config.json)") from None
+
+
+def _shape(model, config, recipe) -> ModelShape:
+    from torch import nn
+
+    unique = {id(p): p for p in model.parameters()}
+    parameters = sum(p.numel() for p in unique.values())
+    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)),
+                 key=lambda m: sum(p.numel() for p in m.parameters()))
+    heads = config.num_attention_heads
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if recipe.model.mask_token == "add":
+        vocab = math.ceil((vocab + 1) / 64) * 64  # a new row, padded as `ensure_mask_token` pads it (at most)
+    return ModelShape(
+        model_type=config.model_type, parameters=parameters,
+        trainable=_lora_parameters(model, recipe.lora) if recipe.lora.r > 0 else parameters,
+        largest_layer=largest_layer, largest_block=sum(p.numel() for p in blocks[0].parameters()),
+        layers=config.num_hidden_layers, hidden=hidden,
+        kv_width=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+        intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
+        heads=heads, vocab=vocab, gated_mlp=config.model_type not in UNGATED_MLP)
+
+
+def _lora_parameters(model, lora) -> int:
+    """r x (in + out) for every adapted linear layer (all but the LM head unless target_modules names them)."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    count = 0
+    for name, module in model.named_modules():
+        targeted = (name.rsplit(".", 1)[-1] in lora.target_modules) if lora.target_modules else module is not head
+        if isinstance(module, nn.Linear) and targeted:
+            count += lora.r * (module.in_features + module.out_features)
+    return count
+
+
+# -------------------------------------------------------------------------------------- model states
+
+def model_states(recipe, shape: ModelShape, gpus: int, per_node: int) -> dict:
+    """Per-GPU bytes of weights, gradients and optimizer states, and per-node CPU bytes, for the backend."""
+    backend = _backend(recipe, gpus)
+    if backend["name"] == "deepspeed":
+        return {"backend": backend, **_deepspeed_states(backend, shape, gpus, per_node)}
+    weight = _dtype_bytes(recipe.model.dtype)
+    params, trainable = shape.parameters, shape.trainable
+    gpu = {"weights": weight * params, "gradients": weight * trainable, "optimizer": 2 * weight * trainable}
+    if recipe.train.mixed_precision != "no" and weight == 4:
+        gpu["weights"] += 2 * params  # the 16-bit copies autocast casts each weight to, kept for backward
+    if backend["name"] == "ddp":
+        gpu["gradients"] *= 2  # DDP all-reduces through bucket copies of the gradients
+    if backend["name"] == "fsdp":
+        gathered = shape.largest_block if recipe.distributed.fsdp_reshard_after_forward else params
+        compute = 2 if recipe.train.mixed_precision == "bf16" else weight
+        gpu = {key: value / gpus for key, value in gpu.items()}
+        gpu["weights"] += 2 * compute * gathered  # the layer being computed and the one prefetched
+    # Every process but ZeRO-3's reads the whole checkpoint into CPU RAM once before moving it to its GPU.
+    return {"backend": backend, "gpu": gpu, "cpu": {"loading": per_node * weight * params}}
+
+
+def _deepspeed_states(backend: dict, shape: ModelShape, gpus: int, per_node: int) -> dict:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params, nodes = shape.parameters, gpus // per_node
+    offload_optimizer, offload_params = backend["offload_optimizer"], backend["offload_params"]
+    if backend["stage"] == 3:
+        # zero_init: adapt builds a ZeRO-3 model inside deepspeed.zero.Init and streams the checkpoint in.
+        cpu, total, gathered = estimate_zero3_model_states_mem_needs(
+            params, shape.largest_layer, per_node, nodes, cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_params, zero_init=True)
+        weights = gathered + (0 if offload_params else 2 * params / gpus)
+        gradients = 4 * params / gpus  # DeepSpeed counts 18 bytes a parameter in all: 2 of them are the weights'
+    else:
+        cpu, total = estimate_zero2_model_states_mem_needs(params, per_node, nodes, cpu_offload=offload_optimizer)
+        weights, gradients = 2 * params, 6 * params / gpus  # whole 16-bit weights; 16- and 32-bit gradient partitions
+    gpu = {"weights": weights, "gradients": 0 if offload_optimizer else gradients,
+           "optimizer": 0 if offload_optimizer else 12 * params / gpus}
+    assert abs(sum(gpu.values()) - total) <= 2, "the rows must split DeepSpeed's own estimate"
+    return {"gpu": gpu, "cpu": {"deepspeed": cpu}, "deepspeed_gpu_estimate": total}
+
+
+def _backend(recipe, gpus: int) -> dict:
+    dist = recipe.distributed
+    name = dist.backend
+    if name == "auto":
+        name = "deepspeed" if dist.deepspeed_config else ("ddp" if gpus > 1 else "single")
+    if name != "deepspeed":
+        return {"name": name}
+    zero = json.loads(Path(dist.deepspeed_config).read_text()).get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (2, 3):
+        raise UserError(f"{dist.deepspeed_config}: zero_optimization.stage {stage} cannot be planned; "
+                        "use stage 2 or 3 (recipes/deepspeed/zero2.json, zero3.json)")
+
+    def offloaded(key):
+        return zero.get(key, {}).get("device", "none") == "cpu"
+
+    return {"name": "deepspeed", "stage": stage, "offload_optimizer": offloaded("offload_optimizer"),
+            "offload_params": stage == 3 and offloaded("offload_param")}
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+# ---------------------------------------------------------------------------------------- activations
+
+def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
+    """Bytes of activations, LM head and annealing mask of one micro-batch of `batch` sequences."""
+    train, length = recipe.train, recipe.data.seq_len
+    element = 2 if train.mixed_precision != "no" or recipe.model.dtype != "float32" else 4
+    h, i = shape.hidden, shape.intermediate
+    per_layer = 4 * h + 2 * shape.kv_width + (4 * i if shape.gated_mlp else 2 * i) + 2 * h
+    if recipe.model.attn_implementation == "eager":
+        per_layer += shape.heads * length  # the attention probabilities
+    tokens = batch * length
+    lm_head = 3 * tokens * shape.vocab
+    if train.gradient_checkpointing:
+        # A layer is recomputed only after the head's backward has freed the logits, so the two peaks
+        # never add up: the layer needs only what it uses beyond the head's share. Its backward adds the
+        # gradients of the MLP's widest tensors (gate and up, or the up-projection) and of its output.
+        recomputed = per_layer + (2 * i if shape.gated_mlp else i) + h
+        saved = tokens * shape.layers * h + max(0, tokens * recomputed - lm_head)
+    else:
+        saved = tokens * shape.layers * per_layer
+    return {"activations": element * saved, "lm_head": element * lm_head,
+            "annealing_mask": (1 + 4) * batch * length * length}
+
+
+def _step_flops(model, recipe, gpus: int) -> float:
+    from .bench import train_flops
+
+    train = recipe.train
+    expected_masked = (1 + train.eps) / 2  # t ~ U(eps, 1) masks each position with probability t
+    micro = train_flops(model, (train.batch_size, recipe.data.seq_len),
+                        train.batch_size * recipe.data.seq_len * expected_masked)
+    return micro * train.grad_accum * gpus
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+ROW_NOTES = {
+    "weights": "weights (gathered layers included)",
+    "gradients": "gradients",
+    "optimizer": "optimizer states (fp32 master + Adam moments)",
+    "activations": "activations saved for backward",
+    "lm_head": "LM head + loss, all positions masked",
+    "annealing_mask": "annealing mask (while annealing)",
+}
+
+
+def format_plan(result: dict, recipe_path: str) -> str:
+    hw, shape, backend = result["hardware"], result["model"], result["backend"]
+    gib = 2**30
+    lines = [f"adapt plan: {recipe_path} on {hw['gpus']} x {hw['gpu']} ({hw['gpu_memory_bytes'] / gib:.1f} GiB), "
+             f"{hw['nodes']} node(s) x {hw['gpus_per_node']}",
+             f"model: {shape['model_type']}, {shape['parameters'] / 1e9:.2f}B parameters "
+             f"({shape['trainable'] / 1e9:.3f}B trainable), largest layer {shape['largest_layer'] / 1e6:.0f}M",
+             f"backend: {_describe(backend)}", "", f"{'per GPU':<48}{'GiB':>8}"]
+    for key, value in result["per_gpu_bytes"].items():
+        if key != "total":
+            lines.append(f"  {ROW_NOTES[key]:<46}{value / gib:>8.2f}")
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    lines += [f"  {'total':<46}{result['per_gpu_bytes']['total'] / gib:>8.2f}  {verdict} "
+              f"(limit {1 - result['headroom']:.0%} of the GPU)",
+              f"  largest micro-batch that fits: {result['largest_micro_batch']}", ""]
+    for key, value in result["per_node_cpu_bytes"].items():
+        note = ("DeepSpeed's estimate: offloaded states, x1.5 buffer" if key == "deepspeed"
+                else "every process loads the model")
+        lines.append(f"per node CPU RAM: {value / gib:.1f} GiB ({note})")
+    days = result["seconds"] / 86400
+    lines += [f"tokens per step: {result['tokens_per_step']:,}; run: {result['tokens'] / 1e9:.2f}B tokens",
+              f"time: {result['seconds'] / 3600:,.1f} h ({days:.1f} days) at an assumed {hw['mfu']:.0%} MFU of "
+              f"{hw['gpu']}'s {hw['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 ({result['flops_per_step']:.3g} "
+              "FLOP per step; --mfu to change)"]
+    if backend.get("offload_params"):
+        lines.append("  parameters offloaded to CPU cross PCIe in every forward and backward: expect an MFU well "
+                     "below a GPU-resident run's")
+    return "\n".join(lines)
+
+
+def _describe(backend: dict) -> str:
+    if backend["name"] != "deepspeed":
+        return backend["name"]
+    offload = [name for name, on in (("optimizer", backend["offload_optimizer"]), ("parameters",
+                                                                                  backend["offload_params"])) if on]
+    return (f"DeepSpeed ZeRO-{backend['stage']}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else "")
+            + (", built in zero.Init" if backend["stage"] == 3 else ""))
