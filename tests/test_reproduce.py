@@ -14,7 +14,7 @@ from .tiny_runs import causal_folder, corpus
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce.py"
-RUN_NAMES = ["adapt", "scratch", "scratch_lr", "noshift", "noanneal"]
+RUN_NAMES = ["adapt", "scratch", "scratch_lr", "noshift", "noanneal", "block4", "block32"]
 
 
 def reproduce(*args: str) -> subprocess.CompletedProcess:
@@ -34,14 +34,14 @@ def test_reproduction_reports_every_run_and_a_second_invocation_reruns_nothing(t
     first = reproduce(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     commands = (out / "commands.txt").read_text().splitlines()
-    assert [c.split()[3] for c in commands] == ["train"] * 5 + ["eval"] * 6
+    assert [c.split()[3] for c in commands] == ["train"] * 7 + ["eval"] * 8
     assert (docs / "reproduction_elbo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (docs / "results.md").read_text()
     rows = {line.split("|")[1].strip().split(":")[0]: line for line in report.splitlines() if line.startswith("| ")}
     for name in RUN_NAMES + ["AR source (exact perplexity)"]:
         perplexity = float(rows[name].split("|")[2].split()[0])
         assert math.isfinite(perplexity) and perplexity > 1, rows[name]
-    assert len(re.findall(r"nats per token from the adapted one", report)) == 4
+    assert len(re.findall(r"nats per token from (adapt|block4|block32),", report)) == 6
     assert "not timed" not in report
 
     second = reproduce(*args)

@@ -1,0 +1,146 @@
+"""Block diffusion (BD3-LM, Fast-dLLM v2): bidirectional inside blocks of B tokens, causal across them.
+
+The sequence is cut into blocks at positions 0, B, 2B, ...; block b is a masked diffusion given the
+clean blocks before it, so p(x) = prod_b p(x_b | x_<b). B = 1 with the shift is the AR model.
+
+Training runs every block at once (BD3-LM's vectorised layout): the noisy copy x_t and the clean copy
+x_0 side by side, 2L tokens, both at positions 0..L-1. In the mask, noisy block b sees noisy block b
+and clean blocks < b; the clean copy is block-causal (clean block b sees clean blocks <= b); the clean
+copy never sees the noisy one.
+
+The shift at block boundaries. Token i is predicted at position i-1. Inside a block, position i-1 is in
+the same noisy block. For the first token of block b (i = bB), position i-1 is the last of block b-1,
+and it is read from the clean copy: there it has seen the clean blocks < b and nothing of block b, which
+is exactly what a sampler has when it starts block b (block b-1 finished, block b all masks). The first
+token of each block is so predicted the AR way, from clean context alone.
+
+The sampler's cache follows from the same mask: the keys and values of clean blocks depend only on
+clean blocks at or before them, so once a block is finished they never change (`BlockCache`).
+
+This module depends only on torch and `attention`; `adapt export` copies it into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .attention import decoder_backbone, mask_for_implementation, sliding_window
+
+
+def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
+    """The block of each position (L,)."""
+    return torch.arange(length, device=device) // block_size
+
+
+def training_mask(length: int, block_size: int, *, padding: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """Bool (B or 1, 1, 2L, 2L), True = attend: queries and keys [noisy x_t ; clean x_0].
+
+    Padding keys (2D `padding`, 0 = padding) are hidden in both copies; every query keeps its own
+    position so no row is empty.
+    """
+    blocks = block_ids(length, block_size, device)
+    same = blocks[:, None] == blocks[None, :]
+    earlier = blocks[None, :] < blocks[:, None]
+    nothing = torch.zeros(length, length, dtype=torch.bool, device=device)
+    mask = torch.cat([torch.cat([same, earlier], dim=1), torch.cat([nothing, same | earlier], dim=1)], dim=0)
+    mask = mask[None, None]
+    if padding is not None:
+        keys = padding.to(device=device, dtype=torch.bool).repeat(1, 2)
+        mask = mask & keys[:, None, None, :]
+        mask = mask | torch.eye(2 * length, dtype=torch.bool, device=device)
+    return mask
+
+
+def training_hidden(
+    model: nn.Module,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    targets: torch.Tensor,
+    block_size: int,
+    *,
+    shift: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hidden states (N, H) that predict the N `targets` (bool (B, L)) of the noisy sequence, in
+    row-major order: one forward over [noisy ; clean] with the block mask."""
+    batch, length = noisy.shape
+    check_window(model, length)
+    mask = training_mask(length, block_size, padding=attention_mask, device=noisy.device)
+    positions = torch.arange(length, device=noisy.device).repeat(2)[None].expand(batch, -1)
+    hidden = decoder_backbone(model)(input_ids=torch.cat([noisy, clean], dim=1), position_ids=positions,
+                                     attention_mask=mask_for_implementation(mask, model),
+                                     use_cache=False).last_hidden_state
+    rows, columns = targets.nonzero(as_tuple=True)
+    return hidden[rows, _source_positions(length, block_size, shift, noisy.device)[columns]]
+
+
+def check_window(model: nn.Module, length: int) -> None:
+    """Refuse sequences longer than a sliding window: the block mask would silently widen it."""
+    window = sliding_window(decoder_backbone(model).config)
+    if window is not None and length > window:
+        raise ValueError(f"a block model cannot run {length} positions past its sliding window ({window}): the "
+                         f"block mask would replace the window; use sequences of at most {window} tokens")
+
+
+def _source_positions(length: int, block_size: int, shift: bool, device) -> torch.Tensor:
+    """(L,): the index in [noisy ; clean] whose output predicts each position (see the module doc)."""
+    positions = torch.arange(length, device=device)
+    if not shift:
+        return positions
+    first_of_block = positions % block_size == 0
+    return torch.where(first_of_block, length + positions - 1, positions - 1)
+
+
+class BlockCache:
+    """The keys and values of the finished (clean) prefix, for sampling a block model.
+
+    `extend` appends clean positions, block-causally, as training's clean copy computes them;
+    `hidden` runs only the block being denoised against the cache and leaves the cache as it was.
+    Exact, not an approximation: the prefix never sees what comes after it.
+    """
+
+    def __init__(self, model: nn.Module, block_size: int, shift: bool):
+        from transformers import DynamicCache
+
+        self.model, self.block_size, self.shift = model, block_size, shift
+        self.cache = DynamicCache()
+        # transformers 5 renamed the forward's `past_key_values` to `cache` (the old name still works, warned)
+        parameters = inspect.signature(decoder_backbone(model).forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.length = 0  # positions held
+        self.last_hidden = None  # (B, 1, H): the output at the last cached position
+
+    def extend(self, ids: torch.Tensor, end: int) -> None:
+        """Append the clean positions [length, end) of `ids`."""
+        if end <= self.length:
+            return
+        queries = block_ids(end, self.block_size, ids.device)[self.length:]
+        keys = block_ids(end, self.block_size, ids.device)
+        mask = (keys[None, :] <= queries[:, None])[None, None]
+        hidden = self._forward(ids[:, self.length:end], mask)
+        self.last_hidden = hidden[:, -1:]
+        self.length = end
+
+    def hidden(self, ids: torch.Tensor, end: int, targets: torch.Tensor) -> torch.Tensor:
+        """Hidden states (N, H) predicting `targets` (bool (B, L), all in the block [length, end) that
+        starts right after the cache), in row-major order."""
+        start = self.length
+        mask = torch.ones(1, 1, end - start, end, dtype=torch.bool, device=ids.device)
+        hidden = self._forward(ids[:, start:end], mask)
+        self.cache.crop(start - end)  # the block is not finished: its keys and values are not kept
+        before = self.last_hidden if self.last_hidden is not None else torch.zeros_like(hidden[:, :1])
+        outputs = torch.cat([before, hidden], dim=1)  # index j: the output at position start + j - 1
+        rows, columns = targets.nonzero(as_tuple=True)
+        return outputs[rows, columns - start + (0 if self.shift else 1)]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        check_window(self.model, mask.shape[-1])
+        positions = torch.arange(self.length, self.length + ids.shape[1], device=ids.device)
+        return decoder_backbone(self.model)(
+            input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
+            attention_mask=mask_for_implementation(mask, self.model), use_cache=True,
+            **{self._cache_argument: self.cache},
+        ).last_hidden_state
