@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .outputs import writing
+
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a sibling `<name>.partial`, then rename it over `path` (atomic on one file system)."""
+    """Write `text` to a sibling `<name>.partial`, then rename it over `path` (atomic on one file system).
+
+    A failure removes the partial file and leaves `path` as it was (see `outputs.writing`).
+    """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    with writing(path, partial):
+        partial.write_text(text)
+        partial.replace(path)

@@ -78,18 +78,29 @@ class AnnealedMask:
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
         batch, length = tokens.shape[:2]
-        window = _sliding_window(module.config)
+        window = sliding_window(module.config)
         if window is not None and length > window:
             raise RuntimeError(
                 f"adapt.set_attention: sequence length {length} exceeds the sliding window ({window}) "
                 "and a partial ratio would override the window; use seq_len <= the window while annealing"
             )
         mask = annealed_mask(batch, length, self.ratio, padding=padding, device=tokens.device, generator=self.generator)
-        if implementation == "eager":
-            dtype = next(module.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-        kwargs["attention_mask"] = mask
+        kwargs["attention_mask"] = mask_for_implementation(mask, module)
         return args, kwargs
+
+
+def mask_for_implementation(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A bool 4D mask (True = attend) in the form the model's attention takes: as it is for SDPA (its
+    cheapest form), additive float for eager, which adds masks to the scores."""
+    model = unwrap_model(model)
+    implementation = model.config._attn_implementation
+    if implementation not in PARTIAL_MASK_IMPLEMENTATIONS:
+        raise RuntimeError(f"attention implementation {implementation!r} cannot apply an explicit attention mask; "
+                           "load the model with attn_implementation='sdpa' or 'eager'")
+    if implementation != "eager":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def annealed_mask(
@@ -157,7 +168,8 @@ def get_attention_ratio(model: nn.Module) -> float:
     return float(getattr(unwrap_model(model).config, "attention_ratio", 0.0))
 
 
-def _sliding_window(config) -> int | None:
+def sliding_window(config) -> int | None:
+    """The attention window of a family with sliding-window layers; an explicit 4D mask replaces it."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
     if window is None or (layer_types and "sliding_attention" not in layer_types):

@@ -68,6 +68,8 @@ class BenchSettings:
     sample_batch: list[int] = field(default_factory=lambda: [1, 8])  # sampling batch sizes
     sample_repeats: int = 1  # measured rounds of sampling
     elbo_samples: int = 4  # Monte Carlo samples per ELBO call
+    # block diffusion train steps measured beside the bidirectional ones (blocks of these sizes; [] = none)
+    train_block_sizes: list[int] = field(default_factory=lambda: [32])
     parts: list[Literal["train", "sampling", "elbo"]] = field(default_factory=lambda: ["train", "sampling", "elbo"])
     peak_tflops: float | None = None  # the device's peak TFLOP/s in this dtype, for MFU (None: PEAK_BF16_TFLOPS)
     threads: int | None = None  # CPU threads for torch (None: torch's choice); 1 is faster on a crowded machine
@@ -105,7 +107,8 @@ def run(settings: BenchSettings) -> dict:
     peak_tflops = settings.peak_tflops or _known_peak_tflops(device, dtype)
     if "train" in settings.parts:
         _log("train step ...")
-        results["train"] = bench_train(model, config, ids, repeats=settings.repeats, peak_tflops=peak_tflops)
+        results["train"] = bench_train(model, config, ids, repeats=settings.repeats, peak_tflops=peak_tflops,
+                                       block_sizes=settings.train_block_sizes)
     if "elbo" in settings.parts:
         _log("ELBO ...")
         results["elbo"] = bench_elbo(model, config, ids, repeats=settings.repeats, n_samples=settings.elbo_samples)
@@ -193,8 +196,10 @@ def _diffusion_config(model, tokenizer) -> DiffusionConfig:
 
 # ----------------------------------------------------------------------------------------------- train
 
-def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: int, peak_tflops: float | None) -> dict:
-    """Median step time and peak memory of causal-LM training and of diffusion training per ratio."""
+def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: int, peak_tflops: float | None,
+                block_sizes: list[int] = ()) -> dict:
+    """Median step time and peak memory of causal-LM training, of diffusion training per ratio and of
+    block diffusion training per block size (its forward runs over the noisy and the clean copy, 2L)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     mask_generator = torch.Generator(device=ids.device).manual_seed(0)  # the annealed attention masks
     scored: dict[str, list[int]] = {}  # positions the LM head ran on, per configuration
@@ -203,14 +208,15 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
         scored.setdefault("causal", []).append(ids.numel())
         return model(input_ids=ids, labels=ids).loss
 
-    def diffusion(ratio):
-        # Each ratio draws the same noise levels and masks, step for step: the head then runs on the same
-        # number of positions at every ratio, and only the attention differs between them.
+    def diffusion(name, block_size=None):
+        # Each configuration draws the same noise levels and masks, step for step: the head then runs on the
+        # same number of positions in each, and only the attention (and a block model's clean copy) differs.
         noise = torch.Generator(device=ids.device).manual_seed(0)
+        run_config = dataclasses.replace(config, block_size=block_size)
 
         def loss():
-            out = diffusion_loss(model, ids, config, generator=noise)
-            scored.setdefault(f"diffusion_r{ratio:g}", []).append(out.num_masked)
+            out = diffusion_loss(model, ids, run_config, generator=noise)
+            scored.setdefault(name, []).append(out.num_masked)
             return out.loss
         return loss
 
@@ -218,7 +224,10 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
     for ratio in TRAIN_RATIOS:
         if 0 < ratio < 1 and model.config._attn_implementation not in PARTIAL_MASK_IMPLEMENTATIONS:
             continue  # flash attention takes no partial mask; set_attention refuses it
-        losses[f"diffusion_r{ratio:g}"] = (ratio, diffusion(ratio))
+        losses[f"diffusion_r{ratio:g}"] = (ratio, diffusion(f"diffusion_r{ratio:g}"))
+    if model.config._attn_implementation in PARTIAL_MASK_IMPLEMENTATIONS:  # the block mask is an explicit one
+        for block_size in block_sizes:
+            losses[f"block_b{block_size}"] = (0.0, diffusion(f"block_b{block_size}", block_size))
 
     def timed(ratio, loss_fn):
         def step():

@@ -20,7 +20,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="adapt", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"adapt {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(subparsers)
@@ -28,17 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():  # else DeepSpeed announces its CPU fallback on stdout of every command
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not sys.stderr.isatty():
         # Progress bars are for terminals; in pipes and log files they bury the one-line error messages.
-        import os
-
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    args = build_parser().parse_args(argv)
-    try:
-        return exit_code_of(lambda: args.handler(args), f"adapt {args.command}")
+    prog = "adapt"
+    try:  # Ctrl-C while the parser imports torch is an interruption like any other, not a traceback
+        args = build_parser().parse_args(argv)
+        prog = f"adapt {args.command}"
+        return exit_code_of(lambda: args.handler(args), prog)
     except KeyboardInterrupt:
-        print(f"adapt {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -56,6 +65,14 @@ def _loading_kwargs(args) -> dict:
 
 def _loading_overrides(args) -> list[str]:
     return [f"model.{key}=true" for key, value in _loading_kwargs(args).items() if value]
+
+
+def _dtypes() -> tuple[str, ...]:
+    """The weight dtypes every command accepts: a recipe's model.dtype choices."""
+    from .recipe import ModelSection
+    from .settings import choices_of
+
+    return choices_of(ModelSection, "dtype")
 
 
 def _add_info(subparsers) -> None:
@@ -80,9 +97,18 @@ def _run_info(args) -> int:
         "attention_implementation": model.config._attn_implementation,
         "attention_ratio": get_attention_ratio(model),
         "mask_token": tokenizer.mask_token,
+        "mode": _mode(diffusion),
         "diffusion": diffusion.to_dict() if diffusion else None,
     }, indent=2))
     return 0
+
+
+def _mode(diffusion) -> str:
+    if diffusion is None:
+        return "causal LM (no diffusion settings)"
+    if diffusion.block_size is None:
+        return "bidirectional diffusion (one block)"
+    return f"block diffusion, blocks of {diffusion.block_size} tokens (exact KV cache)"
 
 
 def _add_train(subparsers) -> None:
@@ -117,7 +143,7 @@ def _train_and_report(recipe, overwrite: bool = False) -> int:
     if _is_main_process():
         print(f"adapt: diffusion model written to {result.model_dir} ({result.steps} steps, "
               f"{result.tokens_trained:,} tokens)")
-        print(f"adapt: sample from it with:  adapt generate {result.model_dir} --length 64")
+        print(f"adapt: sample from it with:  adapt generate {result.model_dir} --length 64 --steps 64")
     return 0
 
 
@@ -151,6 +177,9 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--mask-token", choices=choices_of(ModelSection, "mask_token"), default=mask_token,
                         help=f"add a new mask token or reuse an existing id (default {mask_token})")
     parser.add_argument("--mask-token-id", type=int, help="the id to reuse with --mask-token reuse")
+    parser.add_argument("--block-size", type=int,
+                        help="make a block diffusion model with blocks of this many tokens (exact KV cache when "
+                             "sampling); default: one bidirectional block, as DiffuLLaMA")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any other recipe setting (docs/recipes.md), e.g. --set train.mixed_precision=bf16")
     _add_loading_options(parser)
@@ -160,22 +189,33 @@ def _add_convert(subparsers) -> None:
 def _run_convert(args) -> int:
     from pathlib import Path
 
-    from .convert import convert_recipe, write_recipe
+    from .convert import RECIPE_FILE, convert_recipe, write_recipe
+    from .outputs import remove
+    from .train import complete_checkpoints
 
     recipe = convert_recipe(
         args.model, args.data, args.out, tokens=int(args.tokens) if args.tokens is not None else None,
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
         anneal_steps=args.anneal_steps, mask_token=args.mask_token, mask_token_id=args.mask_token_id,
+        block_size=args.block_size,
         overrides=_loading_overrides(args) + list(args.overrides))
-    if _is_main_process():
-        write_recipe(recipe, Path(args.out) / "recipe.yaml")
+    out, main_process = Path(args.out), _is_main_process()
+    fresh = not out.exists()
+    if main_process:
+        write_recipe(recipe, out / RECIPE_FILE)
         print(f"adapt convert: {recipe.train.max_steps} steps x {recipe.train.batch_size} x {recipe.data.seq_len} "
-              f"tokens per process; recipe saved to {Path(args.out) / 'recipe.yaml'}")
-    return _train_and_report(recipe)
+              f"tokens per process; recipe saved to {out / RECIPE_FILE}")
+    try:
+        return _train_and_report(recipe)
+    except UserError:
+        if main_process and not complete_checkpoints(out):  # refused before its first checkpoint: leave no trace
+            remove(out if fresh else out / RECIPE_FILE)
+        raise
 
 
 def _add_sampling_options(parser) -> None:
     """One flag per `SamplingOptions` field (the progress bar aside), its default taken from the field."""
+    from .limits import EXTRAPOLATION_FACTOR
     from .sampling import STRATEGIES, SamplingOptions
 
     default = SamplingOptions()
@@ -191,7 +231,18 @@ def _add_sampling_options(parser) -> None:
     parser.add_argument("--num-samples", type=int, default=default.num_samples,
                         help="samples drawn in one batch (default %(default)s)")
     parser.add_argument("--seed", type=int, default=default.seed, help="same seed, same output")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: saved)")
+    parser.add_argument("--threshold", type=float, default=default.threshold,
+                        help="commit every position at least this confident each step (e.g. 0.9, Fast-dLLM); "
+                             "--steps becomes an upper bound")
+    parser.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false", default=default.stop_at_eos,
+                        help="block models: generate every block even after each sample has produced EOS")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", default=default.cache,
+                        help="block models: recompute the whole sequence every step instead of keeping the finished "
+                             "blocks' keys and values (the same output, slower; for checking)")
+    parser.add_argument("--allow-longer", action="store_true",
+                        help=f"let a RoPE model (Llama, Qwen, ...) run up to {EXTRAPOLATION_FACTOR}x its trained "
+                             "positions, with a warning (default: refused)")
+    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default: saved)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
     _add_loading_options(parser)
@@ -229,6 +280,7 @@ def _run_generate(args) -> int:
     if args.json:
         print(json.dumps({
             "prompt": args.prompt, "prompt_ids": out.prompt_ids, "forwards": out.forwards,
+            "tokens_per_forward": args.length * args.num_samples / max(out.forwards, 1),
             "samples": [{"text": text, "token_ids": ids, "commit_step": steps}
                         for text, ids, steps in zip(out.texts, out.token_ids, out.commit_step)],
         }, indent=2))
@@ -277,7 +329,7 @@ def _add_export(subparsers) -> None:
         "export", help="write a complete checkpoint: safetensors, diffusion config, tokenizer, remote code, card")
     parser.add_argument("src", help="a diffusion model folder (e.g. a training output)")
     parser.add_argument("out", help="output folder (written atomically)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="save in this dtype")
+    parser.add_argument("--dtype", choices=_dtypes(), help="save in this dtype")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     parser.add_argument("--card", help="JSON file with model card fields: license, datasets, tags, evaluation, "
                                        "description, base_model")
@@ -377,7 +429,7 @@ def _add_eval(subparsers) -> None:
                         help=f"elbo / sentence_infill: the column holding the text (default {default.text_column})")
     parser.add_argument("--timeout", type=float, default=default.timeout,
                         help=f"code_infill: seconds per test program (default {default.timeout})")
-    parser.add_argument("--dtype", help="float32 (default), bfloat16, float16")
+    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default float32)")
     parser.add_argument("--device", help="cpu (default), cuda, ...")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--output", metavar="FILE", help="also write the results as JSON to FILE")
@@ -392,11 +444,13 @@ def _run_eval(args) -> int:
     from .atomic import write_text_atomically
     from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks, to_json
     from .export import load
-    from .modeling import load_model
+    from .modeling import check_device, load_model
+    from .outputs import check_output
 
     check_tasks(args.task)
-    if args.limit is not None and args.limit < 1 or args.samples < 1:
-        raise UserError("--limit and --samples must be >= 1")
+    if args.output:
+        check_output(args.output, folder=False)
+    check_device(args.device)
     settings = EvalSettings(
         data=args.data, limit=args.limit, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
         seq_len=args.seq_len, validation_fraction=args.validation_fraction, text_column=args.text_column,
@@ -409,7 +463,8 @@ def _run_eval(args) -> int:
             model, config = model.to(args.device or "cpu"), None
         else:
             model, tokenizer, config = load(path, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
-        results = run_tasks(model, tokenizer, args.task, config=config, settings=settings)
+        results = run_tasks(model, tokenizer, args.task, config=config, settings=settings,
+                            progress=sys.stderr.isatty())  # bars in a log file would share the error line
         runs.append({"name": f"{path} ({'AR' if as_ar else 'diffusion'})", "model": path,
                      "mode": "ar" if as_ar else "diffusion", "results": results})
         del model
@@ -459,6 +514,9 @@ def _add_bench(subparsers) -> None:
                         help=f"measured rounds of sampling (default: {default.sample_repeats})")
     parser.add_argument("--elbo-samples", type=int, default=default.elbo_samples,
                         help=f"Monte Carlo samples per ELBO call (default: {default.elbo_samples})")
+    parser.add_argument("--train-block-sizes", type=int, nargs="*", default=default.train_block_sizes,
+                        help="block diffusion train steps to measure, one per block size "
+                             f"(default: {shown(default.train_block_sizes)}; none: the flag alone)")
     parser.add_argument("--parts", nargs="+", choices=choices_of(BenchSettings, "parts"), default=default.parts)
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's peak TFLOP/s in this dtype, for MFU (default: known for H100/H200/A100)")
@@ -475,10 +533,48 @@ def _run_bench(args) -> int:
     from dataclasses import fields
 
     from .bench import BenchSettings, run, write_report
+    from .outputs import check_output
 
     settings = BenchSettings(**{f.name: getattr(args, f.name) for f in fields(BenchSettings)})
+    if args.json not in (None, "-"):
+        check_output(args.json, folder=False)
     write_report(run(settings), args.json)
     return 0
 
 
-_COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import, _add_eval, _add_bench]
+def _add_plan(subparsers) -> None:
+    from .plan import PlanSettings
+    from .settings import choices_of
+
+    default = PlanSettings()
+    parser = subparsers.add_parser(
+        "plan", help="memory per GPU and node, the largest micro-batch that fits, and the run's time, before launching",
+        description="Computed from the model's config alone (a config.json is enough: model.path=.../config.json); "
+                    "the formulas: docs/cluster.md.")
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/llama2-7b.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.batch_size=8")
+    parser.add_argument("--gpus", type=int, default=default.gpus, help=f"GPUs in the run (default: {default.gpus})")
+    parser.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default: GPUs / 8, at least 1)")
+    parser.add_argument("--gpu", choices=choices_of(PlanSettings, "gpu"), default=default.gpu,
+                        help=f"for its peak bf16 FLOP/s and memory (default: {default.gpu})")
+    parser.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB or 141GB (default: the --gpu's)")
+    parser.add_argument("--mfu", type=float, default=default.mfu,
+                        help=f"assumed model FLOPs utilisation for the time estimate (default: {default.mfu})")
+    parser.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
+    parser.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args) -> int:
+    import json
+
+    from .plan import PlanSettings, format_plan, plan
+    from .recipe import load_recipe
+
+    settings = PlanSettings(gpus=args.gpus, nodes=args.nodes, gpu=args.gpu, gpu_memory=args.gpu_memory, mfu=args.mfu)
+    result = plan(load_recipe(args.recipe, args.overrides), settings)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result, args.recipe))
+    return 0
+
+
+_COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import,
+             _add_eval, _add_bench, _add_plan]

@@ -29,6 +29,7 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
+from .data_errors import check_not_empty, reading, rows_with_text
 from .errors import UserError
 from .settings import above, at_least, between, check_settings
 
@@ -282,9 +283,10 @@ class Blocks:
 
     def _count(self) -> tuple[int, int]:
         """(tokens, blocks) in one pass over every document of the split (a mixture's epochs vary)."""
+        parts = [part for part in self._parts if len(part)]  # a mapped empty part has no columns at all
         if self.format == "sft":
             tokens = blocks = 0
-            for part in self._parts:
+            for part in parts:
                 columns = part.select_columns(["length", "prompt_len"]).with_format("numpy")[:]
                 usable = columns["prompt_len"] < self.seq_len
                 lengths = self.seq_len if self._fill_with_eos else np.minimum(columns["length"], self.seq_len)
@@ -294,8 +296,7 @@ class Blocks:
                     logger.warning("%d of %d examples have prompts of seq_len = %d tokens or more and are skipped",
                                    int((~usable).sum()), len(usable), self.seq_len)
             return tokens, blocks
-        tokens = sum(int(part.select_columns(["length"]).with_format("numpy")[:]["length"].sum())
-                     for part in self._parts)
+        tokens = sum(int(part.select_columns(["length"]).with_format("numpy")[:]["length"].sum()) for part in parts)
         return tokens, tokens // self.seq_len
 
 
@@ -317,7 +318,9 @@ def _load(path: str, streaming: bool, hub_split: str = "train"):
         builder, files = _data_files(local)
         # .txt: one document per paragraph (blank-line separated), so one file can still be split
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        return load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **extra)
+        with reading(files):
+            return load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming,
+                                **extra)
     if path.startswith((".", "/", "~")) or _builder(local) or path.count("/") > 1:
         raise UserError(f"data path {path} does not exist; pass an existing file or folder, or a Hub dataset name")
     try:
@@ -347,6 +350,7 @@ def _data_files(path: Path) -> tuple[str, list[Path]]:
     if len(builders) > 1:
         raise UserError(f"{path} mixes file types ({', '.join(sorted(builders))}); "
                         "put each type in its own folder and list them in data.sources")
+    check_not_empty(files)
     return builders.pop(), files
 
 
@@ -388,7 +392,7 @@ def _normalize(raw, config: DataConfig, source: DataSource, tokenizer):
         if column not in columns:
             raise UserError(f"{source.path} has no column {column!r} (it has: {', '.join(columns)}); "
                             "set data.text_column to the column that holds the text")
-        raw = raw.select_columns([column])
+        raw = rows_with_text(raw.select_columns([column]), [column], source.path)
         return raw.rename_column(column, "text") if column != "text" else raw
 
     if "messages" in columns:
@@ -403,7 +407,7 @@ def _normalize(raw, config: DataConfig, source: DataSource, tokenizer):
     if not {"prompt", "response"} <= set(columns):
         raise UserError(f"{source.path} has neither prompt/response nor messages fields (it has: "
                         f"{', '.join(columns)}); give each SFT row a prompt and a response, or chat messages")
-    raw = raw.select_columns(["prompt", "response"])
+    raw = rows_with_text(raw.select_columns(["prompt", "response"]), ["prompt", "response"], source.path)
     return raw.map(lambda batch: {"chat": [False] * len(batch["prompt"])}, batched=True,
                    features=_sft_text_features())
 

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import decoder_backbone, unwrap_model
+from .errors import check_type
 
 LOSS_NORMS = ("masked", "tokens")
+BLOCK_SCHEDULES = ("constant", "grow")
 
 
 @dataclass
@@ -51,6 +53,13 @@ class DiffusionConfig:
     # Token ids the model may predict (the tokenizer's size). The embedding may have more rows, padding
     # to a multiple of 64 for tensor cores: their logits are dropped. None: every row is a token.
     vocab_size: int | None = None
+    # None: the whole sequence is one bidirectional block (DiffuLLaMA). An int B: block diffusion, the
+    # sequence cut into blocks of B tokens, bidirectional inside a block and causal across blocks, each
+    # block predicted given the clean ones before it; sampling keeps an exact KV cache (adapt.block).
+    block_size: int | None = None
+    # How training reached block_size: "constant" (from the first step) or "grow" (1, 2, 4, ... up to
+    # block_size in equal stages over anneal_steps, LLaDA2.0's warm-up: block size 1 is the AR model).
+    block_schedule: str = "constant"
     # What the model was trained for: absorbing-state masked diffusion, linear schedule, CE weighted 1/t.
     objective: str = "masked-diffusion"
     # Whether training reached attention ratio 1 (written by `adapt.export.save_checkpoint`).
@@ -63,6 +72,10 @@ class DiffusionConfig:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if self.anneal_steps < 1:
             raise ValueError(f"anneal_steps must be >= 1, got {self.anneal_steps}")
+        if self.block_schedule not in BLOCK_SCHEDULES:
+            raise ValueError(f"block_schedule must be one of {BLOCK_SCHEDULES}, got {self.block_schedule!r}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1 (or None for one bidirectional block), got {self.block_size}")
         if not 0.0 <= self.anneal_from <= 1.0:
             raise ValueError(f"anneal_from must be in [0, 1], got {self.anneal_from}")
         if self.mask_token_strategy not in (None, "add", "reuse"):
@@ -90,8 +103,20 @@ class DiffusionConfig:
 
     def anneal_ratio(self, step: int) -> float:
         """Attention ratio at optimizer step `step` (0-based): linear from `anneal_from` to 1,
-        min(1, r0 + (1 - r0)(step+1)/anneal_steps)."""
+        min(1, r0 + (1 - r0)(step+1)/anneal_steps). A block model does not anneal: 0, its attention is the
+        block mask that every forward is given."""
+        if self.block_size is not None:
+            return 0.0
         return min(1.0, self.anneal_from + (1.0 - self.anneal_from) * (step + 1) / self.anneal_steps)
+
+    def block_size_at(self, step: int) -> int | None:
+        """Block size at optimizer step `step` (0-based): `block_size`, or under "grow" the power of two
+        of the current stage, 1 first, the stages sharing anneal_steps equally."""
+        if self.block_size is None or self.block_schedule == "constant":
+            return self.block_size
+        stages = math.ceil(math.log2(self.block_size)) + 1
+        stage = min(stages - 1, step * stages // self.anneal_steps)
+        return min(self.block_size, 2 ** stage)
 
 
 @dataclass
@@ -144,15 +169,25 @@ def predict_logits(
     *,
     shift: bool = True,
     attention_mask: torch.Tensor | None = None,
+    block_size: int | None = None,
+    clean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (N, V) for the N positions where `targets` (bool (B, L)) is True, in row-major order.
 
     With `shift`, the prediction for position i is the model's output at i-1 (targets at position 0 are
     not allowed). The LM head runs on the selected hidden states only, so the (B, L, V) logits of the
     whole batch are never materialised: the diffusion loss scores about half the positions.
+
+    A block model (`block_size`) also needs the `clean` sequence: each block is predicted given the
+    clean blocks before it (`adapt.block`).
     """
     if shift and targets[:, 0].any():
         raise ValueError("with shift=True position 0 has no prediction; it must never be a target")
+    if block_size is not None:
+        from .block import training_hidden
+
+        return output_logits(model, training_hidden(model, input_ids, clean, targets, block_size, shift=shift,
+                                                    attention_mask=attention_mask))
     backbone = decoder_backbone(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     if shift:
@@ -218,6 +253,7 @@ def diffusion_loss(
     t: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     denominator: float | None = None,
+    block_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> DiffusionLoss:
     """One Monte Carlo sample of the diffusion loss for a batch of token ids (B, L).
@@ -227,15 +263,17 @@ def diffusion_loss(
     Padding is never a target. Each masked token's CE is weighted by 1/t of its sequence, and the sum is
     divided by `denominator`, by default this batch's `loss_denominator`; the training loop passes the
     count of its whole optimizer step (all micro-batches, all processes), so that the objective does not
-    depend on how the step is split.
+    depend on how the step is split. `block_size` overrides the config's (a block size schedule).
     """
+    check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if config.mask_token_id is None:
         raise ValueError("DiffusionConfig.mask_token_id is not set; call adapt.ensure_mask_token first")
     maskable = maskable_positions(input_ids, attention_mask, never_mask)
     t, mask = draw_noise(input_ids, config, maskable, t=t, mask=mask, generator=generator)
     noisy = input_ids.masked_fill(mask, config.mask_token_id)
 
-    logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask)
+    logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
+                            block_size=block_size or config.block_size, clean=input_ids)
     # Cross-entropy in the logits' own dtype: the kernels already reduce in float32, and the logits are
     # rounded to 16 bits by the head, so a float32 copy (plus the float32 log-softmax saved for backward)
     # buys no precision; in bf16 on CPU it cost 2.4x the time of the whole CE (docs/performance.md).
@@ -285,6 +323,7 @@ def elbo_nll(
     t_k = eps + (1-eps)(k + u)/K with one shared u ~ U(0, 1), which lowers the variance against K
     independent draws while staying unbiased.
     """
+    check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if target_mask is None:
@@ -298,7 +337,8 @@ def elbo_nll(
         t_k = config.eps + (1.0 - config.eps) * (k + offset.item()) / n_samples
         t = torch.full((batch,), t_k, device=input_ids.device)
         noisy, mask = corrupt(input_ids, t, target_mask, config.mask_token_id, generator=generator)
-        logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask)
+        logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
+                                block_size=config.block_size, clean=input_ids)
         ce = F.cross_entropy(logits.float(), input_ids[mask], reduction="none").double() / t_k
         rows = mask.nonzero()[:, 0]
         total.index_add_(0, rows, ce)

@@ -16,6 +16,17 @@ class UserError(Exception):
     """Bad input from the user: a path, a setting, a file. The message says what to do about it."""
 
 
+def check_type(name: str, value, expected: type | tuple[type, ...], hint: str) -> None:
+    """A clear TypeError for a public API argument of the wrong type (a list for a tensor, a str for an
+    int, the model and tokenizer swapped), where the internals would fail with an AttributeError."""
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in _as_tuple(expected)):
+        raise TypeError(f"{name} must be {hint}, got {type(value).__name__}")
+
+
+def _as_tuple(expected) -> tuple:
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
 def exit_code_of(command: Callable[[], int | None], prog: str) -> int:
     """Run `command`; its exit code (None counts as 0), or 2 after `PROG: error: MESSAGE` for a UserError."""
     try:

@@ -30,11 +30,13 @@ from torch import nn
 from .attention import get_attention_ratio, set_attention, unwrap_model
 from .diffusion import DiffusionConfig
 from .errors import UserError
+from .outputs import check_output, tensor_bytes, writing
 
 REMOTE_MODULE = "modeling_adapt_diffusion"
 # The remote module and every module it imports, relative to this package (checked by the tests: a
 # missing one makes the remote load fail).
-REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "diffusion.py", "attention.py", "errors.py")
+REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "diffusion.py", "attention.py", "block.py", "errors.py",
+                     "limits.py")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
 CARD_KEYS = ("license", "datasets", "tags", "evaluation", "description", "base_model")
 
@@ -69,13 +71,14 @@ def save_checkpoint(
     unknown = set(card or {}) - set(CARD_KEYS)
     if unknown:
         raise UserError(f"unknown model card fields {sorted(unknown)}; known fields: {', '.join(CARD_KEYS)}")
-    _check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite, needed_bytes=tensor_bytes(model.parameters()))
+    _check_shard_size(max_shard_size)
     tokenizer = _with_mask_token(tokenizer, diffusion.mask_token_id)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
-    try:
+    with writing(out_dir, staging):
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
@@ -93,9 +96,6 @@ def save_checkpoint(
         for path in staging.iterdir():
             path.chmod(0o644)  # some writers create private files; a checkpoint is meant to be shared
         _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -112,8 +112,9 @@ def load(
     The attention state saved with the checkpoint (`attention_ratio`, 1 = bidirectional) is restored.
     The safety switches are `load_model`'s.
     """
-    from .modeling import load_model
+    from .modeling import check_device, load_model
 
+    check_device(device)
     model, tokenizer = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     diffusion = DiffusionConfig.from_model_config(model.config)
     if diffusion is None or diffusion.mask_token_id is None:
@@ -137,6 +138,8 @@ def export(
     allow_pickle: bool = False,
 ) -> Path:
     """Re-export a diffusion checkpoint folder (a training output, say) as a complete checkpoint."""
+    check_destination(Path(out_dir), overwrite)  # before minutes of loading
+    _check_shard_size(max_shard_size)
     model, tokenizer, diffusion = load(src, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     return save_checkpoint(model, tokenizer, out_dir, diffusion=diffusion, card=card, overwrite=overwrite,
                            max_shard_size=max_shard_size)
@@ -239,12 +242,24 @@ def _with_mask_token(tokenizer, mask_token_id: int):
     return tokenizer
 
 
-def _check_destination(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a folder; choose another output path")
+def check_destination(out_dir: Path, overwrite: bool, needed_bytes: int = 0) -> None:
+    """A folder we may write (`outputs.check_output`) that is new, empty, or to be replaced (`overwrite`)."""
+    check_output(out_dir, folder=True, needed_bytes=needed_bytes)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) "
                         "to replace it, or choose another output folder")
+
+
+def _check_shard_size(max_shard_size: str | int) -> None:
+    """A shard size transformers can read: a number of bytes, or a string such as "2GB" or "500MB"."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        size = None
+    if not isinstance(size, int) or size < 1:
+        raise UserError(f"max shard size {max_shard_size!r} is not a size; pass bytes or a size such as 2GB or 500MB")
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

@@ -48,6 +48,7 @@ def push(
     check_export(folder)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UserError(f"repo id {repo_id!r} is not of the form 'owner/name'; pass e.g. 'my-user/my-diffusion-lm'")
+    _check_repo_name(repo_id)  # also with dry_run: a dry run promises that the real one would go through
     files = files_to_upload(folder)
     if dry_run:
         return files
@@ -81,3 +82,13 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(errors)
+
+
+def _check_repo_name(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"repo id {repo_id!r} is not valid on the Hub ({str(err).split('. ')[0]}); "
+                        "use letters, digits, '-', '_' and '.', e.g. 'my-user/my-diffusion-lm'") from None

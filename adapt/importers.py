@@ -26,7 +26,7 @@ from torch import nn
 from .attention import set_attention
 from .diffusion import DiffusionConfig
 from .errors import UserError
-from .export import save_checkpoint
+from .export import check_destination, save_checkpoint
 
 # The mask ids the published checkpoints reused (DiffuLLaMA paper and code).
 MASK_IDS = {"diffugpt": 10541, "diffullama": 811}
@@ -57,6 +57,7 @@ def import_checkpoint(
     src = Path(src)
     if not src.is_dir():
         raise UserError(f"checkpoint folder not found: {src}; pass the downloaded {format} folder")
+    check_destination(Path(out_dir), overwrite)  # before the weights are read
     config_source = src if (src / "config.json").is_file() else base
     try:
         config = AutoConfig.from_pretrained(config_source)

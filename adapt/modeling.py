@@ -7,7 +7,9 @@ and one clear `UserError` for a path that is not a causal LM.
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 from .attention import unwrap_model
 from .diffusion import DiffusionConfig
 from .errors import UserError
+from .limits import max_positions  # noqa: F401  (its home is limits.py, which the remote code ships)
 
 MASK_TOKEN = "<|mdm_mask|>"
 EMBEDDING_ROW_MULTIPLE = 64  # an added mask token pads the embedding to a multiple of this
@@ -41,7 +44,7 @@ def load_model(
     config = _load_config(path, source, load_kwargs)
     kwargs = dict(load_kwargs)
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        kwargs["dtype"] = _torch_dtype(dtype)
     if not gguf:
         # None lets transformers fall back to .bin, which it then reads with weights_only=True.
         kwargs["use_safetensors"] = None if allow_pickle else True
@@ -55,14 +58,43 @@ def load_model(
 
 
 def _check_source(path: str, source: str, gguf: dict, allow_pickle: bool) -> None:
-    """A missing local path or pickle-only weights, refused before transformers is asked."""
+    """A missing local path, a file or a run folder for a model folder, or pickle-only weights, refused
+    before transformers is asked (which would try the Hub for each, then fail obscurely)."""
     if gguf:
         if not Path(path).is_file():
             raise UserError(f"model file not found: {path}; pass an existing .gguf file")
     elif not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise UserError(f"model path not found: {path}; pass a local model folder, a .gguf file or a Hub id")
+    elif Path(path).is_file():
+        raise UserError(f"{path} is a file; pass the model's folder (the one holding config.json), or a .gguf file")
     elif Path(source).is_dir():
-        _check_weights_format(Path(source), allow_pickle)
+        folder = Path(source)
+        if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+            raise UserError(f"{path} is a training run's folder; pass its model folder, {folder / 'model'}")
+        _check_weights_format(folder, allow_pickle)
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise UserError(f"unknown dtype {dtype!r}; pass float32, bfloat16 or float16")
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def check_device(device: torch.device | str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded for it."""
+    if device is None:
+        return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; pass cpu, cuda, cuda:1, mps, ...") from None
+    backends = {"cuda": torch.cuda, "mps": torch.backends.mps}
+    if device.type in backends and not backends[device.type].is_available():
+        raise UserError(f"--device {device} asks for {device.type.upper()}, which this machine (or this build of "
+                        "torch) does not have; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                        "pass cuda:0 ... or cpu")
 
 
 def _load_config(path: str, source: str, load_kwargs: dict):
@@ -92,12 +124,49 @@ def _load_weights(path: str, source: str, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _load_report_held_back() as report:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        report.replay()
+        return model
     except OSError as err:
         raise UserError(f"cannot load model weights from {path!r}: {_first_line(err)}") from None
+    except RuntimeError as err:
+        if "mismatched_sizes" not in str(err):
+            raise
+        raise UserError(f"the weights in {path!r} do not fit its config.json (tensor shapes differ); the config "
+                        "and the weights come from different models, so copy the model's own config.json") from None
     except SafetensorError as err:
         raise UserError(f"the safetensors weights in {path!r} are damaged or incomplete ({_first_line(err)}); "
                         "copy or download them again") from None
+
+
+class _HeldRecords(logging.Handler):
+    """Log records kept back, to be handed to the handlers they were meant for (or dropped)."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger, self.handlers, self.records = logger, list(logger.handlers), []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def replay(self):
+        for record in self.records:
+            for handler in self.handlers:
+                handler.handle(record)
+
+
+@contextmanager
+def _load_report_held_back():
+    """transformers logs a long load report and then raises on weights of the wrong shape: hold its log
+    back while loading, so a failure is our one line; `replay()` it after a load that worked."""
+    logger = logging.getLogger("transformers")
+    held = _HeldRecords(logger)
+    logger.handlers = [held]
+    try:
+        yield held
+    finally:
+        logger.handlers = held.handlers
 
 
 def _load_tokenizer(path: str, source: str, load_kwargs: dict):
@@ -117,15 +186,6 @@ def from_pretrained_args(path: str) -> tuple[str, dict]:
     return path, {}
 
 
-def max_positions(config) -> int | None:
-    """The longest sequence the model's position embeddings allow, by the config's name for it; None if unstated."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def ensure_mask_token(model: nn.Module, tokenizer, strategy: str = "add", token_id: int | None = None) -> int:
     """Give the model a mask token and return its id; the choice is recorded in `config.diffusion`.
 
@@ -135,7 +195,10 @@ def ensure_mask_token(model: nn.Module, tokenizer, strategy: str = "add", token_
     "reuse": use the existing id `token_id` (e.g. 10541 for GPT-2 small, 811 for LLaMA-2 in DiffuLLaMA).
     """
     inner = unwrap_model(model)
-    vocab_rows = inner.get_input_embeddings().weight.shape[0]
+    vocab_rows = _rows(inner.get_input_embeddings().weight)
+    if len(tokenizer) > vocab_rows:  # its last ids have no embedding row: a mismatched tokenizer, not a mask token
+        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding has {vocab_rows:,} "
+                        "rows; use the tokenizer the model was trained with")
     if strategy == "reuse":
         if token_id is None or not 0 <= token_id < vocab_rows:
             raise ValueError(f"strategy 'reuse' needs token_id in [0, {vocab_rows}), got {token_id}")
@@ -166,20 +229,41 @@ def _init_new_row(model: nn.Module, row: int) -> None:
     the padding rows past `row` get the same mean (never random values) and are never predicted: their
     logits are dropped (`DiffusionConfig.vocab_size`).
     """
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    old_rows = _rows(model.get_input_embeddings().weight)
     existing = min(old_rows, row)
     new_rows = slice(row, row + 1)
     if row >= old_rows:
         model.resize_token_embeddings(row + 1, pad_to_multiple_of=EMBEDDING_ROW_MULTIPLE, mean_resizing=False)
-        new_rows = slice(old_rows, model.get_input_embeddings().weight.shape[0])
-    with torch.no_grad():
-        inputs = model.get_input_embeddings().weight
+        new_rows = slice(old_rows, _rows(model.get_input_embeddings().weight))
+    inputs, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    with torch.no_grad(), _gathered([inputs, *(head.parameters() if head is not None else [])]):
         inputs[new_rows] = inputs[:existing].mean(dim=0)
-        head = model.get_output_embeddings()
         if head is not None and head.weight is not inputs:
             head.weight[new_rows] = head.weight[:existing].mean(dim=0)
             if getattr(head, "bias", None) is not None:
                 head.bias[new_rows] = head.bias[:existing].mean()
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """An embedding's rows, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+@contextmanager
+def _gathered(params):
+    """Whole ZeRO-3-partitioned parameters for an update (rank 0's values are kept); others as they are.
+
+    A model built inside `deepspeed.zero.Init` holds only a slice of each weight per process, so the
+    mean of the existing rows must be taken on the gathered matrix.
+    """
+    partitioned = list({id(p): p for p in params if hasattr(p, "ds_id")}.values())  # a tied head once
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
 
 
 def _is_causal_lm_config(config) -> bool:

@@ -67,6 +67,18 @@ class TrainSection:
 
 
 @dataclass
+class DiffusionSection:
+    """Which kind of diffusion model the run makes; recorded in the export's config.json."""
+
+    # null: the source's kind (one bidirectional block for an AR model, as DiffuLLaMA); an int B: block
+    # diffusion, bidirectional inside blocks of B tokens and causal across them, with an exact KV cache.
+    block_size: int | None = field(default=None, metadata=at_least(1))
+    # "constant": blocks of block_size from the first step; "grow": 1, 2, 4, ... up to block_size in equal
+    # stages over train.anneal_steps (block size 1 with the shift is the AR model, LLaDA2.0's warm-up).
+    block_schedule: Literal["constant", "grow"] = "constant"
+
+
+@dataclass
 class OptimSection:
     """AdamW and the learning-rate schedule (transformers' schedulers)."""
 
@@ -124,6 +136,7 @@ class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     optim: OptimSection = field(default_factory=OptimSection)
     lora: LoraSection = field(default_factory=LoraSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
@@ -189,7 +202,10 @@ def _read_yaml(path: Path) -> dict:
     try:
         values = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as err:
-        raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)  # where the parser gave up (0-based)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"recipe {path} is not valid YAML{where}: {problem}; fix the YAML there") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

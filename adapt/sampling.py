@@ -49,12 +49,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import DiffusionConfig, predict_logits
-from .errors import UserError
+from .block import BlockCache
+from .diffusion import DiffusionConfig, output_logits, predict_logits
+from .errors import UserError, check_type
+from .limits import check_context
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 DEFAULT_SPAN_LENGTH = 8  # tokens a plain "[MASK]" stands for
 DEFAULT_MASK_MARKER = "[MASK]"
+MAX_NUM_SAMPLES = 1024  # samples are one batch: its memory grows with them, so one argument must not be unbounded
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,22 @@ class SamplingOptions:
     num_samples: int = 1  # samples denoised as one batch
     seed: int | None = None  # same seed, same output; None draws a fresh one
     progress: bool | None = False  # a progress bar; None = when stderr is a terminal
+    allow_longer: bool = False  # let a RoPE model run past its trained positions (limits.check_context)
+    # Block models: keep the keys and values of finished blocks, so a step runs only the current block
+    # (exact: the output is the same as without); False recomputes the whole sequence every step.
+    cache: bool = True
+    # Commit every position of the current block whose confidence (the drawn token's probability) is at
+    # least this, and at least an even share of what is left (Fast-dLLM's parallel decoding); `steps`
+    # becomes an upper bound. None: a fixed number per step. Needs strategy "confidence".
+    threshold: float | None = None
+    # Block models: stop at the end of the first block after which every sample has produced EOS; the
+    # positions left are EOS (the text ends at the first EOS anyway) and the forwards they would cost are saved.
+    stop_at_eos: bool = True
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top-k must be >= 1, got {self.top_k}")
@@ -83,6 +97,13 @@ class SamplingOptions:
             raise UserError(f"block size must be >= 1, got {self.block_size}; omit it to denoise all positions "
                             "at once")
         _check_positive(num_samples=self.num_samples)
+        if self.num_samples > MAX_NUM_SAMPLES:
+            raise UserError(f"num samples = {self.num_samples} is more than one batch may hold ({MAX_NUM_SAMPLES}); "
+                            "draw them in several calls, each with its own seed")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise UserError(f"threshold must be in (0, 1], got {self.threshold}; 0.9 is Fast-dLLM's choice")
+        if self.threshold is not None and self.strategy != "confidence":
+            raise UserError(f"threshold decoding commits by confidence; use strategy 'confidence', not {self.strategy!r}")
 
     @classmethod
     def with_overrides(cls, options: SamplingOptions | None, overrides: dict) -> SamplingOptions:
@@ -159,11 +180,14 @@ def generate_with_details(
     _check_steps(steps, length)
     config = _diffusion_config(model)
     prompt_ids = context_ids(tokenizer, prompt, anchor=config.shift)
+    check_context(model.config, len(prompt_ids) + length, f"the prompt and {length:,} new tokens",
+                  allow_longer=options.allow_longer)
     ids = torch.tensor([prompt_ids + [config.mask_token_id] * length] * options.num_samples, device=_device(model))
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[:, len(prompt_ids):] = True
+    stop = tokenizer.eos_token_id if config.block_size is not None and options.stop_at_eos else None
     out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps,
-                  options=options)
+                  model_block_size=config.block_size, stop_token=stop, options=options)
     rows = out.ids.tolist()
     start = len(prompt_ids)
     return Generation(
@@ -216,6 +240,9 @@ def infill_with_details(
     _check_positive(span_length=span_length)
     config = _diffusion_config(model)
     pieces = split_infill_text(text, mask_marker, span_length)
+    # the spans alone first, before lists of their size are built
+    check_context(model.config, sum(p for p in pieces if isinstance(p, int)), "the spans together",
+                  allow_longer=options.allow_longer)
 
     # Tokenize each given piece on its own so that the spans sit exactly between them. Spaces right
     # before a span are left to the span: BPE vocabularies attach a space to the word after it, so a
@@ -234,13 +261,14 @@ def infill_with_details(
     masked = sum(end - start for start, end in spans)
     steps = masked if steps is None else steps
     _check_steps(steps, masked)
+    check_context(model.config, len(sequence), "the text with its spans", allow_longer=options.allow_longer)
 
     ids = torch.tensor([sequence] * options.num_samples, device=_device(model))
     fill = torch.zeros_like(ids, dtype=torch.bool)
     for start, end in spans:
         fill[:, start:end] = True
     out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps,
-                  options=options)
+                  model_block_size=config.block_size, options=options)
     rows = out.ids.tolist()
     # Splice the decoded spans into the original pieces, so every given character is kept as written;
     # a span's leading space is dropped where the given text already ends with one.
@@ -270,11 +298,16 @@ def split_infill_text(
     if not mask_marker:
         raise UserError("the mask marker is empty; pass a marker such as '[MASK]'")
     head, tail = _marker_parts(mask_marker)
-    pattern = re.escape(head) + r"(?::(\d+))?" + re.escape(tail)
+    # A count is whatever stands between ':' and the tail, so a malformed one ("[MASK:abc]") is refused
+    # rather than kept as literal text.
+    pattern = re.escape(head) + (rf"(?::([^{re.escape(tail)}]*))?" if tail else r"(?::(\d+))?") + re.escape(tail)
     pieces, start = [], 0
     for match in re.finditer(pattern, text):
         if match.start() > start:
             pieces.append(text[start:match.start()])
+        if match.group(1) is not None and not match.group(1).isdecimal():
+            raise UserError(f"span {match.group(0)!r} has no token count; write a count of tokens, "
+                            f"such as {_sized(mask_marker, 5)!r}")
         count = span_length if match.group(1) is None else int(match.group(1))
         if count < 1:
             raise UserError(f"span {match.group(0)!r} asks for {count} tokens; give a span length of at least 1")
@@ -297,13 +330,19 @@ def denoise(
     mask_token_id: int,
     steps: int,
     shift: bool = True,
+    model_block_size: int | None = None,
+    stop_token: int | None = None,
     options: SamplingOptions | None = None,
     **overrides,
 ) -> Denoised:
     """Fill the positions where `fill` (bool (B, L)) is True; every other token is held fixed.
 
     Every row must have the same number of positions to fill (the commit schedule is shared). The rows
-    are the samples: `num_samples` is not read here. Sampling settings: as for `generate`.
+    are the samples: `num_samples` is not read here. Sampling settings: as for `generate`. A block
+    diffusion model (`model_block_size`, its `DiffusionConfig.block_size`) is decoded in its own blocks,
+    left to right, each given the finished ones before it (through the KV cache unless `cache=False`).
+    With `stop_token`, the loop ends after the first block at whose end every row has generated that
+    token; the positions still to fill get it, with commit step -1 (not generated).
     """
     options = SamplingOptions.with_overrides(options, overrides)
     counts = fill.sum(dim=1)
@@ -314,9 +353,12 @@ def denoise(
     if shift and fill[:, 0].any():
         raise UserError("position 0 cannot be generated with the shift (it is never predicted); start with a "
                         "given token such as BOS")
-    # Block of each position to fill: its rank among the row's positions to fill, // block_size.
-    rank = fill.long().cumsum(dim=1) - 1
-    block_of = torch.where(fill, rank // (options.block_size or total), -1)
+    if model_block_size is None:
+        # Block of each position to fill: its rank among the row's positions to fill, // block_size.
+        rank = fill.long().cumsum(dim=1) - 1
+        block_of = torch.where(fill, rank // (options.block_size or total), -1)
+    else:
+        block_of = _model_blocks(fill, model_block_size, options)
     sizes = torch.bincount(block_of[0][fill[0]]).tolist()
     if steps < len(sizes):
         raise UserError(f"{steps} steps cannot cover {len(sizes)} blocks of {options.block_size} tokens; "
@@ -325,13 +367,44 @@ def denoise(
     was_training = model.training
     model.eval()  # dropout would make even greedy samples random
     try:
-        return _denoise_blocks(model, ids.masked_fill(fill, mask_token_id), block_of, sizes,
-                               mask_token_id=mask_token_id, steps=steps, shift=shift, options=options)
+        logits_for = _logits_function(model, shift, model_block_size, options.cache)
+        return _denoise_blocks(logits_for, ids.masked_fill(fill, mask_token_id), block_of, sizes,
+                               mask_token_id=mask_token_id, steps=steps, stop_token=stop_token, options=options)
     finally:
         model.train(was_training)
 
 
-def _denoise_blocks(model, ids, block_of, sizes, *, mask_token_id, steps, shift, options) -> Denoised:
+def _model_blocks(fill: torch.Tensor, block_size: int, options: SamplingOptions) -> torch.Tensor:
+    """(B, L): for a block model, the index among the blocks to fill of each position to fill (-1 = given).
+    Its blocks are fixed by position (0..B-1, B..2B-1, ...), the ones it was trained on."""
+    if options.block_size not in (None, block_size):
+        raise UserError(f"this block diffusion model decodes in its own blocks of {block_size} tokens; "
+                        f"drop the sampler's block size ({options.block_size}) or set it to {block_size}")
+    absolute = torch.arange(fill.shape[1], device=fill.device) // block_size
+    filled = absolute[fill[0]].unique()  # sorted
+    return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
+
+
+def _logits_function(model, shift: bool, block_size: int | None, cache: bool):
+    """logits_for(ids, candidates): the logits (N, V) of the positions `candidates` (bool (B, L), all in
+    one block) predicted from `ids`. A block model reads the finished blocks from its cache."""
+    if block_size is None:
+        return lambda ids, candidates: predict_logits(model, ids, candidates, shift=shift)
+    if not cache:  # the training computation itself: each block given the clean blocks before it
+        return lambda ids, candidates: predict_logits(model, ids, candidates, shift=shift, block_size=block_size,
+                                                      clean=ids)
+    blocks = BlockCache(model, block_size, shift)
+
+    def cached(ids, candidates):
+        first = int(candidates.any(dim=0).nonzero()[0])
+        start = first // block_size * block_size
+        blocks.extend(ids, start)  # the blocks before this one are finished
+        end = min(start + block_size, ids.shape[1])
+        return output_logits(model, blocks.hidden(ids, end, candidates))
+    return cached
+
+
+def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, stop_token, options) -> Denoised:
     """The loop of `denoise`: block after block (`block_of` (B, L): -1 = given), each in its share of steps."""
     generator = _generator(options.seed, ids.device)
     commit_step = torch.full_like(ids, -1)
@@ -344,21 +417,16 @@ def _denoise_blocks(model, ids, block_of, sizes, *, mask_token_id, steps, shift,
         logits = None  # reused while the input is unchanged
         for block_step, quota in enumerate(schedule):
             candidates = masked & (block_of == block)
+            if not candidates.any():  # `random` or a threshold finished the block early: its other steps are idle
+                step += 1
+                bar.update(1)
+                continue
             if logits is None:
-                logits = predict_logits(model, ids, candidates, shift=shift)
+                logits = logits_for(ids, candidates)
                 forwards += 1
             tokens, score = _draw(logits, mask_token_id, options, generator)
-            if options.strategy == "random":
-                steps_left = block_steps - block_step
-                u = torch.rand(score.shape, generator=generator, device=generator.device)
-                chosen = u.to(score.device) < 1.0 / steps_left
-                commit = torch.zeros_like(candidates)
-                commit[candidates] = chosen
-            else:
-                dense = torch.full(ids.shape, -torch.inf, device=ids.device)
-                dense[candidates] = score
-                commit = torch.zeros_like(candidates)
-                commit.scatter_(1, dense.topk(quota, dim=1).indices, True)
+            commit = _choose(candidates, score, quota=quota, steps_left=block_steps - block_step, options=options,
+                             generator=generator)
             proposal = torch.zeros_like(ids)
             proposal[candidates] = tokens
             ids = torch.where(commit, proposal, ids)
@@ -368,8 +436,31 @@ def _denoise_blocks(model, ids, block_of, sizes, *, mask_token_id, steps, shift,
                 logits = None
             step += 1
             bar.update(1)
+        generated = (block_of >= 0) & ~masked
+        if stop_token is not None and ((ids == stop_token) & generated).any(dim=1).all():
+            ids = ids.masked_fill(masked, stop_token)
+            break
     bar.close()
     return Denoised(ids=ids, commit_step=commit_step, forwards=forwards)
+
+
+def _choose(candidates, score, *, quota: int, steps_left: int, options: SamplingOptions, generator) -> torch.Tensor:
+    """Which candidates (bool (B, L)) to commit this step, from their scores (row-major, one each)."""
+    commit = torch.zeros_like(candidates)
+    if options.strategy == "random":
+        u = torch.rand(score.shape, generator=generator, device=generator.device)
+        commit[candidates] = u.to(score.device) < 1.0 / steps_left
+        return commit
+    dense = torch.full(candidates.shape, -torch.inf, device=candidates.device)
+    dense[candidates] = score
+    if options.threshold is None:
+        return commit.scatter_(1, dense.topk(quota, dim=1).indices, True)
+    # Every candidate at least as confident as the threshold, and never fewer than an even share of
+    # what is left over the steps left (one at the least), so the block still ends within its steps.
+    left = candidates.sum(dim=1)
+    count = torch.maximum((dense >= options.threshold).sum(dim=1), (left + steps_left - 1) // steps_left)
+    rank = dense.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return (rank < count[:, None]) & candidates
 
 
 def _draw(logits, mask_token_id, options: SamplingOptions, generator):
@@ -451,6 +542,7 @@ def _decode_after(tokenizer, ids: list[int], start: int, end: int) -> str:
 
 
 def _diffusion_config(model) -> DiffusionConfig:
+    check_type("model", model, torch.nn.Module, "the diffusion model (a torch module; the tokenizer goes second)")
     config = DiffusionConfig.from_model_config(model.config)
     if config is None or config.mask_token_id is None:
         raise UserError("the model has no diffusion settings (no mask token in config.diffusion); "
@@ -503,6 +595,7 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 def _check_positive(**values) -> None:
     for name, value in values.items():
+        check_type(name, value, int, "a whole number")
         if value < 1:
             raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
 

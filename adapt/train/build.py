@@ -20,9 +20,10 @@ class DiffusionObjective(nn.Module):
         self.config = config
 
     def forward(self, input_ids, attention_mask=None, never_mask=None, t=None, mask=None, denominator=None,
-                generator=None):
+                block_size=None, generator=None):
         return diffusion_loss(self.model, input_ids, self.config, attention_mask=attention_mask,
-                              never_mask=never_mask, t=t, mask=mask, denominator=denominator, generator=generator)
+                              never_mask=never_mask, t=t, mask=mask, denominator=denominator, block_size=block_size,
+                              generator=generator)
 
 
 def load_model(recipe: Recipe):
@@ -33,11 +34,16 @@ def load_model(recipe: Recipe):
     restarts it near causal attention.
     """
     from ..modeling import ensure_mask_token, load_model as load_pretrained, max_positions
+    from .partitioned import is_zero3, load_partitioned
 
     settings = recipe.model
-    model, tokenizer = load_pretrained(settings.path, dtype=settings.dtype,
-                                       attn_implementation=settings.attn_implementation,
-                                       trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle)
+
+    def load_whole(settings):
+        return load_pretrained(settings.path, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
+                               trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle)
+
+    # Under ZeRO-3 each process holds only its slice of every weight from the start (partitioned.py).
+    model, tokenizer = load_partitioned(settings, load_whole) if is_zero3() else load_whole(settings)
     limit = max_positions(model.config)
     if limit is not None and recipe.data.seq_len > limit:
         raise UserError(f"data.seq_len = {recipe.data.seq_len} exceeds the model's maximum positions ({limit}); "
@@ -52,6 +58,9 @@ def load_model(recipe: Recipe):
     diffusion = DiffusionConfig.from_model_config(model.config)
     diffusion.anneal_steps = recipe.train.anneal_steps
     diffusion.anneal_from = get_attention_ratio(model)
+    if recipe.diffusion.block_size is not None:
+        diffusion.block_size = recipe.diffusion.block_size
+    diffusion.block_schedule = recipe.diffusion.block_schedule
     diffusion.eps = recipe.train.eps
     diffusion.loss_norm = recipe.train.loss_norm
     diffusion.base_model = diffusion.base_model or settings.path

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..outputs import check_output, tensor_bytes, writing
 from ..recipe import Recipe
 from .collectives import all_reduce_sum
 from .report import METRICS_FILE
@@ -71,8 +72,10 @@ def clear_previous_run(output_dir: Path, overwrite: bool, accelerator) -> None:
 
 def model_shapes(model: nn.Module) -> dict:
     """A fingerprint of the model's parameters (names and shapes), recorded in every checkpoint."""
-    listing = "\n".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
-    return {"parameters": sum(p.numel() for p in model.parameters()),
+    # ZeRO-3 (zero.Init) leaves each process an empty slice; `ds_shape` / `ds_numel` are the whole weight's.
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    listing = "\n".join(f"{name}:{shape}" for name, shape in shapes.items())
+    return {"parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
             "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
@@ -82,24 +85,35 @@ def save_checkpoint(run: Run) -> Path:
     _refuse_nonfinite_weights(run)
     final = run.output_dir / CHECKPOINTS / f"step-{run.step:06d}"
     temp = final.with_name(".tmp-" + final.name)
-    if accelerator.is_main_process:
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    run.backend.save_state(temp, run.objective, run.optimizer, run.scheduler)
-    (temp / f"data_rank{accelerator.process_index}.json").write_text(json.dumps(run.train_blocks.state_dict()))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"step": run.step, "tokens_trained": run.tokens_trained, "world_size": accelerator.num_processes,
-                 "diffusion": run.diffusion.to_dict(), "recipe": run.recipe.to_dict(), "model_shapes": run.model_shapes}
-        (temp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        temp.rename(final)
+    check_output(final.parent, folder=True, needed_bytes=_checkpoint_bytes(run))
+    with writing(final, temp):  # a failure (a full disk, say) leaves no .tmp- folder behind
+        if accelerator.is_main_process:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        run.backend.save_state(temp, run.objective, run.optimizer, run.scheduler)
+        (temp / f"data_rank{accelerator.process_index}.json").write_text(json.dumps(run.train_blocks.state_dict()))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": run.step, "tokens_trained": run.tokens_trained, "world_size": accelerator.num_processes,
+                     "diffusion": run.diffusion.to_dict(), "recipe": run.recipe.to_dict(),
+                     "model_shapes": run.model_shapes}
+            (temp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            temp.rename(final)
         for old in complete_checkpoints(run.output_dir)[: -run.recipe.checkpoint.keep]:
             shutil.rmtree(old)
         print(f"adapt train: checkpoint {final}", flush=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _checkpoint_bytes(run: Run) -> int:
+    """About what this process writes into a checkpoint: its (shard of the) weights and optimizer state."""
+    state = getattr(run.optimizer, "state", None) or {}
+    moments = [t for entry in state.values() if isinstance(entry, dict) for t in entry.values() if torch.is_tensor(t)]
+    weights = [p.to_local() if hasattr(p, "to_local") else p for p in run.objective.parameters()]  # FSDP2: a shard
+    return tensor_bytes(weights) + tensor_bytes(moments)
 
 
 def load_checkpoint(run: Run, path: Path) -> None:

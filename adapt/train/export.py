@@ -28,9 +28,12 @@ def export_model(run: Run) -> Path:
         if recipe.lora.r > 0:
             model = model.merge_and_unload()
         model = unwrap_model(model)
-        set_attention(model, run.diffusion.anneal_ratio(max(recipe.train.max_steps - 1, 0)))
+        last_step = max(recipe.train.max_steps - 1, 0)
+        set_attention(model, run.diffusion.anneal_ratio(last_step))
         model.config.use_cache = True
-        diffusion = dataclasses.replace(run.diffusion, tokens_trained=run.tokens_trained)
+        # the block size the last step trained (a "grow" schedule cut short by max_steps ends below its target)
+        diffusion = dataclasses.replace(run.diffusion, tokens_trained=run.tokens_trained,
+                                        block_size=run.diffusion.block_size_at(last_step))
         card = {"base_model": diffusion.base_model}
         if run.validation:
             card["evaluation"] = {"validation ELBO perplexity": run.validation["val_elbo_ppl"]}

@@ -31,11 +31,12 @@ import torch
 from ..attention import set_attention
 from ..diffusion import draw_noise, elbo_nll, loss_denominator, maskable_positions
 from ..recipe import Recipe
-from .backends import no_zero3_init, open_backend
+from .backends import open_backend
 from .build import DiffusionObjective, apply_lora, load_model, make_scheduler, param_groups
 from .checkpoint import clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint, save_checkpoint
 from .collectives import all_reduce_sum
 from .export import export_model
+from .lock import run_lock
 from .report import Reporter, log, warn
 from .state import Run, TrainResult
 from .stops import Interrupted, NumericalFault, StopSignal
@@ -45,8 +46,14 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
     """Run a recipe to the end (or to a signal) and export the result to output_dir/model.
 
     A fresh run (resume: null) refuses an output_dir that holds a previous run unless `overwrite`, which
-    deletes that run's checkpoints, logs, metrics and model first.
+    deletes that run's checkpoints, logs, metrics and model first. The run holds output_dir's lock
+    throughout (lock.py): a second run on the same folder is refused.
     """
+    with run_lock(recipe.output_dir):
+        return _run_to_the_end(recipe, overwrite)
+
+
+def _run_to_the_end(recipe: Recipe, overwrite: bool) -> TrainResult:
     run = start_run(recipe, overwrite)
     try:
         micro_batches = run.train_blocks.batches(recipe.train.batch_size, rank=run.accelerator.process_index,
@@ -73,12 +80,12 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
     if recipe.resume is None:
         clear_previous_run(output_dir, overwrite, backend.accelerator)
     resume_from = resume_checkpoint(recipe)
+    if recipe.resume is not None and resume_from is None:
+        log(backend.accelerator, f"nothing to resume in {output_dir} (no complete checkpoint); starting a fresh run")
 
     set_seed(recipe.train.seed)
-    with no_zero3_init():
-        # Loaded whole on every process and partitioned by deepspeed.initialize: the mask token's new row
-        # is set from the other rows, which zero.Init's partitioned weights would hide (NaN rows).
-        model, tokenizer, diffusion = load_model(recipe)
+    # Under ZeRO-3 the model is built inside deepspeed.zero.Init, each process holding only its slice.
+    model, tokenizer, diffusion = load_model(recipe)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
@@ -111,7 +118,7 @@ def train_step(run: Run, micro_batches) -> dict:
     """One optimizer step over `grad_accum` micro-batches; updates the run's progress, returns its record."""
     accelerator, accum, world = run.accelerator, run.recipe.train.grad_accum, run.accelerator.num_processes
     started = time.perf_counter()
-    ratio = run.diffusion.anneal_ratio(run.step)
+    ratio, block_size = run.diffusion.anneal_ratio(run.step), run.diffusion.block_size_at(run.step)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
     micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
     num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
@@ -121,7 +128,7 @@ def train_step(run: Run, micro_batches) -> dict:
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.objective), accelerator.autocast():
             out = run.objective(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator,
-                                generator=micro.generator)
+                                block_size=block_size, generator=micro.generator)
             # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
             # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
             accelerator.backward(out.loss * (accum * world))
@@ -136,7 +143,8 @@ def train_step(run: Run, micro_batches) -> dict:
     loss, ce_sum, tokens = all_reduce_sum(totals).tolist()
     run.step += 1
     run.tokens_trained += int(tokens)
-    record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1), "ratio": ratio, "lr": lr,
+    record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1), "ratio": ratio,
+              **({"block_size": block_size} if block_size is not None else {}), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
               "tokens_per_s": tokens / (time.perf_counter() - started), "tokens_trained": run.tokens_trained}
     _count_finite(run, record, finite)
