@@ -252,11 +252,17 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
             flops = train_flops(model, ids.shape, statistics.mean(scored[name]))
             results[name]["mfu"] = flops / results[name]["median_s"] / (peak_tflops * 1e12)
     set_attention(model, 0.0)
-    for name in results:
-        results[name]["time_ratio"] = results[name]["median_s"] / results["causal"]["median_s"]
-        results[name]["cpu_time_ratio"] = results[name]["cpu_median_s"] / results["causal"]["cpu_median_s"]
-        results[name]["memory_ratio"] = results[name]["peak_bytes"] / results["causal"]["peak_bytes"]
-        results[name]["step_memory_ratio"] = results[name]["step_peak_bytes"] / results["causal"]["step_peak_bytes"]
+    return _against_causal(results)
+
+
+def _against_causal(results: dict) -> dict:
+    """Each row's time and memory as ratios to the causal row's."""
+    causal = results["causal"]
+    for row in results.values():
+        row["time_ratio"] = row["median_s"] / causal["median_s"]
+        row["cpu_time_ratio"] = row["cpu_median_s"] / causal["cpu_median_s"]
+        row["memory_ratio"] = row["peak_bytes"] / causal["peak_bytes"]
+        row["step_memory_ratio"] = row["step_peak_bytes"] / causal["step_peak_bytes"]
     return results
 
 

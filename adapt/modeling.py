@@ -18,7 +18,6 @@ from torch import nn
 from .attention import unwrap_model
 from .diffusion import DiffusionConfig
 from .errors import UserError
-from .limits import max_positions  # noqa: F401  (its home is limits.py, which the remote code ships)
 
 MASK_TOKEN = "<|mdm_mask|>"
 EMBEDDING_ROW_MULTIPLE = 64  # an added mask token pads the embedding to a multiple of this

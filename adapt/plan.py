@@ -143,7 +143,7 @@ def meta_model(recipe):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .modeling import max_positions
+    from .limits import max_positions
 
     config = read_config(recipe.model.path)
     limit = max_positions(config)

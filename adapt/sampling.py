@@ -247,17 +247,7 @@ def infill_with_details(
     # Tokenize each given piece on its own so that the spans sit exactly between them. Spaces right
     # before a span are left to the span: BPE vocabularies attach a space to the word after it, so a
     # lone trailing space token would be an input the model never saw in training.
-    sequence, spans = _leading_ids(tokenizer), []
-    for index, piece in enumerate(pieces):
-        if isinstance(piece, int):
-            if not sequence and config.shift:
-                sequence.append(anchor_id(tokenizer))  # position 0 is never predicted
-            spans.append((len(sequence), len(sequence) + piece))
-            sequence += [config.mask_token_id] * piece
-        else:
-            before_span = index + 1 < len(pieces) and isinstance(pieces[index + 1], int)
-            given = piece.rstrip(" ") if before_span else piece
-            sequence += tokenizer(given, add_special_tokens=False)["input_ids"] if given else []
+    sequence, spans = _infill_sequence(tokenizer, pieces, config)
     masked = sum(end - start for start, end in spans)
     steps = masked if steps is None else steps
     _check_steps(steps, masked)
@@ -286,6 +276,22 @@ def infill_with_details(
         texts.append("".join(parts))
     return Infilling(texts=texts, spans=filled, token_ids=rows, commit_step=out.commit_step.tolist(),
                      forwards=out.forwards)
+
+
+def _infill_sequence(tokenizer, pieces: list, config: DiffusionConfig) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of the text with each span as mask tokens, and each span's (start, end)."""
+    sequence, spans = _leading_ids(tokenizer), []
+    for index, piece in enumerate(pieces):
+        if isinstance(piece, int):
+            if not sequence and config.shift:
+                sequence.append(anchor_id(tokenizer))  # position 0 is never predicted
+            spans.append((len(sequence), len(sequence) + piece))
+            sequence += [config.mask_token_id] * piece
+        else:
+            before_span = index + 1 < len(pieces) and isinstance(pieces[index + 1], int)
+            given = piece.rstrip(" ") if before_span else piece
+            sequence += tokenizer(given, add_special_tokens=False)["input_ids"] if given else []
+    return sequence, spans
 
 
 def split_infill_text(

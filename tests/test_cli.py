@@ -51,3 +51,13 @@ def test_generate_and_infill_flags_are_the_sampling_options_with_their_defaults(
 def test_a_bad_generate_flag_is_refused_before_the_model_loads(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "--length", "4", "--steps", "2", "--top-p", "2"]) == 2
     assert "top-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_the_command_starts_without_torch():
+    """`adapt` imports its libraries inside main(), where Ctrl-C is one line and exit code 130."""
+    import subprocess
+    import sys
+
+    code = "import sys, adapt, adapt.cli; print('torch' in sys.modules, adapt.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["False", "0.1.0"], result.stderr

@@ -6,7 +6,6 @@ one process would read in its r-th micro-step, so the runs must agree up to floa
 Each run takes 20-60 s on 2 cores (process start-up, DeepSpeed import), hence `slow`.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import yaml
 
 from adapt.train import train
 
-from .tiny_runs import recipe_for, tensors
+from .tiny_runs import free_port, recipe_for, step_records, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -54,7 +53,7 @@ def test_two_processes_match_one_process(single, name):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ROOT / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", str(_free_port())]
+                   str(ROOT / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port())]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     run = subprocess.run([*command, "-m", "adapt", "train", str(recipe_file)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -73,13 +72,4 @@ def test_two_processes_match_one_process(single, name):
 
 
 def _losses(output_dir) -> list[float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [record["loss"] for record in step_records(output_dir)]

@@ -8,7 +8,6 @@ Each launch takes 30-90 s on 2 cores (process start-up, DeepSpeed import), hence
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import yaml
 
 from adapt.train import complete_checkpoints, train
 
-from .tiny_runs import ENV, recipe_for, tensors
+from .tiny_runs import ENV, free_port, recipe_for, step_records, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,7 +39,7 @@ def single(tmp_path_factory):
 def _launch_nodes(recipe_file: Path, *overrides: str) -> list[tuple[subprocess.Popen, Path]]:
     """One torchrun launcher per node, node 0 holding the rendezvous on a free local port; each node's
     output goes to a file beside the recipe (a pipe nobody reads could fill and stall it)."""
-    port = _free_port()
+    port = free_port()
     env = dict(ENV, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     nodes = []
     for rank in (0, 1):
@@ -111,11 +110,4 @@ def test_sigterm_to_one_node_checkpoints_both_and_resume_continues(tmp_path):
 
 
 def _losses(output_dir) -> list[float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [record["loss"] for record in step_records(output_dir)]

@@ -19,7 +19,7 @@ from adapt.diffusion import DiffusionConfig, diffusion_loss
 from adapt.errors import UserError
 from adapt.train import Interrupted, complete_checkpoints, train
 
-from .tiny_runs import SEQ_LEN, recipe_for
+from .tiny_runs import SEQ_LEN, recipe_for, step_records
 from .tiny_runs import tensors as weights  # every tensor of a model folder
 
 
@@ -231,11 +231,6 @@ def test_sft_never_masks_the_prompt_or_padding(tmp_path, monkeypatch, padding):
 
 # ---- method: continuing, normalisation, the logged rate -------------------------------------------
 
-def _steps(run_dir) -> list[dict]:
-    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if "loss" in line]
-
-
 def test_continuing_an_adapted_checkpoint_keeps_its_bidirectional_attention(tmp_path):
     import adapt
 
@@ -245,7 +240,7 @@ def test_continuing_an_adapted_checkpoint_keeps_its_bidirectional_attention(tmp_
     continued = recipe_for(tmp_path, f"model.path={adapted.model_dir}", "train.max_steps=2",
                            "train.anneal_steps=10000", "train.eval_batches=0", output="continued")
     result = train(continued)
-    assert [s["ratio"] for s in _steps(continued.output_dir)] == [1.0, 1.0]
+    assert [s["ratio"] for s in step_records(continued.output_dir)] == [1.0, 1.0]
     _, _, config = adapt.load(result.model_dir)
     assert config.annealing_finished and config.anneal_from == 1.0
     assert config.tokens_trained == result.tokens_trained == adapted.tokens_trained + 2 * 4 * SEQ_LEN
@@ -267,7 +262,7 @@ def test_the_objective_does_not_depend_on_how_a_step_is_split(tmp_path, monkeypa
               f"train.loss_norm={loss_norm}")
     whole = train(recipe_for(tmp_path, "train.batch_size=2", "train.grad_accum=1", *common, output="whole"))
     split = train(recipe_for(tmp_path, "train.batch_size=1", "train.grad_accum=2", *common, output="split"))
-    for a, b in zip(_steps(Path(whole.model_dir).parent), _steps(Path(split.model_dir).parent)):
+    for a, b in zip(step_records(Path(whole.model_dir).parent), step_records(Path(split.model_dir).parent)):
         for key in ("loss", "masked_ce", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a[key], b[key])
     a, b = weights(whole.model_dir), weights(split.model_dir)
@@ -279,4 +274,4 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(tmp_path):
     recipe = recipe_for(tmp_path, "train.max_steps=4", "optim.warmup_steps=2", "optim.schedule=constant",
                         "optim.lr=1e-3", "train.eval_batches=0")
     train(recipe)
-    assert [s["lr"] for s in _steps(recipe.output_dir)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    assert [s["lr"] for s in step_records(recipe.output_dir)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])

@@ -33,7 +33,8 @@ def load_model(recipe: Recipe):
     from the attention ratio it reached: continuing an adapted model (more pretraining, SFT) never
     restarts it near causal attention.
     """
-    from ..modeling import ensure_mask_token, load_model as load_pretrained, max_positions
+    from ..limits import max_positions
+    from ..modeling import ensure_mask_token, load_model as load_pretrained
     from .partitioned import is_zero3, load_partitioned
 
     settings = recipe.model
