@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from adapt.train import complete_checkpoints, train
 
-from .tiny_runs import ENV, free_port, recipe_for, step_records, tensors
+from .tiny_runs import ENV, assert_close_tensors, free_port, recipe_for, step_records, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -74,10 +73,7 @@ def test_two_nodes_match_one_process(single, backend):
     losses = _losses(recipe.output_dir)
     print(f"{backend} on two nodes: losses {losses} (one process: {reference_losses})")
     assert losses == pytest.approx(reference_losses, abs=1e-5)
-    expected, got = tensors(reference.model_dir), tensors(Path(recipe.output_dir) / "model")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=2e-5, rtol=1e-4, msg=f"{backend}: {key}")
+    assert_close_tensors(tensors(reference.model_dir), tensors(Path(recipe.output_dir) / "model"), f"{backend}: ")
 
 
 def test_sigterm_to_one_node_checkpoints_both_and_resume_continues(tmp_path):
@@ -103,10 +99,8 @@ def test_sigterm_to_one_node_checkpoints_both_and_resume_continues(tmp_path):
 
     for code, output in _finish(_launch_nodes(path, "resume=auto")):
         assert code == 0, output[-3000:]
-    expected, got = tensors(reference.model_dir), tensors(Path(recipe.output_dir) / "model")
     print(f"stopped at step {stopped_at} of {steps}, resumed on two nodes")
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=2e-5, rtol=1e-4, msg=key)
+    assert_close_tensors(tensors(reference.model_dir), tensors(Path(recipe.output_dir) / "model"))
 
 
 def _losses(output_dir) -> list[float]:

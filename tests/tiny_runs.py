@@ -162,6 +162,15 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+def assert_close_tensors(expected: dict, got: dict, label: str = "") -> None:
+    """The same tensors up to float summation order (runs that split the same work differently)."""
+    import torch
+
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-5, rtol=1e-4, msg=f"{label}{name}")
+
+
 def step_records(run_dir) -> list[dict]:
     """The per-step lines of a run's metrics.jsonl (validation lines left out)."""
     lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
