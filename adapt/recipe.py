@@ -117,6 +117,10 @@ class CheckpointSection:
 
     every: int = field(default=500, metadata=at_least(0))  # steps between checkpoints (0 = only at the end)
     keep: int = field(default=2, metadata=at_least(1))  # newest complete checkpoints kept
+    # Steps between loadable models written to output_dir/models/step-N, kept for good (a progress or
+    # forgetting curve: `adapt eval` reads them like the final model); each costs one model's disk.
+    # 0 = only the final output_dir/model.
+    export_every: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass

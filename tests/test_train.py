@@ -273,3 +273,24 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(tmp_path):
                         "optim.lr=1e-3", "train.eval_batches=0")
     train(recipe)
     assert [s["lr"] for s in step_records(recipe.output_dir)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("lora", [[], ["lora.r=4", "lora.alpha=8"]], ids=["full", "lora"])
+def test_models_exported_mid_run_are_the_checkpointed_weights_and_leave_training_unchanged(tmp_path, lora):
+    plain = train(recipe_for(tmp_path, *lora, output="plain"))
+    recipe = recipe_for(tmp_path, *lora, "checkpoint.export_every=2", "checkpoint.every=2", "checkpoint.keep=10",
+                        output="exporting")
+    exporting = train(recipe)
+    for name, tensor in weights(plain.model_dir).items():  # the copy exported mid-run is not the one trained
+        assert torch.equal(tensor, weights(exporting.model_dir)[name]), name
+
+    exports = sorted(p.name for p in (Path(recipe.output_dir) / "models").iterdir())
+    assert exports == ["step-000002", "step-000004"]  # the last step's model is output_dir/model
+    for step in (2, 4):
+        model, _, config = adapt.load(Path(recipe.output_dir) / "models" / f"step-{step:06d}")
+        assert config.tokens_trained == step * 4 * SEQ_LEN
+        assert adapt.get_attention_ratio(model) == pytest.approx(min(1.0, step / 4))  # anneal_steps=4
+        if not lora:  # the export holds the weights of that step's checkpoint
+            saved = load_file(str(Path(recipe.output_dir) / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+            for name, tensor in model.state_dict().items():
+                assert torch.equal(tensor, saved[f"model.{name}"]), name

@@ -26,7 +26,8 @@ from .stops import NumericalFault
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 EXPORT_DIR = "model"
-RUN_ARTEFACTS = (CHECKPOINTS, EXPORT_DIR, "logs", METRICS_FILE)
+PROGRESS_EXPORTS = "models"  # the models of checkpoint.export_every, one folder per step
+RUN_ARTEFACTS = (CHECKPOINTS, EXPORT_DIR, PROGRESS_EXPORTS, "logs", METRICS_FILE)
 
 
 def complete_checkpoints(output_dir) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -15,23 +16,25 @@ from .checkpoint import EXPORT_DIR
 from .state import Run
 
 
-def export_model(run: Run) -> Path:
-    """Write output_dir/model. Sharded weights are gathered first (every process takes part in the
-    gather); the main process writes."""
+def export_model(run: Run, out_dir: Path | None = None) -> Path:
+    """Write the model as it is at step `run.step` to `out_dir` (default output_dir/model). Sharded
+    weights are gathered first (every process takes part in the gather); the main process writes."""
     recipe, accelerator = run.recipe, run.accelerator
-    out_dir = run.output_dir / EXPORT_DIR
+    out_dir = out_dir or run.output_dir / EXPORT_DIR
     full_state = run.backend.full_state_dict(run.objective)
     if accelerator.is_main_process:
         model = run.inner_model
         if full_state is not None:
             model = _materialise(model, full_state, recipe)
+        elif out_dir != run.output_dir / EXPORT_DIR:  # mid-run: merging LoRA and the settings below must not
+            model = copy.deepcopy(model)  # change the model that goes on training
         if recipe.lora.r > 0:
             model = model.merge_and_unload()
         model = unwrap_model(model)
-        last_step = max(recipe.train.max_steps - 1, 0)
+        last_step = max(run.step - 1, 0)  # the step just trained: its attention ratio and block size
         set_attention(model, run.diffusion.anneal_ratio(last_step))
         model.config.use_cache = True
-        # the block size the last step trained (a "grow" schedule cut short by max_steps ends below its target)
+        # a "grow" schedule cut short (by max_steps, or an export mid-run) ends below its target block size
         diffusion = dataclasses.replace(run.diffusion, tokens_trained=run.tokens_trained,
                                         block_size=run.diffusion.block_size_at(last_step))
         card = {"base_model": diffusion.base_model}

@@ -15,6 +15,7 @@ Layout of output_dir:
     logs/                      TensorBoard event files
     metrics.jsonl              one line per logged step / validation
     model/                     the exported diffusion checkpoint (LoRA merged)
+    models/step-000100/        the model at that step (checkpoint.export_every; for progress curves)
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ..diffusion import draw_noise, elbo_nll, loss_denominator, maskable_positio
 from ..recipe import Recipe
 from .backends import open_backend
 from .build import DiffusionObjective, apply_lora, load_model, make_scheduler, param_groups
-from .checkpoint import clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint, save_checkpoint
+from .checkpoint import (PROGRESS_EXPORTS, clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint,
+                         save_checkpoint)
 from .collectives import all_reduce_sum
 from .export import export_model
 from .lock import run_lock
@@ -202,6 +204,9 @@ def end_of_step(run: Run, record: dict) -> None:
         run.reporter.write(run.validation)
         run.objective.train()
 
+    exports = run.recipe.checkpoint.export_every
+    if exports and step % exports == 0 and not last:  # the last step's model is the final export
+        export_model(run, run.output_dir / PROGRESS_EXPORTS / f"step-{step:06d}")
     signum = run.stop.agreed(run.accelerator.device)
     fault = run.nonfinite_in_a_row >= train.max_nonfinite_steps
     every = run.recipe.checkpoint.every
