@@ -8,8 +8,11 @@ records wall-clock time and the process's CPU time: on a machine crowded by othe
 
 * train: one optimizer step (forward, backward, AdamW) under the diffusion objective at attention
   ratio 1 and 0.5, against the causal-LM step a user would run: `model(input_ids, labels=input_ids)`.
-* sampling: tokens/s of `adapt.generate` against the source model's `generate` with its KV cache
-  (greedy, exactly `length` new tokens), at the same batch size.
+* sampling: tokens/s of the diffusion sampler (fixed steps; threshold decoding under each cache mode;
+  the same model sampled as a block model) against the source model's `generate` with its KV cache
+  (exactly `length` new tokens), at the same batch size and temperature, with tokens per forward and
+  the quality of the very samples timed (`adapt.evaluate.samples`: generative perplexity under the
+  model as a causal LM, unigram entropy).
 * elbo: tokens/s of `adapt.elbo_nll`, counted per Monte Carlo pass, against the AR model's exact
   log-likelihood forward on the same tokens.
 
@@ -55,7 +58,7 @@ class BenchSettings:
     # A local model folder, "smollm2" (the prepared SmolLM2-135M), "llama-1b" (a randomly initialised
     # Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family>.
     model: str = "smollm2"
-    dtype: Literal["fp32", "bf16"] = "bf16"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: what the device computes natively (native_dtype)
     device: str = "cpu"  # cpu, cuda or cuda:N
     # flash_attention_2 cannot run ratio 0.5; that row is skipped
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -67,6 +70,9 @@ class BenchSettings:
     sample_steps: list[int] | None = None  # diffusion steps to sample with
     sample_batch: list[int] = field(default_factory=lambda: [1, 8])  # sampling batch sizes
     sample_repeats: int = 1  # measured rounds of sampling
+    sample_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7])  # threshold decoding rows ([] = none)
+    # blocks of the threshold rows: the sampler's blocks for the bidirectional model, the block model's own
+    sample_block_size: int = 32
     elbo_samples: int = 4  # Monte Carlo samples per ELBO call
     # block diffusion train steps measured beside the bidirectional ones (blocks of these sizes; [] = none)
     train_block_sizes: list[int] = field(default_factory=lambda: [32])
@@ -86,8 +92,10 @@ def run(settings: BenchSettings) -> dict:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = _device(settings.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
+    dtype_name, dtype_reason = native_dtype(device) if settings.dtype == "auto" else (settings.dtype, "--dtype")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     model, tokenizer, source = load_bench_model(settings.model, dtype, device, settings.attn)
+    _log(f"dtype {dtype_name} ({dtype_reason})")  # once the model has loaded: bad input stays one line
     config = _diffusion_config(model, tokenizer)
     vocab = config.vocab_size or model.get_input_embeddings().weight.shape[0]  # never an alignment padding row
     generator = torch.Generator(device=device).manual_seed(0)
@@ -96,7 +104,8 @@ def run(settings: BenchSettings) -> dict:
     results = {
         "model": source,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": settings.dtype,
+        "dtype": dtype_name,
+        "dtype_reason": dtype_reason,
         "attention": model.config._attn_implementation,
         "batch": settings.batch,
         "seq_len": settings.seq_len,
@@ -114,9 +123,10 @@ def run(settings: BenchSettings) -> dict:
         results["elbo"] = bench_elbo(model, config, ids, repeats=settings.repeats, n_samples=settings.elbo_samples)
     if "sampling" in settings.parts:
         _log("sampling ...")
-        results["sampling"] = bench_sampling(model, tokenizer, length=settings.sample_length,
+        results["sampling"] = bench_sampling(model, tokenizer, config, length=settings.sample_length,
                                              steps=settings.sample_steps, batches=settings.sample_batch,
-                                             repeats=settings.sample_repeats)
+                                             repeats=settings.sample_repeats, thresholds=settings.sample_thresholds,
+                                             block_size=settings.sample_block_size)
     return results
 
 
@@ -126,11 +136,15 @@ def _resolved(settings: BenchSettings) -> BenchSettings:
              if getattr(settings, name) is None}
     settings = dataclasses.replace(settings, **unset)
     for name in ("repeats", "batch", "seq_len", "sample_length", "sample_repeats", "elbo_samples",
-                 "sample_steps", "sample_batch", "threads"):
+                 "sample_steps", "sample_batch", "sample_block_size", "threads"):
         value = getattr(settings, name)
         for count in value if isinstance(value, list) else [value]:
             if count is not None and count < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {count}; pass a positive number")
+    from .sampling import SamplingOptions
+
+    for threshold in settings.sample_thresholds:  # refused now, not after the model has loaded
+        SamplingOptions(threshold=threshold)
     return settings
 
 
@@ -229,13 +243,13 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
         for block_size in block_sizes:
             losses[f"block_b{block_size}"] = (0.0, diffusion(f"block_b{block_size}", block_size))
 
-    def timed(ratio, loss_fn):
+    def timed_step(ratio, loss_fn):
         def step():
             set_attention(model, ratio, generator=mask_generator)
-            return _timed(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
+            return timed(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
         return step
 
-    times = interleave({name: timed(*spec) for name, spec in losses.items()}, repeats=repeats, warmup=1)
+    times = interleave({name: timed_step(*spec) for name, spec in losses.items()}, repeats=repeats, warmup=1)
     held = _held_bytes(model, optimizer)
     results = {}
     for name, (ratio, loss_fn) in losses.items():
@@ -296,56 +310,105 @@ def train_flops(model, shape: tuple[int, int], head_positions: float) -> float:
 
 # -------------------------------------------------------------------------------------------- sampling
 
+def sampling_methods(length: int, steps: list[int], thresholds: list[float], block_size: int, *,
+                     explicit_masks: bool = True) -> dict[str, tuple]:
+    """name -> (block size of the block model or None, steps, `SamplingOptions`) of each way of sampling.
+
+    `diffusion_s{S}`: S steps, one block. For each threshold T (`steps` = `length`, an upper bound):
+    `threshold{T}_{cache}`, the bidirectional model in sampler blocks of `block_size` under each cache
+    that applies to it, and `block{B}_threshold{T}_{cache}`, the same model sampled as a block model with
+    blocks of B = `block_size` under each of its caches. The approximate caches and the block model pass
+    explicit attention masks: without `explicit_masks` (flash attention) their rows are left out.
+    """
+    from .sampling import APPROXIMATE_CACHES, CACHES, SamplingOptions
+
+    # A bidirectional model has no exact cache: "exact" reuses nothing there, the computation of "none".
+    bidirectional = ("none", *APPROXIMATE_CACHES) if explicit_masks else ("none",)
+    blockwise = [cache for cache in CACHES if cache not in APPROXIMATE_CACHES] if explicit_masks else []
+    methods = {f"diffusion_s{s}": (None, s, SamplingOptions(seed=0)) for s in steps}
+    for threshold in thresholds:
+        for cache in bidirectional:
+            methods[f"threshold{threshold:g}_{cache}"] = (
+                None, length, SamplingOptions(threshold=threshold, block_size=block_size, cache=cache, seed=0))
+        for cache in blockwise:
+            methods[f"block{block_size}_threshold{threshold:g}_{cache}"] = (
+                block_size, length, SamplingOptions(threshold=threshold, cache=cache, seed=0))
+    return methods
+
+
 @torch.no_grad()
-def bench_sampling(model, tokenizer, *, length: int, steps: list[int], batches: list[int], repeats: int) -> list[dict]:
-    """Tokens/s of diffusion sampling per (steps, batch) against KV-cached greedy AR decoding."""
-    from .sampling import generate
+def bench_sampling(model, tokenizer, config: DiffusionConfig, *, length: int, steps: list[int], batches: list[int],
+                   repeats: int, thresholds: list[float], block_size: int) -> list[dict]:
+    """Tokens/s, tokens per forward and quality of each way of sampling (`sampling_methods`) per batch size,
+    against the same model's KV-cached `generate` at the same length, batch and temperature (1, the
+    sampler's default; exactly `length` tokens). No run stops early at EOS: every run does the same work."""
+    from .evaluate.samples import ar_generate
+    from .sampling import SamplingOptions, context_ids, denoise, generate
 
     model.eval()
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.device
+    start = context_ids(tokenizer, None)  # BOS (or the anchor token) on both sides
+    methods = sampling_methods(length, steps, thresholds, block_size,
+                               explicit_masks=model.config._attn_implementation in PARTIAL_MASK_IMPLEMENTATIONS)
+    ar_options = SamplingOptions()
 
     def autoregressive(batch):
-        prompt = torch.full((batch, 1), bos, device=device)
+        prompt = torch.tensor([start] * batch, device=device)
 
         def run():
             set_attention(model, 0.0)
-            return _timed(device, lambda: model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
-                max_new_tokens=length, min_new_tokens=length, pad_token_id=pad))
+            return timed(device, lambda: ar_generate(model, prompt, length=length, options=ar_options, seed=0,
+                                                     tokenizer=tokenizer, fixed_length=True))
         return run
 
-    def diffusion(n_steps, batch):
+    def diffusion(block, n_steps, options, batch):
+        ids = torch.tensor([start + [config.mask_token_id] * length] * batch, device=device)
+        fill = torch.zeros_like(ids, dtype=torch.bool)
+        fill[:, len(start):] = True
+
         def run():
-            set_attention(model, 1.0)
-            return _timed(device, lambda: generate(model, tokenizer, length=length, steps=n_steps,
-                                                   num_samples=batch, seed=0))
+            set_attention(model, 1.0 if block is None else 0.0)  # a block model's attention is its block mask
+            return timed(device, lambda: denoise(model, ids, fill, mask_token_id=config.mask_token_id,
+                                                 shift=config.shift, steps=n_steps, model_block_size=block,
+                                                 options=options))
         return run
 
-    runs = {f"ar_b{b}": autoregressive(b) for b in batches}
-    runs.update({f"diffusion_s{s}_b{b}": diffusion(s, b) for s in steps for b in batches})
+    runs = {}
+    for b in batches:
+        runs[f"ar_b{b}"] = autoregressive(b)
+        runs.update({f"{name}_b{b}": diffusion(*method, b) for name, method in methods.items()})
     # Warm-up on a short run of each kind: first calls pay one-off costs (allocations, kernel choices).
     set_attention(model, 0.0)
-    model.generate(input_ids=torch.full((1, 1), bos, device=device), max_new_tokens=4, min_new_tokens=4,
-                   do_sample=False, pad_token_id=pad)
+    ar_generate(model, torch.tensor([start], device=device), length=4, options=ar_options, seed=0, tokenizer=tokenizer)
     set_attention(model, 1.0)
     generate(model, tokenizer, length=8, steps=2, seed=0)
     times = interleave(runs, repeats=repeats, warmup=0)
     set_attention(model, 0.0)
+    rows = [_sampling_row(model, tokenizer, name, method, batch=b, start=start, length=length,
+                          timings=times[f"{name}_b{b}"], ar_timings=times[f"ar_b{b}"])
+            for b in batches for name, method in {"ar": (None, None, ar_options), **methods}.items()]
     model.train()
-
-    rows = []
-    for b in batches:
-        ar = _summary(times[f"ar_b{b}"])
-        ar_rate = b * length / ar["median_s"]
-        for s in steps:
-            diffusion_time = _summary(times[f"diffusion_s{s}_b{b}"])
-            rate = b * length / diffusion_time["median_s"]
-            rows.append({"length": length, "steps": s, "batch": b, "tokens_per_s": rate, "ar_tokens_per_s": ar_rate,
-                         "speedup": rate / ar_rate, "cpu_speedup": ar["cpu_median_s"] / diffusion_time["cpu_median_s"],
-                         "spread": diffusion_time["spread"], "ar_spread": ar["spread"]})
     return rows
+
+
+def _sampling_row(model, tokenizer, name: str, method: tuple, *, batch: int, start: list[int], length: int,
+                  timings: list[tuple], ar_timings: list[tuple]) -> dict:
+    """One way of sampling at one batch size: its speed against AR and the quality of its last samples,
+    scored by the model itself as a causal LM (`adapt.evaluate.samples.quality`)."""
+    from .evaluate.samples import Sample, quality, text_tokens
+
+    block, n_steps, options = method
+    measured, ar = _summary(timings), _summary(ar_timings)
+    out = timings[-1][2]  # what the last measured run drew
+    ids, forwards = (out, out.shape[1]) if name == "ar" else (out.ids[:, len(start):], out.forwards)
+    samples = [Sample(start, text_tokens(row, tokenizer.eos_token_id), length, forwards, measured["median_s"])
+               for row in ids.tolist()]
+    rate, ar_rate = batch * length / measured["median_s"], batch * length / ar["median_s"]
+    return {"name": name, "batch": batch, "length": length, "steps": n_steps, "threshold": options.threshold,
+            "cache": None if name == "ar" else options.cache, "block_size": options.block_size,
+            "model_block_size": block, "tokens_per_s": rate, "ar_tokens_per_s": ar_rate, "speedup": rate / ar_rate,
+            "cpu_speedup": ar["cpu_median_s"] / measured["cpu_median_s"], "tokens_per_forward": length / forwards,
+            **quality(model, samples), "spread": measured["spread"], "ar_spread": ar["spread"]}
 
 
 # ------------------------------------------------------------------------------------------------ elbo
@@ -358,11 +421,11 @@ def bench_elbo(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: in
 
     def ar():
         set_attention(model, 0.0)
-        return _timed(ids.device, lambda: model(input_ids=ids, labels=ids).loss)
+        return timed(ids.device, lambda: model(input_ids=ids, labels=ids).loss)
 
     def elbo():
         set_attention(model, 1.0)
-        return _timed(ids.device, lambda: elbo_nll(model, ids, config, n_samples=n_samples, generator=generator))
+        return timed(ids.device, lambda: elbo_nll(model, ids, config, n_samples=n_samples, generator=generator))
 
     times = interleave({"ar": ar, "elbo": elbo}, repeats=repeats, warmup=1)
     set_attention(model, 0.0)
@@ -389,18 +452,19 @@ def interleave(runs: dict[str, Callable[[], tuple]], *, repeats: int, warmup: in
     return times
 
 
-def _timed(device: torch.device, fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall-clock seconds, CPU seconds of this process) that `fn` took."""
+def timed(device: torch.device, fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall-clock seconds, CPU seconds of this process) that `fn` took, and what it returned."""
     _synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    fn()
+    result = fn()
     _synchronize(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start
+    return time.perf_counter() - start, time.process_time() - cpu_start, result
 
 
-def _summary(timings: list[tuple[float, float]]) -> dict:
-    wall = [w for w, _ in timings]
-    cpu = [c for _, c in timings]
+def _summary(timings: list[tuple]) -> dict:
+    """Median and spread of the wall-clock times of `timings` (each as `timed` returns it), CPU times too."""
+    wall = [t[0] for t in timings]
+    cpu = [t[1] for t in timings]
     median = statistics.median(wall)
     return {"median_s": median, "times_s": wall, "spread": (max(wall) - min(wall)) / median,
             "cpu_median_s": statistics.median(cpu), "cpu_times_s": cpu}
@@ -454,6 +518,21 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def native_dtype(device: torch.device) -> tuple[str, str]:
+    """The dtype the bench runs in unless told (`--dtype auto`), and why: bf16 where the device computes it
+    natively, else fp32 (a CPU without bf16 instructions emulates it, about 26x slower than fp32)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {torch.cuda.get_device_name(device)} computes bf16 natively"
+        return "fp32", f"auto: {torch.cuda.get_device_name(device)} has no native bf16"
+    from .train import backends
+
+    if backends.cpu_has_native_bf16():
+        return "bf16", "auto: this CPU computes bf16 natively (AVX512-BF16 or AMX, or not x86)"
+    return "fp32", ("auto: this CPU has no AVX512-BF16 or AMX, so bf16 would be emulated (about 26x slower); "
+                    "--dtype bf16 to measure it anyway")
+
+
 def _known_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda" or dtype != torch.bfloat16:
         return None
@@ -503,10 +582,13 @@ def format_table(results: dict) -> str:
                          f"{row['memory_ratio']:>11.3f}{row['step_memory_ratio']:>10.3f}"
                          + (f"{row['mfu']:>6.1%}" if "mfu" in row else ""))
     if "sampling" in results:
-        lines += ["", f"{'sampling':<16}{'steps':>6}{'batch':>6}{'tok/s':>10}{'AR tok/s':>10}{'speedup':>9}{'cpu':>7}{'spread':>8}"]
+        length = results["sampling"][0]["length"]
+        lines += ["", f"{'sampling, length ' + str(length):<30}{'batch':>6}{'tok/s':>10}{'AR tok/s':>10}{'speedup':>9}"
+                      f"{'cpu':>7}{'tok/fwd':>9}{'gen ppl':>10}{'entropy':>9}{'spread':>8}"]
         for row in results["sampling"]:
-            lines.append(f"{'length ' + str(row['length']):<16}{row['steps']:>6}{row['batch']:>6}{row['tokens_per_s']:>10.1f}"
-                         f"{row['ar_tokens_per_s']:>10.1f}{row['speedup']:>9.2f}{row['cpu_speedup']:>7.2f}{row['spread']:>8.0%}")
+            lines.append(f"{row['name']:<30}{row['batch']:>6}{row['tokens_per_s']:>10.1f}{row['ar_tokens_per_s']:>10.1f}"
+                         f"{row['speedup']:>9.2f}{row['cpu_speedup']:>7.2f}{row['tokens_per_forward']:>9.2f}"
+                         f"{row['gen_perplexity']:>10.1f}{row['entropy']:>9.2f}{row['spread']:>8.0%}")
     if "elbo" in results:
         row = results["elbo"]
         lines += ["", f"{'ELBO':<16}{'samples':>8}{'tok/s':>10}{'AR tok/s':>10}{'ratio':>8}{'cpu':>7}{'spread':>8}",
@@ -520,12 +602,14 @@ def _has_mfu(results: dict) -> bool:
 
 
 def write_report(results: dict, json_path: str | None) -> None:
+    from .evaluate.tasks import to_json  # strict JSON: an undefined figure (nan) as null
+
     table = format_table(results)
     if json_path == "-":
         print(table, file=sys.stderr)
-        print(json.dumps(results, indent=2))
+        print(json.dumps(to_json(results), indent=2))
         return
     print(table)
     if json_path:
-        write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
+        write_text_atomically(json_path, json.dumps(to_json(results), indent=2) + "\n")
 

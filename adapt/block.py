@@ -107,9 +107,6 @@ class BlockCache:
 
         self.model, self.block_size, self.shift = model, block_size, shift
         self.cache = DynamicCache()
-        # transformers 5 renamed the forward's `past_key_values` to `cache` (the old name still works, warned)
-        parameters = inspect.signature(decoder_backbone(model).forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.length = 0  # positions held
         self.last_hidden = None  # (B, 1, H): the output at the last cached position
 
@@ -138,9 +135,20 @@ class BlockCache:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         check_window(self.model, mask.shape[-1])
-        positions = torch.arange(self.length, self.length + ids.shape[1], device=ids.device)
-        return decoder_backbone(self.model)(
-            input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
-            attention_mask=mask_for_implementation(mask, self.model), use_cache=True,
-            **{self._cache_argument: self.cache},
-        ).last_hidden_state
+        return cached_forward(self.model, ids, self.length, mask, self.cache)
+
+
+def cached_forward(model: nn.Module, ids: torch.Tensor, start: int, mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """The backbone's last hidden states (B, Q, H) for `ids` (B, Q) at the true positions start..start+Q-1,
+    attending to the keys and values held in `cache` (a `DynamicCache`) and to their own, as the bool
+    `mask` (1, 1, Q, cached + Q; True = attend) says, or as the model's own mask does when it is None.
+    Their keys and values are appended to `cache`."""
+    backbone = decoder_backbone(model)
+    # transformers 5 renamed the forward's `past_key_values` to `cache` (the old name still works, warned)
+    cache_argument = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+    return backbone(
+        input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
+        attention_mask=None if mask is None else mask_for_implementation(mask, model), use_cache=True,
+        **{cache_argument: cache},
+    ).last_hidden_state

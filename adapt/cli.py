@@ -215,8 +215,24 @@ def _run_convert(args) -> int:
 
 def _add_sampling_options(parser) -> None:
     """One flag per `SamplingOptions` field (the progress bar aside), its default taken from the field."""
+    from .sampling import SamplingOptions
+
+    default = SamplingOptions()
+    _add_decoding_options(parser)
+    parser.add_argument("--num-samples", type=int, default=default.num_samples,
+                        help="samples drawn in one batch (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=default.seed, help="same seed, same output")
+    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default: saved)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
+    _add_loading_options(parser)
+
+
+def _add_decoding_options(parser) -> None:
+    """The flags of how each sample is drawn and committed (every `SamplingOptions` field but the number of
+    samples, the seed and the progress bar), each default taken from its field; generate, infill and eval."""
     from .limits import EXTRAPOLATION_FACTOR
-    from .sampling import STRATEGIES, SamplingOptions
+    from .sampling import CACHES, STRATEGIES, SamplingOptions
 
     default = SamplingOptions()
     parser.add_argument("--strategy", choices=STRATEGIES, default=default.strategy,
@@ -228,34 +244,31 @@ def _add_sampling_options(parser) -> None:
                         help="sample from the smallest set with probability >= p")
     parser.add_argument("--block-size", type=int, default=default.block_size,
                         help="denoise in blocks of this many tokens, left to right")
-    parser.add_argument("--num-samples", type=int, default=default.num_samples,
-                        help="samples drawn in one batch (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=default.seed, help="same seed, same output")
     parser.add_argument("--threshold", type=float, default=default.threshold,
                         help="commit every position at least this confident each step (e.g. 0.9, Fast-dLLM); "
                              "--steps becomes an upper bound")
     parser.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false", default=default.stop_at_eos,
-                        help="block models: generate every block even after each sample has produced EOS")
-    parser.add_argument("--no-cache", dest="cache", action="store_false", default=default.cache,
-                        help="block models: recompute the whole sequence every step instead of keeping the finished "
-                             "blocks' keys and values (the same output, slower; for checking)")
+                        help="decoding in blocks: generate every block even after each sample has produced EOS")
+    parser.add_argument("--cache", choices=CACHES, default=default.cache,
+                        help="keys and values reused between steps: exact (default: a block model's finished "
+                             "blocks), none (recompute every step), prefix or dual (Fast-dLLM's approximate caches "
+                             "for bidirectional models with --block-size)")
     parser.add_argument("--allow-longer", action="store_true",
                         help=f"let a RoPE model (Llama, Qwen, ...) run up to {EXTRAPOLATION_FACTOR}x its trained "
                              "positions, with a warning (default: refused)")
-    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default: saved)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
-    _add_loading_options(parser)
 
 
-def _sampling_options(args):
-    """The `SamplingOptions` of the flags, each read by its field's name; a progress bar on terminals."""
+def _sampling_options(args, **fixed):
+    """The `SamplingOptions` of the flags the command has, each read by its field's name, with the fields
+    in `fixed` set as given; a progress bar on terminals unless `fixed` says otherwise."""
     from dataclasses import fields
 
     from .sampling import SamplingOptions
 
-    flags = {field.name: getattr(args, field.name) for field in fields(SamplingOptions) if field.name != "progress"}
-    return SamplingOptions(**flags, progress=None)
+    fixed = {"progress": None, **fixed}
+    flags = {field.name: getattr(args, field.name) for field in fields(SamplingOptions)
+             if field.name not in fixed and hasattr(args, field.name)}
+    return SamplingOptions(**flags, **fixed)
 
 
 def _add_generate(subparsers) -> None:
@@ -429,6 +442,16 @@ def _add_eval(subparsers) -> None:
                         help=f"elbo / sentence_infill: the column holding the text (default {default.text_column})")
     parser.add_argument("--timeout", type=float, default=default.timeout,
                         help=f"code_infill: seconds per test program (default {default.timeout})")
+    parser.add_argument("--num-samples", type=int, default=default.num_samples,
+                        help=f"samples: unconditional samples, and as many prompted (default {default.num_samples})")
+    parser.add_argument("--length", type=int, default=default.length,
+                        help=f"samples: tokens per sample (default {default.length})")
+    parser.add_argument("--steps", type=int, default=default.steps,
+                        help="samples: denoising steps per sample (default: one per token)")
+    parser.add_argument("--prompts", default=default.prompts, metavar="FILE",
+                        help="samples: prompts, one a line (or .jsonl with \"prompt\"; default: eight openings of "
+                             "held-out Brown documents)")
+    _add_decoding_options(parser)
     parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default float32)")
     parser.add_argument("--device", help="cpu (default), cuda, ...")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -454,16 +477,28 @@ def _run_eval(args) -> int:
     settings = EvalSettings(
         data=args.data, limit=args.limit, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
         seq_len=args.seq_len, validation_fraction=args.validation_fraction, text_column=args.text_column,
-        timeout=args.timeout,
+        timeout=args.timeout, num_samples=args.num_samples, length=args.length, steps=args.steps,
+        prompts=args.prompts, sampling=_sampling_options(args, num_samples=1, progress=False),
     )
+    if "samples" in args.task and not (args.ar or args.source):
+        raise UserError("task samples scores the samples under the AR model; pass --source AR_MODEL (the causal "
+                        "model the checkpoint was adapted from), or --ar to sample a causal model itself")
+
+    def causal(path):
+        model, tokenizer = load_model(path, dtype=args.dtype, **_loading_kwargs(args))
+        return model.to(args.device or "cpu"), tokenizer
+
+    # samples: every run's samples are scored under the source (loaded once), else a causal model's own
+    source = causal(args.source) if args.source and "samples" in args.task else None
     runs = []
     for path, as_ar in [(args.model, args.ar)] + ([(args.source, True)] if args.source else []):
         if as_ar:
-            model, tokenizer = load_model(path, dtype=args.dtype, **_loading_kwargs(args))
-            model, config = model.to(args.device or "cpu"), None
+            model, tokenizer = source if source and path == args.source else causal(path)
+            config = None
         else:
             model, tokenizer, config = load(path, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
         results = run_tasks(model, tokenizer, args.task, config=config, settings=settings,
+                            scorer=source[0] if source else None,
                             progress=sys.stderr.isatty())  # bars in a log file would share the error line
         runs.append({"name": f"{path} ({'AR' if as_ar else 'diffusion'})", "model": path,
                      "mode": "ar" if as_ar else "diffusion", "results": results})
@@ -495,7 +530,9 @@ def _add_bench(subparsers) -> None:
                         help="a local model folder, 'smollm2' (the prepared SmolLM2-135M), 'llama-1b' (a randomly "
                              "initialised Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family> "
                              f"(default: {default.model})")
-    parser.add_argument("--dtype", choices=choices_of(BenchSettings, "dtype"), default=default.dtype)
+    parser.add_argument("--dtype", choices=choices_of(BenchSettings, "dtype"), default=default.dtype,
+                        help=f"weights and compute dtype (default: {default.dtype}: bf16 where the device computes it "
+                             "natively, else fp32; the choice and its reason are printed)")
     parser.add_argument("--device", default=default.device, help=f"cpu, cuda or cuda:N (default: {default.device})")
     parser.add_argument("--attn", default=default.attn, choices=choices_of(BenchSettings, "attn"),
                         help="attention implementation (flash_attention_2 cannot run ratio 0.5; that row is skipped)")
@@ -512,6 +549,12 @@ def _add_bench(subparsers) -> None:
                         help=f"sampling batch sizes (default: {shown(default.sample_batch)})")
     parser.add_argument("--sample-repeats", type=int, default=default.sample_repeats,
                         help=f"measured rounds of sampling (default: {default.sample_repeats})")
+    parser.add_argument("--sample-thresholds", type=float, nargs="*", default=default.sample_thresholds,
+                        help="threshold decoding rows, one per threshold, under each cache mode and as a block model "
+                             f"(default: {shown(default.sample_thresholds)}; none: the flag alone)")
+    parser.add_argument("--sample-block-size", type=int, default=default.sample_block_size,
+                        help="blocks of the threshold rows: the sampler's for the bidirectional model, the block "
+                             f"model's own (default: {default.sample_block_size})")
     parser.add_argument("--elbo-samples", type=int, default=default.elbo_samples,
                         help=f"Monte Carlo samples per ELBO call (default: {default.elbo_samples})")
     parser.add_argument("--train-block-sizes", type=int, nargs="*", default=default.train_block_sizes,

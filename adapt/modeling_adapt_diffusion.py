@@ -16,7 +16,8 @@ family's modeling code. Any family works without a class per family: the module 
 `AdaptDiffusion<Base>` on first access (PEP 562 module `__getattr__`). Attention: ratio 1 (bidirectional)
 is restored by transformers itself from `is_causal` in config.json; a partial ratio (a checkpoint saved
 mid-annealing) is restored with `set_attention` when the model is built. A block diffusion model
-(`diffusion.block_size` in config.json) samples block by block with its exact KV cache, the same sampler.
+(`diffusion.block_size` in config.json) samples block by block with its exact KV cache, the same sampler;
+a bidirectional one decoded in blocks takes Fast-dLLM's approximate caches with `cache="prefix"` or `"dual"`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class DiffusionGenerationMixin:
         return DiffusionConfig.from_model_config(self.config)
 
     def diffusion_generate(self, tokenizer, prompt: str | None = None, *, details: bool = False, **kwargs):
-        """Generated continuations (list of str), or a `Generation` with `details=True`."""
+        """Generated continuations (list of str), or a `Generation` with `details=True`. `cache` ("exact",
+        "none", "prefix", "dual") chooses the key/value cache as for `adapt.generate`."""
         sample = generate_with_details if details else generate
         return sample(self, tokenizer, prompt, **kwargs)
 

@@ -26,15 +26,20 @@ function takes it as `options=` and any of its fields as keywords, which overrid
 
 A generated continuation ends at its first EOS: the texts `generate` returns stop before it (the model
 has said the text is finished; what it drew after EOS is not part of the answer). The details keep all
-`length` ids and commit steps, EOS and what follows included. Infill spans are not cut: they sit
-between given texts, and the text is the whole input with the spans filled.
+`length` ids and commit steps, EOS and what follows included. Decoding in blocks, `generate` stops
+once every sample has an EOS in the finished blocks (`stop_at_eos`): the text is final by then, and
+the positions not generated are EOS with commit step -1. Infill spans are not cut: they sit between
+given texts, and the text is the whole input with the spans filled.
 
 The sampler puts the model in eval mode for the duration (dropout would make even greedy samples
 random) and restores the caller's training flag afterwards.
 
-No key/value cache: at attention ratio 1 every position attends to every other, so the keys and values
-of the prompt depend on the masked (and then committed) positions after it and change at every step.
-A prefix cache would be an approximation, not the same computation, so the sampler does not use one.
+Key/value caches (`cache`). A block diffusion model is causal across its blocks, so the keys and
+values of finished blocks never change and its cache is exact (`adapt.block.BlockCache`). A fully
+bidirectional model has no exact cache: at attention ratio 1 the keys and values of the prompt depend
+on the masked (and then committed) positions after it and change at every step. By default it runs
+the whole sequence every step; `cache="prefix"` or `"dual"` opt in to Fast-dLLM's approximate caches
+for semi-autoregressive decoding (`ApproximateCache`), refreshed at the start of every block.
 
 This module depends only on torch, tqdm and three dependency-free modules of this package (attention,
 diffusion, errors). `adapt export` copies all of them verbatim into every checkpoint, where the remote
@@ -49,12 +54,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 from tqdm.auto import tqdm
 
-from .block import BlockCache
+from .attention import PARTIAL_MASK_IMPLEMENTATIONS, decoder_backbone, get_attention_ratio, sliding_window, unwrap_model
+from .block import BlockCache, cached_forward
 from .diffusion import DiffusionConfig, output_logits, predict_logits
 from .errors import UserError, check_type
 from .limits import check_context
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
+CACHES = ("exact", "none", "prefix", "dual")  # see SamplingOptions.cache
+APPROXIMATE_CACHES = ("prefix", "dual")
 DEFAULT_SPAN_LENGTH = 8  # tokens a plain "[MASK]" stands for
 DEFAULT_MASK_MARKER = "[MASK]"
 MAX_NUM_SAMPLES = 1024  # samples are one batch: its memory grows with them, so one argument must not be unbounded
@@ -73,15 +81,20 @@ class SamplingOptions:
     seed: int | None = None  # same seed, same output; None draws a fresh one
     progress: bool | None = False  # a progress bar; None = when stderr is a terminal
     allow_longer: bool = False  # let a RoPE model run past its trained positions (limits.check_context)
-    # Block models: keep the keys and values of finished blocks, so a step runs only the current block
-    # (exact: the output is the same as without); False recomputes the whole sequence every step.
-    cache: bool = True
+    # Which keys and values a step reuses, one of CACHES. "exact": a block model keeps its finished blocks,
+    # so a step runs only the current block (the same output as "none"); a bidirectional model reuses
+    # nothing. "none": every step runs the whole sequence. "prefix" / "dual" (Fast-dLLM, bidirectional
+    # models with a `block_size`): keep the keys and values before the current block ("dual": and after
+    # it) from one full forward at the block's start, so a step runs the block and what follows it
+    # ("dual": the block only). An approximation: the kept keys were computed while the block was masked.
+    cache: str = "exact"
     # Commit every position of the current block whose confidence (the drawn token's probability) is at
     # least this, and at least an even share of what is left (Fast-dLLM's parallel decoding); `steps`
     # becomes an upper bound. None: a fixed number per step. Needs strategy "confidence".
     threshold: float | None = None
-    # Block models: stop at the end of the first block after which every sample has produced EOS; the
-    # positions left are EOS (the text ends at the first EOS anyway) and the forwards they would cost are saved.
+    # Decoding in blocks (a block model, or a `block_size`): `generate` stops at the end of the first block
+    # after which every sample has produced EOS; the positions left are EOS (the text ends at the first
+    # EOS anyway) and the forwards they would cost are saved.
     stop_at_eos: bool = True
 
     def __post_init__(self):
@@ -104,6 +117,8 @@ class SamplingOptions:
             raise UserError(f"threshold must be in (0, 1], got {self.threshold}; 0.9 is Fast-dLLM's choice")
         if self.threshold is not None and self.strategy != "confidence":
             raise UserError(f"threshold decoding commits by confidence; use strategy 'confidence', not {self.strategy!r}")
+        if self.cache not in CACHES:
+            raise UserError(f"unknown cache {self.cache!r}; choose one of {', '.join(CACHES)}")
 
     @classmethod
     def with_overrides(cls, options: SamplingOptions | None, overrides: dict) -> SamplingOptions:
@@ -185,7 +200,10 @@ def generate_with_details(
     ids = torch.tensor([prompt_ids + [config.mask_token_id] * length] * options.num_samples, device=_device(model))
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[:, len(prompt_ids):] = True
-    stop = tokenizer.eos_token_id if config.block_size is not None and options.stop_at_eos else None
+    # Stopping cannot change the texts: it happens only at the end of a block, once every sample has an
+    # EOS in the finished blocks; everything before that EOS is committed, and committed tokens never
+    # change, so the text (which ends there) is final. Only the positions after it are left ungenerated.
+    stop = tokenizer.eos_token_id if options.stop_at_eos else None
     out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps,
                   model_block_size=config.block_size, stop_token=stop, options=options)
     rows = out.ids.tolist()
@@ -346,7 +364,7 @@ def denoise(
     Every row must have the same number of positions to fill (the commit schedule is shared). The rows
     are the samples: `num_samples` is not read here. Sampling settings: as for `generate`. A block
     diffusion model (`model_block_size`, its `DiffusionConfig.block_size`) is decoded in its own blocks,
-    left to right, each given the finished ones before it (through the KV cache unless `cache=False`).
+    left to right, each given the finished ones before it (through the KV cache unless `cache="none"`).
     With `stop_token`, the loop ends after the first block at whose end every row has generated that
     token; the positions still to fill get it, with commit step -1 (not generated).
     """
@@ -369,6 +387,7 @@ def denoise(
     if steps < len(sizes):
         raise UserError(f"{steps} steps cannot cover {len(sizes)} blocks of {options.block_size} tokens; "
                         f"use at least {len(sizes)} steps or a larger block size")
+    _check_cache(model, options, model_block_size, ids.shape[1])
 
     was_training = model.training
     model.eval()  # dropout would make even greedy samples random
@@ -391,23 +410,111 @@ def _model_blocks(fill: torch.Tensor, block_size: int, options: SamplingOptions)
     return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
 
 
-def _logits_function(model, shift: bool, block_size: int | None, cache: bool):
-    """logits_for(ids, candidates): the logits (N, V) of the positions `candidates` (bool (B, L), all in
-    one block) predicted from `ids`. A block model reads the finished blocks from its cache."""
+def _check_cache(model, options: SamplingOptions, model_block_size: int | None, length: int) -> None:
+    """Refuse an approximate cache where it does not apply, naming the fix."""
+    cache = options.cache
+    if cache not in APPROXIMATE_CACHES:
+        return
+    if model_block_size is not None:
+        raise UserError(f"cache {cache!r} is for fully bidirectional models; this block diffusion model has an "
+                        "exact cache: use cache 'exact' (the default)")
+    if options.block_size is None:
+        raise UserError(f"cache {cache!r} is refreshed at each block of semi-autoregressive decoding; give a "
+                        "block size (block_size=32, --block-size 32) or use cache 'exact'")
+    ratio = get_attention_ratio(model)
+    if ratio != 1.0:
+        raise UserError(f"cache {cache!r} needs a fully bidirectional model (attention ratio 1), this one is at "
+                        f"ratio {ratio}; use cache 'exact'")
+    implementation = unwrap_model(model).config._attn_implementation
+    if implementation not in PARTIAL_MASK_IMPLEMENTATIONS:  # a step's mask spans cached and new keys
+        raise UserError(f"cache {cache!r} needs an explicit attention mask, which attention implementation "
+                        f"{implementation!r} cannot apply; load the model with attn_implementation='sdpa' or use "
+                        "cache 'exact'")
+    window = sliding_window(decoder_backbone(model).config)
+    if window is not None and length > window:
+        raise UserError(f"cache {cache!r} cannot run {length} positions past the model's sliding window "
+                        f"({window}): its mask would replace the window; use cache 'exact' or at most {window} "
+                        "positions")
+
+
+def _logits_function(model, shift: bool, block_size: int | None, cache: str):
+    """logits_for(ids, candidates, block): the logits (N, V) of the positions `candidates` (bool (B, L))
+    predicted from `ids`; `block` (bool (B, L)) is every position of the block they are in. A block
+    model reads the finished blocks from its cache; an approximate cache is refreshed when the block changes."""
+    if cache in APPROXIMATE_CACHES:
+        return ApproximateCache(model, shift, dual=cache == "dual").logits
     if block_size is None:
-        return lambda ids, candidates: predict_logits(model, ids, candidates, shift=shift)
-    if not cache:  # the training computation itself: each block given the clean blocks before it
-        return lambda ids, candidates: predict_logits(model, ids, candidates, shift=shift, block_size=block_size,
-                                                      clean=ids)
+        return lambda ids, candidates, block: predict_logits(model, ids, candidates, shift=shift)
+    if cache == "none":  # the training computation itself: each block given the clean blocks before it
+        return lambda ids, candidates, block: predict_logits(model, ids, candidates, shift=shift,
+                                                             block_size=block_size, clean=ids)
     blocks = BlockCache(model, block_size, shift)
 
-    def cached(ids, candidates):
+    def cached(ids, candidates, block):
         first = int(candidates.any(dim=0).nonzero()[0])
         start = first // block_size * block_size
         blocks.extend(ids, start)  # the blocks before this one are finished
         end = min(start + block_size, ids.shape[1])
         return output_logits(model, blocks.hidden(ids, end, candidates))
     return cached
+
+
+class ApproximateCache:
+    """Fast-dLLM's prefix and dual caches (arXiv 2505.22618) for a fully bidirectional model decoded in blocks.
+
+    At the first step of each block one forward runs the whole sequence, as without a cache, and its
+    keys and values are kept for every position outside the window the later steps of the block
+    recompute. The window starts at the block's first position (with the shift one position earlier: the
+    output there predicts the block's first token) and ends at the end of the sequence (prefix cache: the
+    masked suffix is recomputed) or of the block (dual cache: the suffix is kept too). Each later step
+    runs only the window, at its true positions, against the kept keys and values, every key visible.
+
+    Keys are held as [prefix ; suffix] and the window's are appended after them: with every key visible
+    the order does not matter (attention sums over keys; RoPE and position embeddings were applied at
+    each key's true position before it was kept). An approximation: the kept keys and values were
+    computed while the block was still masked, and the window's own changes do not reach them.
+    """
+
+    def __init__(self, model, shift: bool, *, dual: bool):
+        self.model, self.shift, self.dual = model, shift, dual
+        self.kept = None  # DynamicCache of the positions outside the window
+        self.window = None  # (start, end) of the positions each step recomputes
+
+    def logits(self, ids: torch.Tensor, candidates: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """The logits (N, V) of `candidates` (bool (B, L)), in row-major order; `block` (bool (B, L)) is
+        every position of their block, and a block other than the one cached refreshes the cache."""
+        positions = block.any(dim=0).nonzero().squeeze(1)
+        window = (int(positions[0]) - int(self.shift), int(positions[-1]) + 1 if self.dual else ids.shape[1])
+        if window != self.window:
+            hidden, offset = self._refresh(ids, window), 0
+        else:
+            hidden, offset = self._step(ids), window[0]
+        rows, columns = candidates.nonzero(as_tuple=True)
+        return output_logits(self.model, hidden[rows, columns - offset - int(self.shift)])
+
+    def _refresh(self, ids: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """Run the whole sequence (the uncached forward) and keep the keys and values outside `window`."""
+        from transformers import DynamicCache
+
+        full = DynamicCache()
+        hidden = cached_forward(self.model, ids, 0, None, full)
+        start, end = window
+        self.kept = DynamicCache([
+            (torch.cat([keys[..., :start, :], keys[..., end:, :]], dim=-2),
+             torch.cat([values[..., :start, :], values[..., end:, :]], dim=-2))
+            for keys, values, *_ in full
+        ])
+        self.window = window
+        return hidden
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, end - start, H) of the window, against the kept keys and values."""
+        start, end = self.window
+        held = self.kept.get_seq_length()
+        visible = torch.ones(1, 1, end - start, held + end - start, dtype=torch.bool, device=ids.device)
+        hidden = cached_forward(self.model, ids[:, start:end], start, visible, self.kept)
+        self.kept.crop(start - end)  # the window's keys and values change every step: not kept
+        return hidden
 
 
 def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, stop_token, options) -> Denoised:
@@ -421,14 +528,15 @@ def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, s
     for block, block_steps in enumerate(_share(steps, sizes)):
         schedule = _even_split(sizes[block], block_steps)
         logits = None  # reused while the input is unchanged
+        in_block = block_of == block
         for block_step, quota in enumerate(schedule):
-            candidates = masked & (block_of == block)
+            candidates = masked & in_block
             if not candidates.any():  # `random` or a threshold finished the block early: its other steps are idle
                 step += 1
                 bar.update(1)
                 continue
             if logits is None:
-                logits = logits_for(ids, candidates)
+                logits = logits_for(ids, candidates, in_block)
                 forwards += 1
             tokens, score = _draw(logits, mask_token_id, options, generator)
             commit = _choose(candidates, score, quota=quota, steps_left=block_steps - block_step, options=options,

@@ -1,6 +1,8 @@
-"""The bench: a smoke run has every figure, the memory probe sees what a step allocates, runs interleave."""
+"""The bench: a smoke run has every figure, the memory probe sees what a step allocates, runs interleave, the
+dtype follows what the device computes natively."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ def _restore_threads():
 def test_quick_run_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     code = cli_main(["bench", "--quick", "--model", "tiny-llama", "--threads", "1", "--batch", "2", "--seq-len", "64",
-                     "--sample-length", "16", "--sample-steps", "4", "8", "--json", str(out)])
+                     "--sample-length", "16", "--sample-steps", "4", "8", "--sample-block-size", "8", "--json", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
 
@@ -37,11 +39,24 @@ def test_quick_run_reports_every_figure(tmp_path):
     assert train["diffusion_r1"]["head_positions"] == train["diffusion_r0.5"]["head_positions"]
     assert train["block_b32"]["head_positions"] == train["diffusion_r1"]["head_positions"]  # the same masks
 
-    rows = {(row["steps"], row["batch"]): row for row in results["sampling"]}
-    assert set(rows) == {(4, 1), (4, 8), (8, 1), (8, 8)}
-    for row in rows.values():
+    rows = {(row["name"], row["batch"]): row for row in results["sampling"]}
+    methods = {"ar", "diffusion_s4", "diffusion_s8"} | {
+        f"{kind}{threshold}_{cache}" for threshold in ("0.9", "0.7")
+        for kind, cache in [("threshold", "none"), ("threshold", "prefix"), ("threshold", "dual"),
+                            ("block8_threshold", "exact"), ("block8_threshold", "none")]}
+    assert set(rows) == {(name, batch) for name in methods for batch in (1, 8)}
+    for (name, batch), row in rows.items():
         assert row["tokens_per_s"] > 0 and row["ar_tokens_per_s"] > 0 and row["length"] == 16
         assert row["speedup"] == pytest.approx(row["tokens_per_s"] / row["ar_tokens_per_s"])
+        assert 1 <= row["tokens_per_forward"] <= 16 and 0 <= row["entropy"] <= math.log(16)
+        assert row["gen_perplexity"] is None or row["gen_perplexity"] > 1  # None: every text empty (EOS first)
+    for batch in (1, 8):
+        assert rows["ar", batch]["tokens_per_forward"] == 1 and rows["ar", batch]["speedup"] == 1
+        # Fixed steps over one block commit length / steps tokens a forward, exactly.
+        assert rows["diffusion_s4", batch]["tokens_per_forward"] == 4 and rows["diffusion_s8", batch]["tokens_per_forward"] == 2
+        for threshold in ("0.9", "0.7"):  # the exact cache draws exactly the samples the uncached sampler draws
+            exact, uncached = rows[f"block8_threshold{threshold}_exact", batch], rows[f"block8_threshold{threshold}_none", batch]
+            assert all(exact[figure] == uncached[figure] for figure in ("gen_perplexity", "entropy", "text_tokens"))
 
     elbo = results["elbo"]
     assert elbo["tokens_per_s"] > 0 and elbo["ratio"] == pytest.approx(elbo["tokens_per_s"] / elbo["ar_tokens_per_s"])
@@ -53,6 +68,21 @@ def test_json_to_stdout_keeps_the_table_off_it(capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["elbo"]["n_samples"] == 4
     assert "ELBO" in captured.err
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_default_is_what_the_cpu_computes_natively(native, monkeypatch, capsys):
+    from adapt.train import backends
+
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: native)
+    expected = "bf16" if native else "fp32"
+    assert bench.native_dtype(torch.device("cpu"))[0] == expected
+    results = bench.run(bench.BenchSettings(model="tiny-gpt2", quick=True, parts=["elbo"], batch=1, seq_len=16, threads=1))
+    assert results["dtype"] == expected and "auto" in results["dtype_reason"]
+    assert f"dtype {expected} (auto: " in capsys.readouterr().err  # which, and why
+    explicit = bench.run(bench.BenchSettings(model="tiny-gpt2", dtype="fp32", quick=True, parts=["elbo"], batch=1,
+                                             seq_len=16, threads=1))
+    assert explicit["dtype"] == "fp32" and explicit["dtype_reason"] == "--dtype"
 
 
 def test_cpu_memory_probe_sees_a_step_allocation():

@@ -121,11 +121,11 @@ def test_cached_sampling_is_the_uncached_sampling(family, impl, strategy, temper
     settings = dict(strategy=strategy, temperature=temperature, seed=3, num_samples=2)
     for prompt in ("w5 w6", "w5 w6 w7 w8"):  # 2 and 4 tokens: ends inside block 0, and on its last position
         cached = generate_with_details(model, tokenizer, prompt, length=10, steps=10, **settings)
-        uncached = generate_with_details(model, tokenizer, prompt, length=10, steps=10, cache=False, **settings)
+        uncached = generate_with_details(model, tokenizer, prompt, length=10, steps=10, cache="none", **settings)
         assert cached.token_ids == uncached.token_ids and cached.commit_step == uncached.commit_step
     text = "w5 [MASK:3] w9 w10 w11 [MASK:2] w12"
     cached = infill_with_details(model, tokenizer, text, **settings)
-    uncached = infill_with_details(model, tokenizer, text, cache=False, **settings)
+    uncached = infill_with_details(model, tokenizer, text, cache="none", **settings)
     assert cached.token_ids == uncached.token_ids
 
 

@@ -326,3 +326,121 @@ def test_cli_scores_diffusion_and_ar_side_by_side(trained, tmp_path, capsys):
     assert [run["mode"] for run in report["runs"]] == ["diffusion", "ar"]
     assert all(run["results"]["piqa"]["acc"] == 1.0 for run in report["runs"])
     assert report["settings"]["samples"] == 8
+
+
+# -- the samples task ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def _independent_generative_nll(model, tokenizer, context: list[int], generated: list[int]) -> tuple[float, int]:
+    """(summed NLL, tokens) of `generated` cut at its first EOS, given `context`, from the causal model's
+    full logits over the tokenizer's vocabulary (the head's alignment rows are no tokens): no code of the
+    samples task involved."""
+    eos = tokenizer.eos_token_id
+    text = generated[:generated.index(eos)] if eos in generated else generated
+    ids = torch.tensor([context + text])
+    set_attention(model, 0.0)
+    log_probs = model(input_ids=ids).logits[0, :, :len(tokenizer)].double().log_softmax(dim=-1)
+    nll = -sum(float(log_probs[j - 1, ids[0, j]]) for j in range(len(context), ids.shape[1]))
+    return nll, len(text)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_generative_perplexity_is_the_ar_likelihood_of_the_samples(trained, tmp_path, mode):
+    """The task's figures equal exp(mean NLL) of the samples, regenerated with the same seeds (diffusion,
+    sampled) or greedily (AR) and scored from the full logits of the AR model."""
+    from adapt.evaluate import EvalSettings, run_tasks
+    from adapt.sampling import SamplingOptions, context_ids, generate_with_details
+
+    model, tokenizer, config = trained
+    (tmp_path / "prompts.txt").write_text("w5 w6\n\nw9\n")
+    prompts = ["w5 w6", "w9"]
+    temperature = 1.0 if mode == "diffusion" else 0.0
+    settings = EvalSettings(num_samples=3, length=6, steps=3, seed=7, prompts=str(tmp_path / "prompts.txt"),
+                            sampling=SamplingOptions(temperature=temperature))
+    result = run_tasks(model, tokenizer, ["samples"], config=config if mode == "diffusion" else None,
+                       settings=settings, scorer=model, progress=False)["samples"]
+
+    eos = tokenizer.eos_token_id
+    jobs = [("unconditional", None)] * 3 + [("prompted", prompts[i % 2]) for i in range(3)]
+    totals = {"unconditional": [0.0, 0], "prompted": [0.0, 0]}
+    for index, (kind, prompt) in enumerate(jobs):
+        if mode == "diffusion":
+            set_attention(model, 1.0)
+            out = generate_with_details(model, tokenizer, prompt, length=6, steps=3, seed=7 + index)
+            context, generated = out.prompt_ids, out.token_ids[0]
+        else:
+            context = context_ids(tokenizer, prompt)
+            set_attention(model, 0.0)
+            ids = torch.tensor([context])
+            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=6, pad_token_id=eos)[0, len(context):].tolist()
+        nll, tokens = _independent_generative_nll(model, tokenizer, context, generated)
+        totals[kind][0] += nll
+        totals[kind][1] += tokens
+    set_attention(model, 0.0)
+    for kind, (nll, tokens) in totals.items():
+        assert result[f"{kind}_gen_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+        assert result[f"{kind}_gen_nll_per_token"] == pytest.approx(nll / tokens, rel=1e-5)
+        assert result[f"{kind}_gen_nll_per_token_stderr"] >= 0 and result[f"{kind}_tokens_per_s"] > 0
+    # Fixed steps over one block: every position generated, two per forward; the AR model one a forward.
+    expected = 6 / 3 if mode == "diffusion" else 1.0
+    assert result["prompted_tokens_per_forward"] == expected and result["unconditional_tokens_per_forward"] == expected
+
+
+def test_unigram_entropy_measures_repetition():
+    from adapt.evaluate import Sample, unigram_entropy
+    from adapt.evaluate.samples import speed, text_tokens
+
+    assert unigram_entropy([7] * 12) == 0.0 and unigram_entropy([]) == 0.0
+    for k in (2, 5, 17):
+        assert unigram_entropy(list(range(k))) == pytest.approx(math.log(k))
+    assert unigram_entropy([3, 4, 5, 5]) < unigram_entropy([3, 4, 5, 6])  # a repeated token lowers it
+    assert text_tokens([5, 6, 2, 7, 2], eos_token_id=2) == [5, 6] and text_tokens([5, 6], eos_token_id=2) == [5, 6]
+    figures = speed([Sample([1], [5], generated=8, forwards=4, seconds=2.0),
+                     Sample([1], [5], generated=8, forwards=2, seconds=1.0)])
+    assert figures["tokens_per_forward"] == 3.0 and figures["tokens_per_s"] == 6.0
+
+
+def test_cli_samples_diffusion_beside_the_ar_reference(trained, tmp_path, capsys):
+    import json
+
+    from adapt.cli import main
+    from adapt.export import save_checkpoint
+
+    model, tokenizer, config = trained
+    set_attention(model, 1.0)
+    save_checkpoint(model, tokenizer, tmp_path / "adapted")
+    set_attention(model, 0.0)
+    model.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+
+    code = main(["eval", str(tmp_path / "adapted"), "--task", "samples", "--source", str(tmp_path / "source"),
+                 "--num-samples", "2", "--length", "8", "--steps", "4", "--threshold", "0.5", "--block-size", "4",
+                 "--cache", "dual", "--output", str(tmp_path / "r.json")])
+    assert code == 0
+    assert "(diffusion)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [run["mode"] for run in report["runs"]] == ["diffusion", "ar"]
+    assert report["settings"]["sampling"]["cache"] == "dual" and report["settings"]["length"] == 8
+    diffusion, ar = (run["results"]["samples"] for run in report["runs"])
+    assert ar["unconditional_tokens_per_forward"] == 1.0 and ar["prompted_tokens_per_forward"] == 1.0
+    assert diffusion["unconditional_tokens_per_forward"] >= 2.0  # threshold decoding: at most 4 forwards for 8 tokens
+    for figures in (diffusion, ar):
+        assert figures["n"] == 2 and 0 <= figures["prompted_entropy"] <= math.log(8)
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--task", "samples"], "pass --source"),
+    (["--task", "samples", "--ar", "--num-samples", "5000"], "num_samples = 5000 is out of range"),
+    (["--task", "samples", "--ar", "--length", "100000"], "more than the model's"),
+])
+def test_cli_samples_refuses_unbounded_work(tmp_path, argv, problem, capsys):
+    from adapt.cli import main
+
+    from .tiny_runs import causal_folder
+
+    model = causal_folder(tmp_path / "causal")
+    capsys.readouterr()  # saving it printed progress
+    assert main(["eval", str(model), *argv]) == 2
+    err = capsys.readouterr().err.strip()  # after any loading bars: the one error line
+    assert err.count("error:") == 1 and problem in err.splitlines()[-1] and "Traceback" not in err

@@ -18,12 +18,7 @@ from adapt.sampling import (
     split_infill_text,
 )
 
-
-def diffusion_model(family="llama", ratio=1.0):
-    model, tokenizer = tiny_model(family), tiny_tokenizer()
-    adapt.ensure_mask_token(model, tokenizer, "add")
-    adapt.set_attention(model, ratio)
-    return model, tokenizer
+from .tiny_runs import diffusion_model
 
 
 class ForwardCounter:

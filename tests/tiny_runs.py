@@ -48,12 +48,45 @@ def pickle_folder(path: Path, family: str = "llama") -> Path:
     return path
 
 
+def diffusion_model(family: str = "llama", ratio: float = 1.0, attn_implementation: str | None = None):
+    """A tiny model of `family` with a new mask token, at attention `ratio` (1 = bidirectional), and its tokenizer."""
+    model, tokenizer = tiny_model(family, attn_implementation=attn_implementation), tiny_tokenizer()
+    adapt.ensure_mask_token(model, tokenizer, "add")
+    adapt.set_attention(model, ratio)
+    return model, tokenizer
+
+
 def diffusion_folder(path: Path, family: str = "llama") -> Path:
     """A tiny diffusion checkpoint written by `save_checkpoint`: what generate/infill/eval/push read."""
-    model, tokenizer = tiny_model(family), tiny_tokenizer()
-    adapt.ensure_mask_token(model, tokenizer, "add")
-    adapt.set_attention(model, 1.0)
-    return adapt.save_checkpoint(model, tokenizer, path)
+    return adapt.save_checkpoint(*diffusion_model(family), path)
+
+
+def big_llama(folder: Path) -> tuple[Path, int]:
+    """A Llama of 154M parameters saved in bf16 (with the tiny tokenizer), and its bytes in float32 (617 MB):
+    big enough for a loader's memory to show. Its vocabulary is the tiny tokenizer's, so adding the mask
+    token resizes the embeddings."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, weight_bytes
+
+
+def memory_status(field: str) -> int:
+    """A /proc/self/status memory figure in bytes (VmRSS: now; VmHWM: the peak, which writing "5" to
+    /proc/self/clear_refs restarts from the current RSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def corpus(path: Path, docs: int = 80, seed: int = 0) -> Path:
@@ -175,6 +208,32 @@ def step_records(run_dir) -> list[dict]:
     """The per-step lines of a run's metrics.jsonl (validation lines left out)."""
     lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [line for line in lines if "loss" in line]
+
+
+def noise_from_the_data(input_ids, config, maskable, *, t=None, mask=None, generator=None):
+    """A stand-in for `draw_noise` whose noise depends on each sequence alone, so any split of a batch
+    into micro-batches or processes sees the same levels and masks."""
+    import torch
+
+    t = 0.25 + 0.5 * (input_ids[:, 1] % 2).float()
+    positions = torch.arange(input_ids.shape[1])
+    return t, maskable & ((input_ids + positions) % 3 == 0)
+
+
+def train_two_processes(recipe: Recipe, folder: Path, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`adapt train` of `recipe` (written to folder/<output name>.yaml) in two CPU processes, under torchrun
+    or accelerate launch (its 2-process CPU config)."""
+    root = Path(__file__).resolve().parents[1]
+    recipe_file = Path(folder) / f"{Path(recipe.output_dir).name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe.to_dict()))
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(root / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([*command, "-m", "adapt", "train", str(recipe_file)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def free_port() -> int:

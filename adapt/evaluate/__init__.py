@@ -1,4 +1,5 @@
-"""Evaluation: ELBO perplexity, multiple choice, last-word prediction, infilling, code infilling.
+"""Evaluation: ELBO perplexity, multiple choice, last-word prediction, infilling, code infilling, and the
+quality and speed of samples.
 
 Each task scores a diffusion checkpoint and, with `config=None`, a causal model the AR way on the same
 examples, so the two print side by side. docs/evaluation.md says how each task is scored.
@@ -8,6 +9,7 @@ from .choice import CHOICE_TASKS, ChoiceItem, load_choice_items, score_choices
 from .decoding import Span, fill_span, score_code, score_spans
 from .likelihood import Score, continuation_scores, encode_pair
 from .perplexity import Perplexity, ar_perplexity, elbo_perplexity, evaluation_mode
+from .samples import Sample, draw_samples, generative_perplexity, quality, score_samples, unigram_entropy
 from .sandbox import run_program
 from .tasks import TASKS, EvalSettings, format_table, run_tasks
 
@@ -16,20 +18,26 @@ __all__ = [
     "ChoiceItem",
     "EvalSettings",
     "Perplexity",
+    "Sample",
     "Score",
     "Span",
     "TASKS",
     "ar_perplexity",
     "continuation_scores",
+    "draw_samples",
     "elbo_perplexity",
     "encode_pair",
     "evaluation_mode",
     "fill_span",
     "format_table",
+    "generative_perplexity",
     "load_choice_items",
+    "quality",
     "run_program",
     "run_tasks",
     "score_choices",
     "score_code",
+    "score_samples",
     "score_spans",
+    "unigram_entropy",
 ]

