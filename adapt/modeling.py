@@ -266,14 +266,20 @@ def _gathered(params):
 
 
 def _is_causal_lm_config(config) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """Whether the checkpoint was trained as a decoder-only causal LM.
 
-    if getattr(config, "is_decoder", True) is False:
-        return False  # BERT-style encoders: their causal-LM class exists but the checkpoint is bidirectional
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return True
-    # remote-code models declare their classes themselves
-    return any(arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") for arch in config.architectures or [])
+    The class it was saved from says so (config.architectures: BertForMaskedLM is an encoder even though
+    a BertLMHeadModel class exists; remote-code models name their own classes). `is_decoder` is no
+    guide: transformers 5 writes is_decoder: false for GPT-NeoX, a causal LM. Without architectures
+    (a bare config), the family decides, and an encoder family only when the config says decoder.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.architectures:
+        return any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in config.architectures)
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return False
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def supports_sdpa(config) -> bool:

@@ -5,7 +5,7 @@ import torch
 
 import adapt
 from adapt.diffusion import DiffusionConfig
-from adapt.presets import VOCAB, tiny_model, tiny_tokenizer
+from adapt.presets import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
 
 
 PADDED_ROWS = -(-(VOCAB + 1) // 64) * 64  # the mask row, then padding to a multiple of 64 for tensor cores
@@ -107,6 +107,16 @@ def test_pickle_only_checkpoints_are_refused_unless_allowed(tmp_path):
     with pytest.raises(adapt.UserError, match="--allow-pickle"):
         adapt.load_model(tmp_path)
     loaded, _ = adapt.load_model(tmp_path, allow_pickle=True)
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_loads_from_its_saved_folder(tmp_path, family):
+    # transformers 5 writes is_decoder: false into GPT-NeoX configs: the loader must not read it as an encoder
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, _ = adapt.load_model(tmp_path)
     assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
 

@@ -25,27 +25,20 @@ ZERO3 = ROOT / "recipes/deepspeed/zero3.json"
 MiB = 2**20
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory figure in bytes (VmRSS: now; VmHWM: the peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _worker(recipe_path: str, report: str) -> None:
     import torch
 
     from adapt.recipe import load_recipe
     from adapt.train.backends import open_backend
     from adapt.train.build import load_model
+    from tests.tiny_runs import memory_status
 
     recipe = load_recipe(recipe_path)
     backend = open_backend(recipe, Path(recipe.output_dir))  # registers the ZeRO-3 config with transformers
-    before = _status("VmRSS")
+    before = memory_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
     model, tokenizer, diffusion = load_model(recipe)
-    peak = _status("VmHWM")
+    peak = memory_status("VmHWM")
     # transformers resizes the embeddings outside zero.Init (whole on every process, partitioned later
     # by deepspeed.initialize); the decoder's weights are partitioned from the start.
     embedding = model.get_input_embeddings().weight
@@ -59,35 +52,15 @@ def _worker(recipe_path: str, report: str) -> None:
     Path(f"{report}.{result['rank']}").write_text(json.dumps(result))
 
 
-def big_model(folder: Path) -> tuple[Path, int]:
-    """A Llama of 154M parameters saved in bf16, and its bytes in float32 (617 MB); its vocabulary is
-    the tiny tokenizer's, so adding the mask token resizes the embeddings."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from adapt.presets import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
-                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, weight_bytes
-
-
 @pytest.mark.slow
 def test_zero3_loads_partitioned_and_trains_the_same(tmp_path):
     import yaml
 
     from adapt.train import train
 
-    from .tiny_runs import ENV, assert_close_tensors, recipe_for, step_records, tensors
+    from .tiny_runs import ENV, assert_close_tensors, big_llama, recipe_for, step_records, tensors
 
-    folder, weight_bytes = big_model(tmp_path / "causal")  # recipe_for's model folder
+    folder, weight_bytes = big_llama(tmp_path / "causal")  # recipe_for's model folder
     common = ["train.batch_size=2", "train.max_steps=1", "train.eval_batches=0", "model.dtype=float32"]
     reference = train(recipe_for(tmp_path, *common, "train.grad_accum=2", output="single"))
 

@@ -138,6 +138,8 @@ class FSDP2Backend(Backend):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from .partitioned import fill_sharded, is_empty
+
         accelerator = self.accelerator
         if accelerator.num_processes < 2:
             raise UserError("distributed.backend: fsdp needs several processes; launch with torchrun --nproc_per_node N")
@@ -145,14 +147,19 @@ class FSDP2Backend(Backend):
         policy = MixedPrecisionPolicy()
         if self.recipe.train.mixed_precision == "bf16":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        objective.to(accelerator.device)
+        empty = is_empty(objective)  # load_model left the weights to be read into the shards
+        if not empty:
+            objective.to(accelerator.device)
         options = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=self.recipe.distributed.fsdp_reshard_after_forward)
         layers = decoder_layers(objective.model)
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(objective, **options)  # the rest (embeddings, norm, head) as the root group
+        if empty:
+            fill_sharded(objective, objective.model, self.recipe.model, accelerator.device)
+        loaded = "weights read into the shards" if empty else "from a whole copy in every process"
         log(accelerator, f"FSDP2: sharded {len(layers)} layers over {accelerator.num_processes} "
-                         f"{accelerator.device.type} processes")
+                         f"{accelerator.device.type} processes, {loaded}")
         optimizer = self.make_optimizer(param_groups(objective))  # over the sharded parameters
         return objective, optimizer, make_scheduler(optimizer)
 
