@@ -5,6 +5,10 @@ with probability t. The model denoises all masked positions at once, with no tim
 shift (as in the AR model it came from) the prediction for token i is read at position i-1, so position
 0 is never a target and always stays clean. The loss is the cross-entropy on masked positions weighted
 by 1/t: divided by the number of tokens it is the negative ELBO per token, an upper bound on the NLL.
+
+`DiffusionConfig.objective` chooses what each masked token contributes (docs/method.md derives each):
+"mdm" the 1/t-weighted CE above; "score-entropy" SEDD's denoising score entropy, the outputs read as log
+concrete scores; "cart" Dream's CE weighted by the clean context around each token instead of 1/t.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from .errors import check_type
 
 LOSS_NORMS = ("masked", "tokens")
 BLOCK_SCHEDULES = ("constant", "grow")
+OBJECTIVES = ("mdm", "score-entropy", "cart")
+# What checkpoints exported before `objective` had choices recorded for the one objective there was.
+OBJECTIVE_ALIASES = {"masked-diffusion": "mdm"}
 
 
 @dataclass
@@ -60,8 +67,18 @@ class DiffusionConfig:
     # How training reached block_size: "constant" (from the first step) or "grow" (1, 2, 4, ... up to
     # block_size in equal stages over anneal_steps, LLaDA2.0's warm-up: block size 1 is the AR model).
     block_schedule: str = "constant"
-    # What the model was trained for: absorbing-state masked diffusion, linear schedule, CE weighted 1/t.
-    objective: str = "masked-diffusion"
+    # What each masked token contributes to the loss (OBJECTIVES): "mdm" its CE weighted 1/t; "score-entropy"
+    # SEDD's score entropy of the outputs read as log concrete scores; "cart" its CE weighted by Dream's
+    # context-adaptive weight instead of 1/t.
+    objective: str = "mdm"
+    # CART's p: a clean token at distance d from a masked one adds p (1-p)^(d-1) / 2 to its weight.
+    cart_p: float = 0.1
+    # Training only: each sequence twice per micro-batch, masked at t and at 1 - t on complementary
+    # positions, so every maskable token is a target exactly once per pair (LLaDA, DiffuCoder).
+    complementary_masks: bool = False
+    # Training only: t ~ U(t_min, t_max); None for t_min is eps. The ELBO still integrates over (eps, 1).
+    t_min: float | None = None
+    t_max: float = 1.0
     # Whether training reached attention ratio 1 (written by `adapt.export.save_checkpoint`).
     annealing_finished: bool = False
 
@@ -80,6 +97,28 @@ class DiffusionConfig:
             raise ValueError(f"anneal_from must be in [0, 1], got {self.anneal_from}")
         if self.mask_token_strategy not in (None, "add", "reuse"):
             raise ValueError(f"mask_token_strategy must be 'add' or 'reuse', got {self.mask_token_strategy!r}")
+        self.objective = OBJECTIVE_ALIASES.get(self.objective, self.objective)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not 0.0 < self.cart_p <= 1.0:
+            raise ValueError(f"cart_p must be in (0, 1], got {self.cart_p}")
+        self._check_noise_band()
+
+    def _check_noise_band(self) -> None:
+        low, high = self.noise_band
+        if not 0.0 < high <= 1.0:
+            raise ValueError(f"t_max must be in (0, 1], got {high}")
+        if not 0.0 < low < high:
+            unset = " (unset: eps)" if self.t_min is None else ""
+            raise ValueError(f"t_min = {low}{unset} must be in (0, t_max = {high}); lower t_min or raise t_max")
+        if self.complementary_masks and low + high > 1.0:
+            raise ValueError(f"complementary_masks needs t_min + t_max <= 1: the copy at level 1 - t would go below "
+                             f"t_min ({low}) and its weight 1/(1 - t) grow without bound; set t_max <= {1.0 - low:g}")
+
+    @property
+    def noise_band(self) -> tuple[float, float]:
+        """(low, high) of the training noise levels t ~ U(low, high)."""
+        return (self.eps if self.t_min is None else self.t_min), self.t_max
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,16 +160,17 @@ class DiffusionConfig:
 
 @dataclass
 class DiffusionLoss:
-    loss: torch.Tensor  # scalar, differentiable: the 1/t-weighted masked CE, normalised per `loss_norm`
+    loss: torch.Tensor  # scalar, differentiable: the weighted masked terms (`objective`), normalised per `loss_norm`
     unweighted: torch.Tensor  # scalar: plain CE averaged over masked tokens (no 1/t), for logging
     num_masked: int  # masked (scored) tokens in the batch
     num_tokens: int  # non-padding tokens in the batch (what a run counts as trained on)
 
 
-def sample_t(batch: int, eps: float, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Noise levels t ~ U(eps, 1), one per sequence."""
+def sample_t(batch: int, low: float, high: float = 1.0, *, device=None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise levels t ~ U(low, high), one per sequence."""
     u = torch.rand(batch, generator=generator, device=_generator_device(generator, device)).to(device)
-    return eps + (1.0 - eps) * u
+    return low + (high - low) * u
 
 
 def maskable_positions(
@@ -230,16 +270,24 @@ def draw_noise(
     """The noise of one forward, each part drawn unless given: levels t (B,) and the corrupted
     positions (bool (B, L)), always among the `maskable` ones."""
     if t is None:
-        t = sample_t(input_ids.shape[0], config.eps, device=input_ids.device, generator=generator)
+        t = sample_t(input_ids.shape[0], *config.noise_band, device=input_ids.device, generator=generator)
     t = t.to(device=input_ids.device, dtype=torch.float32)
     if mask is None:
         _, mask = corrupt(input_ids, t, maskable, config.mask_token_id, generator=generator)
     return t, mask.to(input_ids.device).bool() & maskable
 
 
+def complementary_pairs(batch: dict, maskable: torch.Tensor, t: torch.Tensor, mask: torch.Tensor):
+    """Each sequence of `batch` (a dict of (B, L) tensors) twice: the first B rows with its noise (t, mask),
+    the next B at level 1 - t, masked exactly on the maskable positions the first copy leaves clean.
+    Returns (batch, maskable, t, mask), each with 2B rows."""
+    doubled = {name: torch.cat([values, values]) for name, values in batch.items()}
+    return doubled, torch.cat([maskable, maskable]), torch.cat([t, 1.0 - t]), torch.cat([mask, maskable & ~mask])
+
+
 def loss_denominator(config: DiffusionConfig, mask: torch.Tensor, maskable: torch.Tensor) -> int:
-    """What the 1/t-weighted CE sum is divided by: the masked tokens ("masked") or the maskable ones
-    ("tokens": every position that could be a target, so SFT prompts and padding do not count)."""
+    """What the weighted sum of the masked terms is divided by: the masked tokens ("masked") or the
+    maskable ones ("tokens": every position that could be a target, so SFT prompts and padding do not count)."""
     return int(mask.sum()) if config.loss_norm == "masked" else int(maskable.sum())
 
 
@@ -260,10 +308,11 @@ def diffusion_loss(
 
     `t` (B,) fixes the noise levels; `mask` (bool (B, L)) fixes which tokens are corrupted (it is
     intersected with the maskable positions: position 0, `never_mask` and padding always stay clean).
-    Padding is never a target. Each masked token's CE is weighted by 1/t of its sequence, and the sum is
-    divided by `denominator`, by default this batch's `loss_denominator`; the training loop passes the
-    count of its whole optimizer step (all micro-batches, all processes), so that the objective does not
-    depend on how the step is split. `block_size` overrides the config's (a block size schedule).
+    Padding is never a target. Each masked token's term (`token_terms`: the CE, or the score entropy) is
+    weighted (`token_weights`: 1/t of its sequence, or CART's weight), and the sum is divided by
+    `denominator`, by default this batch's `loss_denominator`; the training loop passes the count of its
+    whole optimizer step (all micro-batches, all processes), so that the objective does not depend on how
+    the step is split. `block_size` overrides the config's (a block size schedule).
     """
     check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if config.mask_token_id is None:
@@ -272,23 +321,86 @@ def diffusion_loss(
     t, mask = draw_noise(input_ids, config, maskable, t=t, mask=mask, generator=generator)
     noisy = input_ids.masked_fill(mask, config.mask_token_id)
 
+    block_size = block_size or config.block_size
     logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
-                            block_size=block_size or config.block_size, clean=input_ids)
-    # Cross-entropy in the logits' own dtype: the kernels already reduce in float32, and the logits are
-    # rounded to 16 bits by the head, so a float32 copy (plus the float32 log-softmax saved for backward)
-    # buys no precision; in bf16 on CPU it cost 2.4x the time of the whole CE (docs/performance.md).
-    ce = F.cross_entropy(logits, input_ids[mask], reduction="none").float()
-    weights = (1.0 / t)[:, None].expand_as(mask)[mask]
+                            block_size=block_size, clean=input_ids)
+    terms, ce = token_terms(logits, input_ids[mask], config)
+    weights = token_weights(config, t, mask, attention_mask, block_size)
 
     num_masked = int(mask.sum())
     if denominator is None:
         denominator = loss_denominator(config, mask, maskable)
     return DiffusionLoss(
-        loss=(ce * weights).sum() / max(denominator, 1),
+        loss=(terms * weights).sum() / max(denominator, 1),
         unweighted=ce.detach().sum() / max(num_masked, 1),
         num_masked=num_masked,
         num_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel(),
     )
+
+
+def token_terms(logits: torch.Tensor, targets: torch.Tensor, config: DiffusionConfig):
+    """Per masked token (N,): the term the loss weights, and the plain CE (detached, for logging).
+
+    The term is the CE, or for "score-entropy" the score entropy (`score_entropy`). The CE runs in the
+    logits' own dtype: the kernels already reduce in float32, and the logits are rounded to 16 bits by the
+    head, so a float32 copy (plus the float32 log-softmax saved for backward) buys no precision; in bf16
+    on CPU it cost 2.4x the time of the whole CE (docs/performance.md).
+    """
+    if config.objective != "score-entropy":
+        ce = F.cross_entropy(logits, targets, reduction="none").float()
+        return ce, ce.detach()
+    with torch.no_grad():
+        ce = F.cross_entropy(logits, targets, reduction="none").float()
+    return score_entropy(logits, targets, config.mask_token_id), ce
+
+
+def score_entropy(outputs: torch.Tensor, targets: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """SEDD's denoising score entropy (N,) of masked tokens, absorbing process, divided by its weight 1/t.
+
+    The log concrete score of replacing the mask by token y is log r(t) + outputs[y], r(t) = (1-t)/t the
+    true ratio's scale (SEDD's scale-by-sigma parametrisation). The entropy, rate sigma'(t) times
+    [sum_y s_y - r log s_x0 + r (log r - 1)], is (1/t) [sum_y exp(outputs[y]) - outputs[x0] - 1] for this
+    schedule (docs/method.md); y runs over the tokens, never the mask itself. With outputs a log-softmax
+    over those tokens the bracket is exactly the CE.
+    """
+    others = outputs.index_fill(-1, torch.tensor([mask_token_id], device=outputs.device), -torch.inf)
+    precise = torch.promote_types(outputs.dtype, torch.float32)  # 16-bit logits: the terms in float32
+    total = torch.logsumexp(others, dim=-1).to(precise).exp()
+    return total - outputs.gather(-1, targets[:, None]).squeeze(-1).to(precise) - 1.0
+
+
+def token_weights(config: DiffusionConfig, t: torch.Tensor, mask: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, block_size: int | None = None) -> torch.Tensor:
+    """The weight (N,) of each masked token's term, in row-major order: 1/t of its sequence, or under
+    "cart" its context-adaptive weight (`cart_weights`)."""
+    if config.objective == "cart":
+        real = torch.ones_like(mask) if attention_mask is None else attention_mask.bool()
+        return cart_weights(mask, real, config.cart_p, block_size)[mask]
+    return (1.0 / t)[:, None].expand_as(mask)[mask]
+
+
+def cart_weights(mask: torch.Tensor, real: torch.Tensor, p: float, block_size: int | None = None) -> torch.Tensor:
+    """Dream's CART weights (B, L): w_n = 1/2 sum_i p (1-p)^(|n-i|-1) over the clean tokens i != n that
+    masked token n sees; 0 where nothing is masked.
+
+    Clean: real (not padding) and not masked, prompt and position 0 included. A block model's token
+    sees the clean tokens of its own block and every token of the blocks before it, never later blocks.
+    Each side's kernel sums to 1/2 over an unbounded clean context, so 0 <= w_n <= 1.
+    """
+    length = mask.shape[1]
+    positions = torch.arange(length, device=mask.device)
+    distance = (positions[:, None] - positions[None, :]).abs()
+    kernel = 0.5 * p * torch.pow(1.0 - p, (distance - 1).clamp(min=0).float())  # [n, i]
+    kernel.fill_diagonal_(0.0)
+    clean = (real & ~mask).float()
+    if block_size is None:
+        weights = clean @ kernel.T
+    else:
+        blocks = positions // block_size
+        same_block = blocks[:, None] == blocks[None, :]
+        earlier_block = blocks[None, :] < blocks[:, None]
+        weights = clean @ (kernel * same_block).T + real.float() @ (kernel * earlier_block).T
+    return weights * mask
 
 
 @dataclass
@@ -316,7 +428,8 @@ def elbo_nll(
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> ELBO:
-    """Monte Carlo estimate of the negative ELBO of the target tokens given the rest.
+    """Monte Carlo estimate of the negative ELBO of the target tokens given the rest (for a score-entropy
+    model the score-entropy bound, SEDD's; a CART model is scored by the plain 1/t-weighted ELBO).
 
     Only target tokens are ever masked; the others are clean context (the prompt of a multiple-choice
     question, say). Default targets: every non-padding position but 0. The noise levels are stratified:
@@ -339,9 +452,9 @@ def elbo_nll(
         noisy, mask = corrupt(input_ids, t, target_mask, config.mask_token_id, generator=generator)
         logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
                                 block_size=config.block_size, clean=input_ids)
-        ce = F.cross_entropy(logits.float(), input_ids[mask], reduction="none").double() / t_k
+        terms, _ = token_terms(logits.float(), input_ids[mask], config)
         rows = mask.nonzero()[:, 0]
-        total.index_add_(0, rows, ce)
+        total.index_add_(0, rows, terms.double() / t_k)
     return ELBO(nll=total / n_samples, num_tokens=target_mask.sum(dim=1))
 
 

@@ -20,8 +20,9 @@ from typing import Literal
 import yaml
 
 from .data import DataConfig
+from .diffusion import OBJECTIVES, DiffusionConfig
 from .errors import UserError
-from .settings import at_least, between, default_of, from_dict
+from .settings import Range, at_least, between, default_of, from_dict
 
 
 @dataclass
@@ -76,6 +77,36 @@ class DiffusionSection:
     # "constant": blocks of block_size from the first step; "grow": 1, 2, 4, ... up to block_size in equal
     # stages over train.anneal_steps (block size 1 with the shift is the AR model, LLaDA2.0's warm-up).
     block_schedule: Literal["constant", "grow"] = "constant"
+    # "mdm": each masked token's CE weighted 1/t; "score-entropy": SEDD's denoising score entropy, the outputs
+    # read as log concrete scores; "cart": the CE weighted by Dream's context-adaptive weight (docs/method.md).
+    objective: Literal[OBJECTIVES] = default_of(DiffusionConfig, "objective")
+    # CART only: a clean token at distance d adds cart_p (1 - cart_p)^(d-1) / 2 to a masked token's weight.
+    cart_p: float = field(default=default_of(DiffusionConfig, "cart_p"), metadata={"range": Range(0, 1, low_open=True)})
+    # Each sequence twice per micro-batch, at t on positions m and at 1 - t on the others (needs t_min + t_max <= 1).
+    complementary_masks: bool = default_of(DiffusionConfig, "complementary_masks")
+    # Training noise levels t ~ U(t_min, t_max); null t_min is train.eps. The validation ELBO keeps (eps, 1).
+    t_min: float | None = field(default=default_of(DiffusionConfig, "t_min"), metadata=between(1e-9, 1, high_open=True))
+    t_max: float = field(default=default_of(DiffusionConfig, "t_max"), metadata={"range": Range(0, 1, low_open=True)})
+
+    def apply_to(self, config: DiffusionConfig) -> DiffusionConfig:
+        """`config` with this section's settings (a null block_size keeps the config's), checked together."""
+        values = dataclasses.asdict(self)
+        if values["block_size"] is None:
+            del values["block_size"]
+        return dataclasses.replace(config, **values)
+
+
+@dataclass
+class LrMultipliers:
+    """Each kind of parameter trains at optim.lr times its multiplier (RND1: keep the MLPs, which hold the
+    AR model's knowledge, slower than attention, which must change most). A head tied to the embeddings
+    is the embedding matrix and takes `embeddings`; `head` is for an untied output projection."""
+
+    embeddings: float = field(default=1.0, metadata=at_least(0))  # token (and learned position) embeddings
+    attention: float = field(default=1.0, metadata=at_least(0))  # q/k/v/o projections and their biases
+    mlp: float = field(default=1.0, metadata=at_least(0))  # the feed-forward block of each layer
+    norms: float = field(default=1.0, metadata=at_least(0))  # every LayerNorm/RMSNorm, wherever it sits
+    head: float = field(default=1.0, metadata=at_least(0))  # the output projection (untied only)
 
 
 @dataclass
@@ -89,6 +120,17 @@ class OptimSection:
     beta1: float = field(default=0.9, metadata=between(0, 0.999999))
     beta2: float = field(default=0.95, metadata=between(0, 0.999999))
     adam_eps: float = field(default=1e-8, metadata=at_least(0))
+    lr_multipliers: LrMultipliers = field(default_factory=LrMultipliers)  # per kind of parameter; 0 = unchanged
+
+
+@dataclass
+class AlignSection:
+    """Representation alignment: pull the adapted model's hidden states (on the noisy input) towards the
+    frozen source's (on the clean input) by cosine distance (docs/method.md). Costs a second, frozen
+    copy of the source's weights on every process."""
+
+    weight: float = field(default=0.0, metadata=at_least(0))  # of the alignment term beside the diffusion loss; 0 = off
+    layers: list[int] = field(default_factory=lambda: [-1])  # decoder layers whose outputs are aligned; -1 = the last
 
 
 @dataclass
@@ -142,6 +184,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    align: AlignSection = field(default_factory=AlignSection)
     lora: LoraSection = field(default_factory=LoraSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -274,6 +317,12 @@ def validate(recipe: Recipe) -> None:
     if recipe.optim.warmup_steps > recipe.train.max_steps:
         raise UserError(f"optim.warmup_steps ({recipe.optim.warmup_steps}) exceeds train.max_steps "
                         f"({recipe.train.max_steps}); lower it")
+    if recipe.align.weight > 0 and not recipe.align.layers:
+        raise UserError("align.weight > 0 but align.layers is empty; list the layers to align, e.g. [-1] (the last)")
+    try:
+        recipe.diffusion.apply_to(DiffusionConfig(eps=recipe.train.eps))
+    except ValueError as err:
+        raise UserError(f"diffusion.{err}") from None
     if recipe.train.mixed_precision == "fp16" and recipe.model.dtype == "float16":
         raise UserError("train.mixed_precision: fp16 needs float32 master weights; set model.dtype: float32")
 

@@ -6,17 +6,13 @@ one process would read in its r-th micro-step, so the runs must agree up to floa
 Each run takes 20-60 s on 2 cores (process start-up, DeepSpeed import), hence `slow`.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from adapt.train import train
 
-from .tiny_runs import assert_close_tensors, free_port, recipe_for, step_records, tensors
+from .tiny_runs import assert_close_tensors, recipe_for, step_records, tensors, train_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -46,16 +42,7 @@ def test_two_processes_match_one_process(single, name):
     # the export gathered and wrote the model.
     recipe = recipe_for(root, "train.batch_size=2", "train.max_steps=3", "logging.tensorboard=true", *extra,
                         output=name)
-    recipe_file = root / f"{name}.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe.to_dict()))
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ROOT / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port())]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    run = subprocess.run([*command, "-m", "adapt", "train", str(recipe_file)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = train_two_processes(recipe, root, launcher)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 process(es)" in run.stdout
     assert (Path(recipe.output_dir) / "model" / "config.json").is_file()

@@ -19,7 +19,7 @@ from adapt.diffusion import DiffusionConfig, diffusion_loss
 from adapt.errors import UserError
 from adapt.train import Interrupted, complete_checkpoints, train
 
-from .tiny_runs import SEQ_LEN, assert_close_tensors, recipe_for, step_records
+from .tiny_runs import SEQ_LEN, assert_close_tensors, noise_from_the_data, recipe_for, step_records
 from .tiny_runs import tensors as weights  # every tensor of a model folder
 
 
@@ -246,18 +246,11 @@ def test_continuing_an_adapted_checkpoint_keeps_its_bidirectional_attention(tmp_
     assert config.tokens_trained == result.tokens_trained == adapted.tokens_trained + 2 * 4 * SEQ_LEN
 
 
-def _noise_from_the_data(input_ids, config, maskable, *, t=None, mask=None, generator=None):
-    """Noise that depends on each sequence alone, so any split of a batch sees the same masks."""
-    t = 0.25 + 0.5 * (input_ids[:, 1] % 2).float()
-    positions = torch.arange(input_ids.shape[1])
-    return t, maskable & ((input_ids + positions) % 3 == 0)
-
-
 @pytest.mark.parametrize("loss_norm", ["masked", "tokens"])
 def test_the_objective_does_not_depend_on_how_a_step_is_split(tmp_path, monkeypatch, loss_norm):
     import adapt.train.loop
 
-    monkeypatch.setattr(adapt.train.loop, "draw_noise", _noise_from_the_data)
+    monkeypatch.setattr(adapt.train.loop, "draw_noise", noise_from_the_data)
     common = ("train.max_steps=2", "train.anneal_steps=1", "train.eval_batches=0", "optim.warmup_steps=0",
               f"train.loss_norm={loss_norm}")
     whole = train(recipe_for(tmp_path, "train.batch_size=2", "train.grad_accum=1", *common, output="whole"))

@@ -3,12 +3,15 @@ objective module, the optimizer's parameter groups and the learning-rate schedul
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 from torch import nn
 
 from ..attention import get_attention_ratio
 from ..diffusion import DiffusionConfig, diffusion_loss
 from ..errors import UserError
-from ..recipe import Recipe
+from ..recipe import OptimSection, Recipe
 
 
 class DiffusionObjective(nn.Module):
@@ -35,7 +38,7 @@ def load_model(recipe: Recipe):
     """
     from ..limits import max_positions
     from ..modeling import ensure_mask_token, load_model as load_pretrained
-    from .partitioned import is_zero3, load_partitioned
+    from .partitioned import is_zero3, load_empty, load_partitioned
 
     settings = recipe.model
 
@@ -43,8 +46,14 @@ def load_model(recipe: Recipe):
         return load_pretrained(settings.path, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
                                trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle)
 
-    # Under ZeRO-3 each process holds only its slice of every weight from the start (partitioned.py).
-    model, tokenizer = load_partitioned(settings, load_whole) if is_zero3() else load_whole(settings)
+    # No process holds a whole copy (partitioned.py): under ZeRO-3 each holds its slice of every weight
+    # from the start; under FSDP2 the weights wait on the meta device until the backend has sharded them.
+    if is_zero3():
+        model, tokenizer = load_partitioned(settings, load_whole)
+    elif recipe.distributed.backend == "fsdp":
+        model, tokenizer = load_empty(settings, load_whole)
+    else:
+        model, tokenizer = load_whole(settings)
     limit = max_positions(model.config)
     if limit is not None and recipe.data.seq_len > limit:
         raise UserError(f"data.seq_len = {recipe.data.seq_len} exceeds the model's maximum positions ({limit}); "
@@ -59,11 +68,9 @@ def load_model(recipe: Recipe):
     diffusion = DiffusionConfig.from_model_config(model.config)
     diffusion.anneal_steps = recipe.train.anneal_steps
     diffusion.anneal_from = get_attention_ratio(model)
-    if recipe.diffusion.block_size is not None:
-        diffusion.block_size = recipe.diffusion.block_size
-    diffusion.block_schedule = recipe.diffusion.block_schedule
     diffusion.eps = recipe.train.eps
     diffusion.loss_norm = recipe.train.loss_norm
+    diffusion = recipe.diffusion.apply_to(diffusion)
     diffusion.base_model = diffusion.base_model or settings.path
     return model, tokenizer, diffusion
 
@@ -94,14 +101,86 @@ def apply_lora(model, recipe: Recipe, diffusion: DiffusionConfig):
     return get_peft_model(model, config)
 
 
-def param_groups(objective: nn.Module) -> list[dict]:
-    """The optimizer's parameter groups: every trainable parameter, at the recipe's rates."""
-    return [{"params": [p for p in objective.parameters() if p.requires_grad]}]
+def param_groups(objective: nn.Module, optim: OptimSection) -> list[dict]:
+    """The optimizer's parameter groups: every trainable parameter once, at optim.lr times the multiplier
+    of its kind (`parameter_kinds`). The scheduler scales each group's rate by the same schedule.
+
+    Equal multipliers make one group, as before there were multipliers (so older checkpoints resume),
+    and need no classification. Weight decay is the optimizer's, the same for every group.
+    """
+    multipliers = dataclasses.asdict(optim.lr_multipliers)
+    trainable = {name: p for name, p in objective.named_parameters() if p.requires_grad}
+    if len(set(multipliers.values())) == 1:
+        return [{"params": list(trainable.values()), "lr": optim.lr * multipliers["mlp"], "kind": "all"}]
+    kinds = parameter_kinds(objective)
+    groups = []
+    for kind, multiplier in multipliers.items():
+        params = [p for name, p in trainable.items() if kinds[name] == kind]
+        if params:
+            groups.append({"params": params, "lr": optim.lr * multiplier, "kind": kind})
+    return groups
+
+
+def parameter_kinds(objective: nn.Module) -> dict[str, str]:
+    """The kind of every parameter, by name: embeddings, attention, mlp, norms or head.
+
+    Decided by the model's structure, not by names, so it holds for every family and under LoRA: a
+    parameter belongs to its innermost module that has a role. Roles: the input embeddings (and any
+    nn.Embedding, such as GPT-2's positions) are embeddings; the output embeddings are the head; every
+    normalisation layer (a leaf whose only parameters are a 1-D weight and bias) is a norm, wherever it
+    sits (Qwen3's q_norm/k_norm included); of the other children of a decoder layer, the one whose forward
+    takes an attention mask is attention, the rest are the MLP. A LoRA adapter's lora_A/lora_B sit under
+    the projection they adapt, and peft's trainable token rows under the embeddings or head they patch.
+    A head tied to the embeddings is one tensor, listed once under the embeddings' name: embeddings.
+    """
+    from .backends import decoder_layers
+
+    model = objective.model if isinstance(objective, DiffusionObjective) else objective
+    roles = {}
+    for layer in decoder_layers(model):
+        for child in layer.children():
+            roles[child] = "attention" if "attention_mask" in inspect.signature(child.forward).parameters else "mlp"
+    for module in model.modules():
+        if _is_norm(module):
+            roles[module] = "norms"
+        elif isinstance(module, nn.Embedding):
+            roles[module] = "embeddings"
+    if model.get_output_embeddings() is not None:
+        roles[model.get_output_embeddings()] = "head"
+    roles[model.get_input_embeddings()] = "embeddings"
+    modules = dict(objective.named_modules())
+    return {name: _innermost_role(name, modules, roles) for name, _ in objective.named_parameters()}
+
+
+def _innermost_role(name: str, modules: dict, roles: dict) -> str:
+    owners = name.split(".")[:-1]  # the modules the parameter sits in, outermost first
+    for end in range(len(owners), -1, -1):
+        role = roles.get(modules[".".join(owners[:end])])
+        if role is not None:
+            return role
+    raise UserError(f"optim.lr_multipliers: cannot tell whether {name} is embeddings, attention, mlp, norms or "
+                    "head in this model; give every kind the same multiplier")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A LayerNorm/RMSNorm by its shape: a leaf with a 1-D `weight` (and `bias`) and nothing else."""
+    own = dict(module.named_parameters(recurse=False))
+    if not own or set(own) - {"weight", "bias"} or next(module.children(), None) is not None:
+        return False
+    # Under ZeRO-3 every parameter is a flat slice; `ds_shape` is its real shape.
+    return all(len(getattr(p, "ds_shape", p.shape)) == 1 for p in own.values())
 
 
 def make_scheduler(optimizer, recipe: Recipe):
+    """transformers' schedule as a LambdaLR: every group's rate is its own initial rate times one factor."""
     from transformers import get_scheduler
 
     name = "cosine" if recipe.optim.schedule == "cosine" else "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=recipe.optim.warmup_steps,
                          num_training_steps=recipe.train.max_steps)
+
+
+def scheduled_lr(scheduler, recipe: Recipe) -> float:
+    """optim.lr times the schedule's factor at the scheduler's current step: the rate the log shows,
+    before any group's multiplier."""
+    return recipe.optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)

@@ -20,6 +20,7 @@ Layout of output_dir:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -30,10 +31,11 @@ from pathlib import Path
 import torch
 
 from ..attention import set_attention
-from ..diffusion import draw_noise, elbo_nll, loss_denominator, maskable_positions
+from ..diffusion import complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions
 from ..recipe import Recipe
 from .backends import open_backend
-from .build import DiffusionObjective, apply_lora, load_model, make_scheduler, param_groups
+from .alignment import load_alignment
+from .build import DiffusionObjective, apply_lora, load_model, make_scheduler, param_groups, scheduled_lr
 from .checkpoint import (PROGRESS_EXPORTS, clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint,
                          save_checkpoint)
 from .collectives import all_reduce_sum
@@ -88,17 +90,19 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
     set_seed(recipe.train.seed)
     # Under ZeRO-3 the model is built inside deepspeed.zero.Init, each process holding only its slice.
     model, tokenizer, diffusion = load_model(recipe)
+    alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
         model = apply_lora(model, recipe, diffusion)
     shapes = model_shapes(model)
-    objective, optimizer, scheduler = backend.prepare(DiffusionObjective(model, diffusion), param_groups,
+    objective, optimizer, scheduler = backend.prepare(DiffusionObjective(model, diffusion),
+                                                      partial(param_groups, optim=recipe.optim),
                                                       partial(make_scheduler, recipe=recipe))
     train_blocks = open_dataset(recipe.data, tokenizer, split="train")  # first: it names an empty corpus
     validation_blocks = open_dataset(recipe.data, tokenizer, split="validation") if recipe.train.eval_batches else None
     run = Run(recipe, backend, objective, optimizer, scheduler, tokenizer, diffusion, train_blocks, validation_blocks,
-              shapes, tokens_trained=diffusion.tokens_trained)
+              shapes, tokens_trained=diffusion.tokens_trained, alignment=alignment)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
         log(run.accelerator, f"resumed from {resume_from} at step {run.step}")
@@ -114,6 +118,7 @@ class MicroBatch:
     t: torch.Tensor
     mask: torch.Tensor  # the corrupted positions
     counts: torch.Tensor  # (masked tokens, loss denominator), float64
+    tokens: int  # non-padding tokens read from the data (a complementary pair's sequence counts once)
 
 
 def train_step(run: Run, micro_batches) -> dict:
@@ -121,36 +126,60 @@ def train_step(run: Run, micro_batches) -> dict:
     accelerator, accum, world = run.accelerator, run.recipe.train.grad_accum, run.accelerator.num_processes
     started = time.perf_counter()
     ratio, block_size = run.diffusion.anneal_ratio(run.step), run.diffusion.block_size_at(run.step)
-    lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
+    lr = scheduled_lr(run.scheduler, run.recipe)  # the rate this step's update uses, before multipliers
     micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
     num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, masked CE sum, tokens
+    aligned = _aligned_positions(micros) if run.alignment is not None else None
+    # loss, masked CE sum, tokens, alignment distance sum
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     finite, grad_norm = True, None
     for micro in micros:
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.objective), accelerator.autocast():
-            out = run.objective(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator,
-                                block_size=block_size, generator=micro.generator)
+            micro_loss, out, distance = _micro_objective(run, micro, denominator, block_size, aligned)
             # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
             # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
-            accelerator.backward(out.loss * (accum * world))
+            accelerator.backward(micro_loss * (accum * world))
             if accelerator.sync_gradients:
-                grad_norm, finite = _clip_and_check(run, totals[0] + out.loss.detach())
+                grad_norm, finite = _clip_and_check(run, totals[0] + micro_loss.detach())
             if finite or accelerator.scaler is not None:  # else skip: NaN/inf would poison the weights
                 run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        totals += torch.tensor([out.loss.item(), out.unweighted.item() * out.num_masked, out.num_tokens],
+        totals += torch.tensor([micro_loss.item(), out.unweighted.item() * out.num_masked, micro.tokens, distance],
                                dtype=torch.float64, device=accelerator.device)
     run.scheduler.step()
-    loss, ce_sum, tokens = all_reduce_sum(totals).tolist()
+    loss, ce_sum, tokens, distance = all_reduce_sum(totals).tolist()
     run.step += 1
     run.tokens_trained += int(tokens)
     record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1), "ratio": ratio,
-              **({"block_size": block_size} if block_size is not None else {}), "lr": lr,
+              **({"block_size": block_size} if block_size is not None else {}),
+              **({"align_loss": distance / max(aligned, 1)} if aligned is not None else {}), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
               "tokens_per_s": tokens / (time.perf_counter() - started), "tokens_trained": run.tokens_trained}
     _count_finite(run, record, finite)
     return record
+
+
+def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size, aligned: float | None):
+    """This micro-batch's share of the step's objective (differentiable), its diffusion loss, and the
+    sum of its alignment distances (0.0 without alignment). Both terms are divided by counts of the whole
+    step: the diffusion loss by `denominator`, the alignment by the step's `aligned` positions."""
+    alignment = run.alignment
+    watching = alignment.watch(run.inner_model) if alignment is not None else contextlib.nullcontext([])
+    with watching as states:
+        out = run.objective(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator,
+                            block_size=block_size, generator=micro.generator)
+    if alignment is None:
+        return out.loss, out, 0.0
+    distance = alignment.distance_sum(states, micro.batch)
+    return out.loss + alignment.weight * distance / max(aligned, 1), out, distance.item()
+
+
+def _aligned_positions(micros: list[MicroBatch]) -> float:
+    """The non-padding positions of the whole step, every micro-batch and process: what the alignment
+    distances are divided by."""
+    local = sum(micro.batch["attention_mask"].sum() for micro in micros).double().reshape(1)
+    return all_reduce_sum(local).item()
 
 
 def _draw_micro_batch(run: Run, batch: dict, micro: int) -> MicroBatch:
@@ -161,9 +190,12 @@ def _draw_micro_batch(run: Run, batch: dict, micro: int) -> MicroBatch:
     generator = micro_batch_generator(run.recipe.train.seed, index, accelerator.device)
     maskable = maskable_positions(batch["input_ids"], batch["attention_mask"], batch["never_mask"])
     t, mask = draw_noise(batch["input_ids"], config, maskable, generator=generator)
+    tokens = int(batch["attention_mask"].sum())
+    if config.complementary_masks:  # the denominator then counts both copies: each is one more sample
+        batch, maskable, t, mask = complementary_pairs(batch, maskable, t, mask)
     counts = torch.tensor([float(mask.sum()), float(loss_denominator(config, mask, maskable))],
                           dtype=torch.float64, device=accelerator.device)
-    return MicroBatch(batch, generator, t, mask, counts)
+    return MicroBatch(batch, generator, t, mask, counts, tokens)
 
 
 def micro_batch_generator(seed: int, index: int, device) -> torch.Generator:

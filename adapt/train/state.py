@@ -26,6 +26,7 @@ class Run:
     train_blocks: object
     validation_blocks: object | None
     model_shapes: dict  # fingerprint of the parameters, checked on resume
+    alignment: object | None = None  # the frozen source for align.weight > 0 (alignment.py)
     # Progress: restored from a checkpoint on resume.
     step: int = 0
     tokens_trained: int = 0  # counting those the source checkpoint had already been trained on

@@ -1,0 +1,104 @@
+"""Representation alignment: keep the adapted model's hidden states close to the frozen AR source's.
+
+Repr-Align (Peng et al. 2026, arXiv:2605.06885, in Open-dLLM) adds to the denoising loss a cosine
+loss between the diffusion model's hidden states and those of the frozen AR model it came from (REPA,
+Yu et al. 2024, did the same for image diffusion with a pretrained encoder). Here, exactly:
+
+- Inputs. The adapted model's states are those of its training forward on the noisy sequence x_t (at
+  the step's attention ratio, or with the block mask; in block mode the noisy copy, the first L of the
+  2L positions). The source's are those of its own forward, causal as it was trained, on the clean x_0.
+- Positions. Every non-padding position i, the same i in both. With the shift, the state at i is the
+  one that predicts token i+1 in both models: the target is how the AR model represents the clean
+  prefix x_0[<=i] when it predicts that token.
+- Layers. `align.layers` indexes the decoder layers (-1 the last); a layer's state is its output, before
+  any final norm. Per position, 1 - cos(adapted, source) is averaged over the layers.
+- Normalisation. Those are summed and divided by the non-padding positions of the whole optimizer step
+  (all micro-batches and processes), as the diffusion loss is divided by the count of its whole step, so
+  the objective does not depend on how the step is split: the mean cosine distance (`align_loss` in the
+  log), times `align.weight` in the objective.
+
+Memory: a second copy of the source's weights in model.dtype on every process (frozen: no gradients,
+no optimizer states, not sharded under ZeRO-3 or FSDP2), and one no-grad forward of it per micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import decoder_backbone
+from ..errors import UserError
+from ..recipe import Recipe
+
+
+class Alignment:
+    """The frozen source and the decoder layers whose outputs the adapted model is pulled towards.
+
+    Not an nn.Module, so DDP, DeepSpeed and FSDP2 never see (or shard) the source's weights.
+    """
+
+    def __init__(self, source: nn.Module, layers: list[int], weight: float):
+        self.source, self.layers, self.weight = source, layers, weight
+
+    @contextlib.contextmanager
+    def watch(self, model: nn.Module):
+        """Within the context, the outputs of the aligned layers of `model` land in the yielded list, in
+        `layers` order. Hooks live only inside it, so a gradient checkpoint's recomputation in backward
+        records nothing."""
+        from .backends import decoder_layers
+
+        found = decoder_layers(model)
+        outputs: dict[int, torch.Tensor] = {}
+
+        def record(index):
+            return lambda module, args, output: outputs.__setitem__(
+                index, output[0] if isinstance(output, tuple) else output)
+
+        hooks = [found[index].register_forward_hook(record(index)) for index in set(self.layers)]
+        states: list[torch.Tensor] = []
+        try:
+            yield states
+            states.extend(outputs[index] for index in self.layers)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def distance_sum(self, adapted_states: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        """1 - cos(adapted, source), summed over the non-padding positions of `batch` and averaged over
+        the aligned layers (float32, differentiable through `adapted_states`)."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad(), self.watch(self.source) as source_states:
+            decoder_backbone(self.source)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        keep = attention_mask.bool()
+        total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        for adapted, source in zip(adapted_states, source_states):
+            adapted = adapted[:, :input_ids.shape[1]]  # a block model's forward is [x_t ; x_0]: the noisy copy
+            cosine = F.cosine_similarity(adapted[keep].float(), source[keep].float(), dim=-1)
+            total = total + (1.0 - cosine).sum()
+        return total / len(self.layers)
+
+
+def load_alignment(recipe: Recipe, model: nn.Module, device) -> Alignment | None:
+    """The frozen source of `model` (loaded again from model.path, without the mask token: it only ever
+    reads clean tokens), or None when align.weight is 0."""
+    from ..modeling import load_model as load_pretrained
+    from .backends import decoder_layers, no_zero3_init
+
+    settings = recipe.align
+    if settings.weight == 0:
+        return None
+    count = len(decoder_layers(model))
+    wrong = [index for index in settings.layers if not -count <= index < count]
+    if wrong:
+        raise UserError(f"align.layers: {wrong[0]} is not a layer of this {count}-layer model; "
+                        f"use indices from {-count} to {count - 1} (-1 = the last)")
+    with no_zero3_init():  # a whole copy on each process, even under ZeRO-3
+        source, _ = load_pretrained(recipe.model.path, dtype=recipe.model.dtype,
+                                    attn_implementation=recipe.model.attn_implementation,
+                                    trust_remote_code=recipe.model.trust_remote_code,
+                                    allow_pickle=recipe.model.allow_pickle)
+    source.requires_grad_(False)
+    return Alignment(source.eval().to(device), [index % count for index in settings.layers], settings.weight)

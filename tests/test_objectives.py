@@ -1,0 +1,269 @@
+"""The objectives (mdm, score-entropy, cart) and the variance levers (complementary masks, noise band).
+
+Each property is checked against an independent computation: SEDD's score entropy in its own form
+(rate x [sum of scores - ratio log score + K(ratio)]), the absorbing reverse step written from the
+scores, CART weights worked out by hand, and the complementary pair's masks and weights.
+"""
+
+import dataclasses
+import json
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import adapt
+from adapt.diffusion import (DiffusionConfig, cart_weights, diffusion_loss, draw_noise, elbo_nll,
+                             maskable_positions, predict_logits, score_entropy, token_weights)
+from adapt.errors import UserError
+from adapt.presets import VOCAB
+from adapt.sampling import SamplingOptions, _draw
+from adapt.train import train
+from adapt.train.loop import _draw_micro_batch
+
+from .tiny_runs import diffusion_folder, diffusion_model, recipe_for, run_cli, step_records
+
+
+def _model_and_config(**overrides):
+    model, _ = diffusion_model("llama")
+    return model, dataclasses.replace(DiffusionConfig.from_model_config(model.config), **overrides)
+
+
+def _batch(config, batch=3, length=12, seed=0):
+    """Token ids below the mask's, and a prompt of 3 tokens to keep clean (SFT)."""
+    ids = torch.randint(3, config.mask_token_id, (batch, length), generator=torch.Generator().manual_seed(seed))
+    never_mask = torch.zeros_like(ids, dtype=torch.bool)
+    never_mask[:, :3] = True
+    return ids, never_mask
+
+
+class NormalisedScores(nn.Module):
+    """A head whose outputs are log-probabilities over every token but the mask, so that the log scores
+    log r(t) + outputs are the true ratio's scale times a distribution (RADD's normalised scores)."""
+
+    def __init__(self, head: nn.Module, config: DiffusionConfig):
+        super().__init__()
+        self.head, self.config = head, config
+
+    def forward(self, hidden):
+        logits = self.head(hidden)[..., :self.config.vocab_size]
+        logits = logits.index_fill(-1, torch.tensor([self.config.mask_token_id]), -torch.inf)
+        return logits.log_softmax(dim=-1)
+
+
+@pytest.mark.parametrize("block_size", [None, 4], ids=["bidirectional", "block"])
+def test_score_entropy_of_normalised_scores_is_exactly_the_mdm_loss(block_size):
+    model, config = _model_and_config(block_size=block_size)
+    model.lm_head = NormalisedScores(model.lm_head, config)
+    ids, never_mask = _batch(config)
+    score = dataclasses.replace(config, objective="score-entropy")
+
+    def loss(settings):
+        return diffusion_loss(model, ids, settings, never_mask=never_mask, generator=torch.Generator().manual_seed(1))
+
+    mdm, sedd = loss(config), loss(score)
+    assert mdm.num_masked == sedd.num_masked > 0
+    torch.testing.assert_close(sedd.loss, mdm.loss, rtol=1e-6, atol=0)
+    def bound(settings):
+        return elbo_nll(model, ids, settings, n_samples=3, target_mask=~never_mask,
+                        generator=torch.Generator().manual_seed(2)).nll
+
+    torch.testing.assert_close(bound(score), bound(config), rtol=1e-6, atol=0)
+
+
+def test_score_entropy_is_sedds_form_for_the_absorbing_log_linear_process():
+    """SEDD's entropy per masked token: sigma'(t) [sum_y s_y - r log s_x0 + r (log r - 1)], with mask
+    probability 1 - exp(-sigma(t)) = t, s_y = r exp(outputs[y]) and r = exp(-sigma) / (1 - exp(-sigma))."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, mask_id, count = 11, 10, 64
+    outputs = 3 * torch.randn(count, vocab, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, mask_id, (count,), generator=generator)
+    t = 1e-3 + (1 - 2e-3) * torch.rand(count, generator=generator, dtype=torch.float64)
+
+    sigma = -torch.log1p(-t)
+    rate, ratio = 1 / (1 - t), torch.exp(-sigma) / -torch.expm1(-sigma)
+    scores = ratio[:, None] * outputs[:, :mask_id].exp()
+    sedd = rate * (scores.sum(dim=1) - ratio * scores.gather(1, targets[:, None]).squeeze(1).log()
+                   + ratio * (ratio.log() - 1))
+    torch.testing.assert_close(score_entropy(outputs, targets, mask_id) / t, sedd, rtol=1e-10, atol=1e-10)
+
+
+def test_score_entropy_trains_the_unnormalised_outputs():
+    model, config = _model_and_config(objective="score-entropy")
+    ids, never_mask = _batch(config, batch=4)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    mask = maskable_positions(ids, never_mask=never_mask) & (torch.arange(ids.shape[1]) % 2 == 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = diffusion_loss(model, ids, config, never_mask=never_mask, t=t, mask=mask).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("steps_left,steps", [(7, 8), (3, 8), (1, 4)])  # t < 1: r(1) = 0
+def test_the_samplers_distribution_is_the_absorbing_reverse_step_of_the_scores(steps_left, steps):
+    """From t = k/T to s = (k-1)/T a masked position becomes y != mask with probability
+    s_y(t) (exp(sigma_t - sigma_s) - 1) = s_y (t - s)/(1 - t) (the exact reverse step, SEDD's Tweedie
+    step): given that it leaves the mask, y follows the normalised scores, which is the sampler's
+    softmax over the outputs (the log r(t) offset cancels); and with normalised scores it leaves the
+    mask with probability 1/k, the rate the `random` strategy commits at."""
+    t, s = steps_left / steps, (steps_left - 1) / steps
+    generator = torch.Generator().manual_seed(steps_left)
+    vocab, mask_id = 13, 12
+    outputs = 2 * torch.randn(5, vocab, generator=generator, dtype=torch.float64)
+    for normalised in (False, True):
+        if normalised:
+            outputs[:, mask_id] = -torch.inf
+            outputs = outputs.log_softmax(dim=-1)
+        scores = (1 - t) / t * outputs[:, :mask_id].exp()
+        leave = scores * (t - s) / (1 - t)
+        wanted = leave / leave.sum(dim=1, keepdim=True)
+        tokens, minus_entropy = _draw(outputs.clone(), mask_id, SamplingOptions(strategy="entropy", temperature=0),
+                                      torch.Generator().manual_seed(0))
+        assert torch.equal(tokens, wanted.argmax(dim=1))
+        torch.testing.assert_close(minus_entropy.double(), (wanted * wanted.log()).sum(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leave.sum(dim=1), torch.full((5,), 1 / steps_left, dtype=torch.float64))
+
+
+# CART by hand, p = 1/2: a clean token at distance d adds (1/2) (1/2) (1/2)^(d-1) = 0.25, 0.125, 0.0625,
+# 0.03125, ... Positions 0..5, masked {1, 2, 4}, clean {0, 3, 5}.
+CART_MASK = torch.tensor([[False, True, True, False, True, False]])
+CART_BIDIRECTIONAL = [0, 0.25 + 0.125 + 0.03125, 0.125 + 0.25 + 0.0625, 0, 0.03125 + 0.25 + 0.25, 0]
+# Blocks of 3: a token sees the clean tokens of its block and every token of the blocks before it.
+CART_BLOCKS = [0, 0.25, 0.125, 0, 0.25 + 0.25 + (0.03125 + 0.0625 + 0.125), 0]
+# Position 5 is padding: it is no context.
+CART_PADDED = [0, 0.25 + 0.125, 0.125 + 0.25, 0, 0.03125 + 0.25, 0]
+
+
+@pytest.mark.parametrize("block_size,padded,expected",
+                         [(None, False, CART_BIDIRECTIONAL), (3, False, CART_BLOCKS), (None, True, CART_PADDED)],
+                         ids=["bidirectional", "block", "padding"])
+def test_cart_weights_are_the_hand_computed_ones(block_size, padded, expected):
+    real = torch.ones_like(CART_MASK)
+    real[0, 5] = not padded
+    weights = cart_weights(CART_MASK, real, 0.5, block_size)
+    torch.testing.assert_close(weights, torch.tensor([expected]), rtol=0, atol=1e-7)
+
+
+def test_cart_weights_the_masked_ce_in_the_loss():
+    model, config = _model_and_config(objective="cart", cart_p=0.5, loss_norm="tokens")
+    ids, _ = _batch(config, batch=1, length=6)
+    out = diffusion_loss(model, ids, config, mask=CART_MASK, t=torch.tensor([0.5]))
+    ce = nn.functional.cross_entropy(predict_logits(model, ids.masked_fill(CART_MASK, config.mask_token_id),
+                                                    CART_MASK), ids[CART_MASK], reduction="none")
+    expected = (ce * torch.tensor(CART_BIDIRECTIONAL)[CART_MASK[0]]).sum() / 5  # 5 maskable positions
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+
+
+def _fake_run(config, seed=0):
+    """What `_draw_micro_batch` reads of a run."""
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    recipe = SimpleNamespace(train=SimpleNamespace(grad_accum=1, seed=seed))
+    return SimpleNamespace(accelerator=accelerator, recipe=recipe, diffusion=config, step=0)
+
+
+@pytest.mark.parametrize("loss_norm", ["masked", "tokens"])
+def test_complementary_masks_score_every_maskable_token_once_per_pair(loss_norm):
+    config = DiffusionConfig(mask_token_id=VOCAB - 1, complementary_masks=True, t_max=0.9, loss_norm=loss_norm)
+    ids, never_mask = _batch(config, batch=3, length=16)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[2, 12:] = 0  # a padded row
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "never_mask": never_mask}
+    micro = _draw_micro_batch(_fake_run(config), batch, 0)
+
+    maskable = maskable_positions(ids, attention_mask, never_mask)
+    for name, values in batch.items():
+        assert torch.equal(micro.batch[name], torch.cat([values, values])), name
+    first, second = micro.mask[:3], micro.mask[3:]
+    assert not (first & second).any() and torch.equal(first | second, maskable)
+    torch.testing.assert_close(micro.t[3:], 1 - micro.t[:3])
+    weights = token_weights(config, micro.t, micro.mask)
+    rows = micro.mask.nonzero()[:, 0]
+    torch.testing.assert_close(weights, torch.where(rows < 3, 1 / micro.t[rows % 3], 1 / (1 - micro.t[rows % 3])))
+    # Both copies are samples: the pair masks each maskable token once; "tokens" counts both copies.
+    copies = 1 if loss_norm == "masked" else 2
+    assert micro.counts.tolist() == [float(maskable.sum()), float(copies * maskable.sum())]
+    assert micro.tokens == int(attention_mask.sum())  # the data's tokens, each pair's sequence once
+
+
+def test_noise_levels_stay_in_the_band():
+    config = DiffusionConfig(mask_token_id=VOCAB - 1, t_min=0.3, t_max=0.6)
+    ids = torch.zeros(20_000, 2, dtype=torch.long)
+    t, _ = draw_noise(ids, config, maskable_positions(ids), generator=torch.Generator().manual_seed(0))
+    assert 0.3 <= t.min() < 0.301 and 0.599 < t.max() <= 0.6
+    assert abs(t.mean().item() - 0.45) < 0.005
+    assert DiffusionConfig().noise_band == (DiffusionConfig().eps, 1.0)  # the default is the old U(eps, 1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["diffusion.t_min=0.5", "diffusion.t_max=0.4"], "diffusion.t_min = 0.5 must be in (0, t_max = 0.4)"),
+    (["diffusion.t_max=0"], "diffusion.t_max = 0.0 is out of range"),
+    (["diffusion.complementary_masks=true"], "diffusion.complementary_masks needs t_min + t_max <= 1"),
+    (["diffusion.objective=sedd"], "diffusion.objective = 'sedd' (str) is not a valid choice"),
+    (["diffusion.cart_p=0"], "diffusion.cart_p = 0.0 is out of range; it must be in (0, 1]"),
+])
+def test_bad_objective_settings_name_the_key_and_the_fix(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        recipe_for(tmp_path, *overrides)
+
+
+def test_bad_objective_settings_exit_2_with_one_line(tmp_path):
+    recipe = recipe_for(tmp_path)  # writes the tiny model and corpus the command line then refers to
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    result = run_cli("train", path, "diffusion.complementary_masks=true")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "adapt train: error: diffusion.complementary_masks needs t_min + t_max <= 1: the copy at level 1 - t would go "
+        "below t_min (0.001) and its weight 1/(1 - t) grow without bound; set t_max <= 0.999"]
+
+
+def test_checkpoints_from_before_the_choice_load_as_mdm(tmp_path):
+    folder = diffusion_folder(tmp_path / "old")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("cart_p", "complementary_masks", "t_min", "t_max"):
+        del config["diffusion"][key]
+    config["diffusion"]["objective"] = "masked-diffusion"
+    config_file.write_text(json.dumps(config))
+    _, _, loaded = adapt.load(folder)
+    assert loaded.objective == "mdm"
+
+
+def _sft_data(folder):
+    path = folder / "sft.jsonl"
+    rows = [{"prompt": " ".join(f"w{10 + (i + j) % 10}" for j in range(6)),
+             "response": " ".join(f"w{10 + (i + 2 * j) % 10}" for j in range(8))} for i in range(40)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("data", ["pretrain", "sft"])
+@pytest.mark.parametrize("block_size", [None, 4], ids=["bidirectional", "block"])
+@pytest.mark.parametrize("objective", ["mdm", "score-entropy", "cart"])
+def test_every_objective_trains_in_every_mode_and_the_export_records_it(tmp_path, objective, block_size, data):
+    """One step of each objective x attention mode x data kind; the SFT runs also turn both variance
+    levers on (complementary masks, a noise band), so every lever meets every objective and mode."""
+    mode = "null" if block_size is None else block_size
+    settings = [f"diffusion.objective={objective}", f"diffusion.block_size={mode}", "train.max_steps=1",
+                "train.eval_batches=0", "optim.warmup_steps=0"]
+    if data == "sft":
+        settings += [f"data.path={_sft_data(tmp_path)}", "data.format=sft", "diffusion.complementary_masks=true",
+                     "diffusion.t_min=0.1", "diffusion.t_max=0.8"]
+    result = train(recipe_for(tmp_path, *settings))
+    (record,) = step_records(tmp_path / "run")
+    assert math.isfinite(record["loss"]) and record["loss"] > 0 and not record.get("skipped")
+    assert record["tokens_trained"] == 4 * 32  # batch 4 x seq_len 32: a complementary pair counts once
+    _, _, config = adapt.load(result.model_dir)
+    exported = json.loads((result.model_dir / "config.json").read_text())["diffusion"]
+    assert config.objective == exported["objective"] == objective
+    assert exported["block_size"] == block_size
+    assert exported["complementary_masks"] == (data == "sft")
