@@ -20,7 +20,7 @@ from typing import Literal
 import yaml
 
 from .data import DataConfig
-from .diffusion import OBJECTIVES, DiffusionConfig
+from .diffusion import BLOCK_SCHEDULES, OBJECTIVES, DiffusionConfig
 from .errors import UserError
 from .settings import Range, at_least, between, default_of, from_dict
 
@@ -53,7 +53,7 @@ class TrainSection:
     # "masked": divide by the masked tokens of the whole optimizer step (DiffuLLaMA); "tokens": by its
     # maskable tokens (the ELBO). Counted over every micro-batch and process.
     loss_norm: Literal["masked", "tokens"] = "masked"
-    eps: float = field(default=1e-3, metadata=between(1e-9, 0.5))  # t ~ U(eps, 1)
+    eps: float = field(default=default_of(DiffusionConfig, "eps"), metadata=between(1e-9, 0.5))  # t ~ U(eps, 1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast (weights stay in model.dtype)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     max_grad_norm: float = field(default=1.0, metadata=at_least(0))  # clip the global norm; 0 = no clipping
@@ -76,7 +76,7 @@ class DiffusionSection:
     block_size: int | None = field(default=None, metadata=at_least(1))
     # "constant": blocks of block_size from the first step; "grow": 1, 2, 4, ... up to block_size in equal
     # stages over train.anneal_steps (block size 1 with the shift is the AR model, LLaDA2.0's warm-up).
-    block_schedule: Literal["constant", "grow"] = "constant"
+    block_schedule: Literal[BLOCK_SCHEDULES] = default_of(DiffusionConfig, "block_schedule")
     # "mdm": each masked token's CE weighted 1/t; "score-entropy": SEDD's denoising score entropy, the outputs
     # read as log concrete scores; "cart": the CE weighted by Dream's context-adaptive weight (docs/method.md).
     objective: Literal[OBJECTIVES] = default_of(DiffusionConfig, "objective")
