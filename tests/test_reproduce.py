@@ -21,12 +21,17 @@ def reproduce(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=1200)
 
 
-def test_reproduction_reports_every_run_and_a_second_invocation_reruns_nothing(tmp_path):
-    data = tmp_path / "data"
+def tiny_reproduction(folder: Path) -> tuple[Path, Path, Path, Path]:
+    """(data, out, docs, model) folders of a reproduction on the tiny corpus and model."""
+    data = folder / "data"
     data.mkdir()
     corpus(data / "train.jsonl")
     corpus(data / "validation.jsonl", docs=10, seed=1)
-    out, docs, model = tmp_path / "out", tmp_path / "docs", causal_folder(tmp_path / "causal")
+    return data, folder / "out", folder / "docs", causal_folder(folder / "causal")
+
+
+def test_reproduction_reports_every_run_and_a_second_invocation_reruns_nothing(tmp_path):
+    data, out, docs, model = tiny_reproduction(tmp_path)
     args = ["--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
             "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "3",
             "--samples", "2", "--choice-tasks", "--extra", "train.eval_batches=1", "train.eval_samples=2"]
@@ -62,11 +67,7 @@ def test_missing_inputs_stop_before_any_work_with_one_line(tmp_path):
 def test_forgetting_curve_scores_each_quarter_and_reports_retention(tmp_path):
     import json
 
-    data = tmp_path / "data"
-    data.mkdir()
-    corpus(data / "train.jsonl")
-    corpus(data / "validation.jsonl", docs=10, seed=1)
-    out, docs, model = tmp_path / "out", tmp_path / "docs", causal_folder(tmp_path / "causal")
+    data, out, docs, model = tiny_reproduction(tmp_path)
     result = reproduce("--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
                        "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2",
                        "--samples", "2", "--runs", "adapt", "--curve-runs", "adapt", "--choice-tasks",

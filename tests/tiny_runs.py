@@ -243,3 +243,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def peak_rss_below(report: str, weight_bytes: int) -> list[dict]:
+    """The reports of ranks 0 and 1 of a load-once test (`report`.RANK, JSON with RSS `before` and `peak`),
+    after checking that each process grew by less than one copy of the weights while loading."""
+    results = []
+    for rank in (0, 1):
+        result = json.loads(Path(f"{report}.{rank}").read_text())
+        grown = result["peak"] - result["before"]
+        print(f"rank {rank}: RSS {result['before'] / 2**20:.0f} MiB before loading, peak {result['peak'] / 2**20:.0f} "
+              f"MiB (+{grown / 2**20:.0f} MiB) against one copy of the weights: {weight_bytes / 2**20:.0f} MiB")
+        assert grown < weight_bytes, f"rank {rank} grew by {grown} bytes, a whole copy is {weight_bytes}"
+        results.append(result)
+    return results
