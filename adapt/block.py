@@ -22,6 +22,7 @@ This module depends only on torch and `attention`; `adapt export` copies it into
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -144,11 +145,16 @@ def cached_forward(model: nn.Module, ids: torch.Tensor, start: int, mask: torch.
     `mask` (1, 1, Q, cached + Q; True = attend) says, or as the model's own mask does when it is None.
     Their keys and values are appended to `cache`."""
     backbone = decoder_backbone(model)
-    # transformers 5 renamed the forward's `past_key_values` to `cache` (the old name still works, warned)
-    cache_argument = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     positions = torch.arange(start, start + ids.shape[1], device=ids.device)
     return backbone(
         input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
         attention_mask=None if mask is None else mask_for_implementation(mask, model), use_cache=True,
-        **{cache_argument: cache},
+        **{_cache_argument(type(backbone)): cache},
     ).last_hidden_state
+
+
+@functools.cache
+def _cache_argument(backbone_class: type) -> str:
+    """The name the backbone's forward takes its cache by, looked up once per class (every step calls it):
+    transformers 5 renamed `past_key_values` to `cache` (the old name still works, warned)."""
+    return "cache" if "cache" in inspect.signature(backbone_class.forward).parameters else "past_key_values"

@@ -41,8 +41,8 @@ on the masked (and then committed) positions after it and change at every step. 
 the whole sequence every step; `cache="prefix"` or `"dual"` opt in to Fast-dLLM's approximate caches
 for semi-autoregressive decoding (`ApproximateCache`), refreshed at the start of every block.
 
-This module depends only on torch, tqdm and three dependency-free modules of this package (attention,
-diffusion, errors). `adapt export` copies all of them verbatim into every checkpoint, where the remote
+This module depends only on torch, tqdm and five dependency-free modules of this package (attention,
+block, diffusion, errors, limits). `adapt export` copies all of them verbatim into every checkpoint, where the remote
 code (`modeling_adapt_diffusion.py`) calls this same sampler: one implementation, no copy to drift.
 """
 
@@ -209,7 +209,7 @@ def generate_with_details(
     rows = out.ids.tolist()
     start = len(prompt_ids)
     return Generation(
-        texts=[_decode_after(tokenizer, row, start, _text_end(row, start, tokenizer.eos_token_id)) for row in rows],
+        texts=[_decode_after(tokenizer, row, start, text_end(row, start, tokenizer.eos_token_id)) for row in rows],
         prompt_ids=prompt_ids,
         token_ids=[row[start:] for row in rows],
         commit_step=out.commit_step[:, len(prompt_ids):].tolist(),
@@ -635,7 +635,7 @@ def _share(steps: int, sizes: list[int]) -> list[int]:
     return shares
 
 
-def _text_end(ids: list[int], start: int, eos_token_id: int | None) -> int:
+def text_end(ids: list[int], start: int, eos_token_id: int | None) -> int:
     """Where the text of the continuation ids[start:] ends: at its first EOS, else at the end of `ids`."""
     if eos_token_id is not None and eos_token_id in ids[start:]:
         return ids.index(eos_token_id, start)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..bench import timed
 from ..errors import UserError
 from ..limits import check_context, max_positions
-from ..sampling import SamplingOptions, anchor_id, context_ids, generate_with_details
+from ..sampling import SamplingOptions, anchor_id, context_ids, generate_with_details, text_end
 from .choice import read_jsonl
 from .likelihood import continuation_scores
 from .metrics import summary
@@ -61,9 +61,7 @@ class Sample:
 
 def text_tokens(ids: list[int], eos_token_id: int | None) -> list[int]:
     """`ids` up to (not including) the first EOS: the tokens of the text the sampler returns."""
-    if eos_token_id is not None and eos_token_id in ids:
-        return ids[:ids.index(eos_token_id)]
-    return list(ids)
+    return list(ids[:text_end(ids, 0, eos_token_id)])
 
 
 def unigram_entropy(tokens: list[int]) -> float:
