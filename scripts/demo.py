@@ -82,4 +82,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from adapt.errors import exit_code_of
+
+    sys.exit(exit_code_of(main, "demo"))  # a bad override (train.max_steps=2 under 4 warmup steps) is one line
