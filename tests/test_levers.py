@@ -125,6 +125,17 @@ def test_a_bad_multiplier_or_layer_is_one_clear_error(tmp_path):
         recipe_for(tmp_path, "align.weight=1", "align.layers=[]")
 
 
+def test_resuming_with_other_multipliers_is_refused_in_one_line_and_with_the_same_ones_goes_on(tmp_path):
+    common = ("train.max_steps=2", "checkpoint.every=2", "train.eval_batches=0")
+    train(recipe_for(tmp_path, *common, "optim.lr_multipliers.mlp=0.1"))
+    more = ("train.max_steps=3", "resume=auto")
+    with pytest.raises(UserError, match=r"optimizer groups embeddings, attention, mlp, norms, head \(optim.lr_multipliers "
+                                        r".*\) but this run has all; resume with the lr_multipliers it was trained with"):
+        train(recipe_for(tmp_path, *common, *more))
+    resumed = train(recipe_for(tmp_path, *common, *more, "optim.lr_multipliers.mlp=0.1"))
+    assert resumed.steps == 3
+
+
 # ---- representation alignment ---------------------------------------------------------------------
 
 def source_and_adapted(family: str = "llama"):

@@ -80,6 +80,12 @@ def model_shapes(model: nn.Module) -> dict:
             "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
+def optimizer_groups(optimizer) -> list[str]:
+    """The kinds of the optimizer's parameter groups (build.param_groups), in order: what its state's layout
+    depends on, so a resume with other lr_multipliers is refused before torch fails to load it."""
+    return [group.get("kind", "all") for group in optimizer.param_groups]
+
+
 def save_checkpoint(run: Run) -> Path:
     """Write step `run.step` under a .tmp- name on every process, then rename it on the main one."""
     accelerator = run.accelerator
@@ -98,7 +104,7 @@ def save_checkpoint(run: Run) -> Path:
         if accelerator.is_main_process:
             state = {"step": run.step, "tokens_trained": run.tokens_trained, "world_size": accelerator.num_processes,
                      "diffusion": run.diffusion.to_dict(), "recipe": run.recipe.to_dict(),
-                     "model_shapes": run.model_shapes}
+                     "model_shapes": run.model_shapes, "optimizer_groups": optimizer_groups(run.optimizer)}
             (temp / STATE_FILE).write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             temp.rename(final)
@@ -130,6 +136,12 @@ def load_checkpoint(run: Run, path: Path) -> None:
     if state["world_size"] != accelerator.num_processes:
         raise UserError(f"{path} was written by {state['world_size']} processes but this run has "
                         f"{accelerator.num_processes}; resume with the same process count")
+    saved_groups = state.get("optimizer_groups")  # absent in checkpoints written before lr_multipliers
+    if saved_groups is not None and saved_groups != optimizer_groups(run.optimizer):
+        raise UserError(f"{path} was written with optimizer groups {', '.join(saved_groups)} (optim.lr_multipliers "
+                        f"{state['recipe']['optim']['lr_multipliers']}) but this run has "
+                        f"{', '.join(optimizer_groups(run.optimizer))}; resume with the lr_multipliers it was "
+                        "trained with, or start a fresh output_dir")
     run.backend.load_state(path, run.objective, run.optimizer, run.scheduler)
     run.train_blocks.load_state_dict(json.loads((path / f"data_rank{accelerator.process_index}.json").read_text()))
     run.step, run.tokens_trained = int(state["step"]), int(state["tokens_trained"])
