@@ -428,7 +428,7 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--limit", type=int, help="only the first N examples (blocks for elbo)")
     default = EvalSettings()
     parser.add_argument("--samples", type=int, default=default.samples,
-                        help=f"Monte Carlo noise levels per ELBO (default {default.samples})")
+                        help=f"Monte Carlo masks per ELBO (default {default.samples})")
     parser.add_argument("--seed", type=int, default=default.seed,
                         help=f"seeds the noise levels, held-out documents and code lines (default {default.seed})")
     parser.add_argument("--batch-size", type=int, default=default.batch_size,

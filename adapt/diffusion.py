@@ -432,9 +432,11 @@ def elbo_nll(
     model the score-entropy bound, SEDD's; a CART model is scored by the plain 1/t-weighted ELBO).
 
     Only target tokens are ever masked; the others are clean context (the prompt of a multiple-choice
-    question, say). Default targets: every non-padding position but 0. The noise levels are stratified:
-    t_k = eps + (1-eps)(k + u)/K with one shared u ~ U(0, 1), which lowers the variance against K
-    independent draws while staying unbiased.
+    question, say). Default targets: every non-padding position but 0. The estimate is the 1/t form
+    with t integrated out given the mask (LLaDA's estimator, docs/method.md): sample k masks exactly
+    l_k = ceil(n (k + u)/K) of a row's n targets, chosen uniformly, and weighs its terms n / l_k; one
+    shared u ~ U(0, 1) stratifies the counts. Unbiased for the ELBO over t ~ U(0, 1), with far less
+    variance than Bernoulli(t) masks weighted 1/t (multiple choice needs it: docs/results.md).
     """
     check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if n_samples < 1:
@@ -447,15 +449,31 @@ def elbo_nll(
     offset = torch.rand((), generator=generator, device=_generator_device(generator, input_ids.device))
     total = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
     for k in range(n_samples):
-        t_k = config.eps + (1.0 - config.eps) * (k + offset.item()) / n_samples
-        t = torch.full((batch,), t_k, device=input_ids.device)
-        noisy, mask = corrupt(input_ids, t, target_mask, config.mask_token_id, generator=generator)
+        mask, weight = mask_exactly(target_mask, (k + offset.item()) / n_samples, generator)
+        noisy = input_ids.masked_fill(mask, config.mask_token_id)
         logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
                                 block_size=config.block_size, clean=input_ids)
         terms, _ = token_terms(logits.float(), input_ids[mask], config)
         rows = mask.nonzero()[:, 0]
-        total.index_add_(0, rows, terms.double() / t_k)
+        total.index_add_(0, rows, terms.double() * weight[rows])
     return ELBO(nll=total / n_samples, num_tokens=target_mask.sum(dim=1))
+
+
+def mask_exactly(target_mask: torch.Tensor, level: float | torch.Tensor, generator: torch.Generator | None = None):
+    """(mask, weight): in each row ceil(level * n) of its n targets (at least one), a uniform choice,
+    and the row's weight n / that count (0 for a row without targets). `level`: one, or one per row.
+
+    Why n / count: under Bernoulli(t) masks with t ~ U(0, 1) a mask's size l is uniform on 0..n, given
+    l the mask is a uniform choice, and E[1/t | l] = (n + 1) / l (t | l ~ Beta(l + 1, n - l + 1)). So the
+    1/t-weighted sum f of the masked terms has expectation sum_{l>=1} E[f | l] / l, which is what a
+    count uniform on 1..n (level ~ U(0, 1)) weighted n / l gives, without the 1/t spikes of small t.
+    """
+    n = target_mask.sum(dim=1)
+    count = torch.ceil(level * n).clamp(min=1)
+    draws = torch.rand(target_mask.shape, generator=generator, device=_generator_device(generator, target_mask.device))
+    draws = draws.to(target_mask.device).masked_fill(~target_mask, 2.0)  # non-targets rank last
+    rank = draws.argsort(dim=1).argsort(dim=1)
+    return (rank < count[:, None]) & target_mask, n.double() / count.double()
 
 
 def _generator_device(generator: torch.Generator | None, fallback) -> torch.device | str | None:

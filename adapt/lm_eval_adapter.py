@@ -7,8 +7,8 @@ The harness finds model classes in its registry only once the module defining th
 it has no plugin hook, so run it through this module (the same command line as `lm_eval`), or import
 `adapt.lm_eval_adapter` before `lm_eval.simple_evaluate(model="adapt", ...)`.
 
-* `loglikelihood`: the continuation's negative ELBO (masking only the continuation, `samples` stratified
-  noise levels, seed `seed`), an upper bound on its NLL; `is_greedy` is whether every continuation token
+* `loglikelihood`: the continuation's negative ELBO (masking only the continuation, `samples` masks of stratified
+  sizes, seed `seed`), an upper bound on its NLL; `is_greedy` is whether every continuation token
   is the argmax with the whole continuation masked. With `ar=True`: the exact AR log-likelihood.
 * `loglikelihood_rolling`: the ELBO of the whole text after a BOS/EOS, in windows of the model's length.
 * `generate_until`: `max_gen_toks` tokens decoded by the sampler (greedy unless the task sets a

@@ -60,7 +60,7 @@ class TrainSection:
     seed: int = field(default=0, metadata=at_least(0))  # model init of new rows, dropout, noise levels, masks
     eval_every: int = field(default=0, metadata=at_least(0))  # validation ELBO every N steps (0 = only at the end)
     eval_batches: int = field(default=4, metadata=at_least(0))  # validation batches per process (0 = no validation)
-    eval_samples: int = field(default=4, metadata=at_least(1))  # Monte Carlo noise levels per validation sequence
+    eval_samples: int = field(default=4, metadata=at_least(1))  # Monte Carlo masks per validation sequence (elbo_nll)
     log_every: int = field(default=1, metadata=at_least(1))  # print a log line every N steps
     # A step with a non-finite loss or gradient is skipped (weights unchanged, a warning); after this many
     # in a row the run stops with a checkpoint of the last finite weights (exit code 3).
@@ -84,7 +84,7 @@ class DiffusionSection:
     cart_p: float = field(default=default_of(DiffusionConfig, "cart_p"), metadata={"range": Range(0, 1, low_open=True)})
     # Each sequence twice per micro-batch, at t on positions m and at 1 - t on the others (needs t_min + t_max <= 1).
     complementary_masks: bool = default_of(DiffusionConfig, "complementary_masks")
-    # Training noise levels t ~ U(t_min, t_max); null t_min is train.eps. The validation ELBO keeps (eps, 1).
+    # Training noise levels t ~ U(t_min, t_max); null t_min is train.eps. The validation ELBO keeps all of (0, 1).
     t_min: float | None = field(default=default_of(DiffusionConfig, "t_min"), metadata=between(1e-9, 1, high_open=True))
     t_max: float = field(default=default_of(DiffusionConfig, "t_max"), metadata={"range": Range(0, 1, low_open=True)})
 

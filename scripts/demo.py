@@ -70,7 +70,7 @@ def main() -> None:
     losses = [s for s in steps if "loss" in s]
     speeds = [s["tokens_per_s"] for s in losses[1:]] or [s["tokens_per_s"] for s in losses]
     print(f"\n== held-out Brown, {blocks.shape[0]} blocks x {blocks.shape[1]} tokens ==")
-    print(f"ELBO perplexity of the diffusion model: {elbo:10.1f}   (an upper bound; 8 noise levels per block)")
+    print(f"ELBO perplexity of the diffusion model: {elbo:10.1f}   (an upper bound; 8 Monte Carlo masks per block)")
     print(f"perplexity of the AR model it came from: {ar:9.1f}")
     print("\n== figures ==")
     print(f"training: {result.steps} steps, {result.tokens_trained:,} tokens, "

@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=20, help="steps between validation points on the curve")
     parser.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks for the final ELBO")
-    parser.add_argument("--samples", type=int, default=8, help="Monte Carlo noise levels per ELBO")
+    parser.add_argument("--samples", type=int, default=8, help="Monte Carlo masks per ELBO estimate")
     parser.add_argument("--choice-tasks", nargs="*", default=["arc_easy", "piqa"])
     parser.add_argument("--choice-limit", type=int, default=100, help="questions per multiple-choice task")
     parser.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="more recipe overrides for every run")
@@ -356,7 +356,7 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
     ar = evaluations["curve_ar"]["runs"][0]["results"]
     chance = {task: _chance(task, args.curve_limit) for task in args.curve_tasks}
     lines = ["", "## Forgetting curve", "",
-             f"Accuracy on the first {args.curve_limit} questions of each task ({args.samples} noise levels per ELBO) and "
+             f"Accuracy on the first {args.curve_limit} questions of each task ({args.samples} Monte Carlo masks per ELBO) and "
              "held-out ELBO perplexity at each quarter of the budget; 0 tokens is the AR source, scored by its exact "
              "likelihood. Retention = mean over the tasks of (accuracy - chance) / (AR accuracy - chance), chance "
              f"being {', '.join(f'{t} {c:.3f}' for t, c in chance.items())}; ± one standard error (for retention, "

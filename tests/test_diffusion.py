@@ -1,6 +1,7 @@
 """The diffusion objective: corruption, shift, weighting, normalisation, ELBO, config round trip."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -172,18 +173,35 @@ def test_loss_is_differentiable():
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_elbo_of_one_token_converges_to_its_cross_entropy():
-    """One target token: E_t[1{masked}/t * CE] = CE exactly, so the estimate converges to the AR CE."""
+def test_elbo_of_one_token_is_its_cross_entropy_at_every_sample():
+    """One target token: E_t[1{masked}/t * CE] = CE, and with t integrated out given the mask every
+    sample masks that token with weight 1, so even four samples give the AR CE exactly."""
     model = tiny_model("llama", "eager")
     ids = _tokens(batch=1)
     target = torch.zeros_like(ids, dtype=torch.bool)
     target[0, 7] = True
     with torch.no_grad():
         ar = F.cross_entropy(model(input_ids=ids).logits[0, 6], ids[0, 7]).item()
-        elbo = adapt.elbo_nll(model, ids, _config(), n_samples=4000, target_mask=target,
+        elbo = adapt.elbo_nll(model, ids, _config(), n_samples=4, target_mask=target,
                               generator=torch.Generator().manual_seed(0))
     assert elbo.num_tokens.tolist() == [1]
-    assert elbo.per_token == pytest.approx(ar, rel=0.03)
+    assert elbo.per_token == pytest.approx(ar, rel=1e-5)
+
+
+def test_exact_count_masks_are_uniform_choices_of_the_stratified_count():
+    targets = torch.tensor([[False, True, True, True, True, False], [False] * 6, [True] * 6])
+    generator = torch.Generator().manual_seed(0)
+    hits = torch.zeros(targets.shape)
+    for _ in range(2000):
+        mask, weight = adapt.diffusion.mask_exactly(targets, 0.3, generator)
+        assert mask.sum(dim=1).tolist() == [2, 0, 2]  # ceil(0.3 * 4), none, ceil(0.3 * 6)
+        assert not (mask & ~targets).any()
+        hits += mask
+    assert weight.tolist() == [2.0, 0.0, 3.0]
+    # each target is masked with probability count / n: 1/2 and 1/3, within 4 standard errors
+    for row, p in ((0, 0.5), (2, 1 / 3)):
+        share = hits[row][targets[row]] / 2000
+        assert (share - p).abs().max() < 4 * math.sqrt(p * (1 - p) / 2000), share
 
 
 def test_elbo_is_deterministic_with_a_seed_and_bounds_are_sane():

@@ -19,13 +19,13 @@ def _config(**overrides):
 
 
 def _exact_negative_elbo(model, ids, config):
-    """E_{t~U(eps,1)} E_{mask~Bernoulli(t)} [sum_masked CE / t], by enumerating every mask pattern.
+    """E_{t~U(0,1)} E_{mask~Bernoulli(t)} [sum_masked CE / t], by enumerating every mask pattern.
 
-    P(pattern of size k | t) = t^k (1-t)^(n-k); the t-integral of t^(k-1) (1-t)^(n-k) / (1-eps) is done
-    by fine quadrature (the integrand is a polynomial, the quadrature error is far below the MC error).
+    P(pattern of size k | t) = t^k (1-t)^(n-k); the t-integral of t^(k-1) (1-t)^(n-k) is done by fine
+    quadrature (the integrand is a polynomial, the quadrature error is far below the MC error).
     """
     n = ids.shape[1] - 1
-    grid = np.linspace(config.eps, 1.0, 200_001)
+    grid = np.linspace(0.0, 1.0, 200_001)
     total = 0.0
     for pattern in itertools.product([False, True], repeat=n):
         k = sum(pattern)
@@ -34,7 +34,7 @@ def _exact_negative_elbo(model, ids, config):
         mask = torch.tensor([[False, *pattern]])
         logits = predict_logits(model, ids.masked_fill(mask, MASK_ID), mask, shift=config.shift)
         loss = float(F.cross_entropy(logits, ids[mask], reduction="sum"))
-        weight = np.trapezoid(grid ** (k - 1) * (1 - grid) ** (n - k), grid) / (1 - config.eps)
+        weight = np.trapezoid(grid ** (k - 1) * (1 - grid) ** (n - k), grid)
         total += weight * loss
     return total
 

@@ -1,8 +1,8 @@
 """Log-likelihood of a continuation given its context: diffusion ELBO or exact AR.
 
 The one scoring primitive behind multiple choice and the lm-evaluation-harness adapter. A diffusion
-model (a `DiffusionConfig` given) masks only the continuation's tokens and averages the 1/t-weighted CE
-over stratified noise levels (`elbo_nll`): its NLL is the negative ELBO, an upper bound. A causal model
+model (a `DiffusionConfig` given) masks only the continuation's tokens and averages the weighted CE
+over masks of stratified sizes (`elbo_nll`): its NLL is the negative ELBO, an upper bound. A causal model
 (`config=None`) gives the exact sum of next-token log-probabilities, on the same tokens.
 """
 
@@ -54,8 +54,8 @@ def continuation_scores(
     """Score tokens `sequences[i][starts[i]:]` given `sequences[i][:starts[i]]`, in batches.
 
     `config=None`: exact AR log-likelihood at attention ratio 0. Otherwise the diffusion ELBO at ratio 1
-    with `n_samples` noise levels; each batch draws from a generator seeded with `seed`, so choices
-    scored in one batch share their noise levels (common random numbers make their comparison sharper).
+    with `n_samples` masks; each batch draws from a generator seeded with `seed`, so choices
+    scored in one batch share the levels that set their mask sizes (common random numbers make their comparison sharper).
     Sequences longer than `max_length` lose context tokens from the left (after the first token).
     """
     scores = []

@@ -104,7 +104,7 @@ def elbo_perplexity(
     A diffusion model is evaluated as it will be sampled, with bidirectional attention: the function sets
     the ratio to `attention_ratio` (default 1) for the duration and restores the caller's ratio and
     train/eval mode afterwards, so it can be called mid-training, mid-annealing included. Pass None to
-    score the model at whatever ratio it has. `n_samples` stratified noise levels per block, drawn from
+    score the model at whatever ratio it has. `n_samples` masks of stratified sizes per block, drawn from
     a generator seeded with `seed`: the same call gives the same number. `attention_mask` (N, L) marks
     padding (a short last block), which is neither context nor target.
     """

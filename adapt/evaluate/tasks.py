@@ -33,7 +33,7 @@ class EvalSettings:
 
     data: str | None = None  # elbo / sentence_infill: the text; choice tasks / lambada: a jsonl replacing the shipped one
     limit: int | None = field(default=None, metadata=at_least(1))  # first N examples (blocks for elbo)
-    samples: int = field(default=32, metadata=at_least(1))  # Monte Carlo noise levels per ELBO estimate
+    samples: int = field(default=32, metadata=at_least(1))  # Monte Carlo masks per ELBO estimate
     seed: int = 0
     batch_size: int = field(default=8, metadata=at_least(1))  # blocks per forward (elbo)
     seq_len: int = field(default=512, metadata=at_least(2))  # elbo block length
