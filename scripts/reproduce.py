@@ -271,8 +271,8 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
         "scratch on the same tokens, and the shift matters.", "",
         f"Budget: {args.steps} steps x {args.batch_size} sequences x {args.seq_len} tokens = **{budget:,} tokens per run**, "
         f"recipe `{args.recipe}` (learning rate as the recipe gives it, but for `scratch_lr`). Held-out ELBO: the first "
-        f"{ar['n']} blocks ({ar['tokens']:,} scored tokens) of `{args.data}/validation.jsonl`, {args.samples} noise "
-        "levels, attention ratio 1, seed 0; the AR perplexity is exact on the same target tokens. ± is one "
+        f"{ar['n']} blocks ({ar['tokens']:,} scored tokens) of `{args.data}/validation.jsonl`, {args.samples} Monte "
+        "Carlo masks, attention ratio 1, seed 0; the AR perplexity is exact on the same target tokens. ± is one "
         "standard error over blocks (text variation and Monte Carlo noise together).", "",
         "![ELBO perplexity against tokens](reproduction_elbo.png)", "",
         "The curve is the training loop's validation (a few held-out batches, at the run's attention ratio of",

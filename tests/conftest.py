@@ -1,3 +1,7 @@
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,3 +25,13 @@ def _deterministic():
 def trained():
     """(model, tokenizer, config) of `train_tiny_model`, trained once per test module that asks for it."""
     return train_tiny_model()
+
+
+def import_script(name: str):
+    """The module of scripts/NAME.py, imported with scripts/ on the path only while it is imported."""
+    folder = str(Path(__file__).resolve().parent.parent / "scripts")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

@@ -5,7 +5,6 @@ w{3+i}, so any block can be traced back to the documents it came from.
 """
 
 import collections
-import importlib
 import json
 import os
 import subprocess
@@ -20,6 +19,8 @@ from adapt.data import DataConfig, DataSource, open_dataset
 from adapt.diffusion import maskable_positions
 from adapt.errors import UserError
 from adapt.presets import tiny_tokenizer
+
+from .conftest import import_script
 
 EOS = 2
 PAD = 0
@@ -394,11 +395,7 @@ def test_hub_dataset_offline_is_one_clear_error(monkeypatch, tokenizer):
 
 @pytest.fixture
 def prepare_brown():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        yield importlib.import_module("prepare_brown")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    return import_script("prepare_brown")
 
 
 def test_brown_detokenizer_strips_tags_and_joins_punctuation(prepare_brown):

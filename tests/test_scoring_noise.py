@@ -1,7 +1,6 @@
 """scripts/scoring_noise.py: both ELBO estimators it simulates are unbiased for the sum of the exact
 losses, the count form with less variance, and a bad argument is one line with exit code 2."""
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import import_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def scoring_noise():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        yield importlib.import_module("scoring_noise")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    return import_script("scoring_noise")
 
 
 def test_both_estimators_are_unbiased_and_the_count_form_varies_less(scoring_noise):
