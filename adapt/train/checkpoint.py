@@ -136,12 +136,11 @@ def load_checkpoint(run: Run, path: Path) -> None:
     if state["world_size"] != accelerator.num_processes:
         raise UserError(f"{path} was written by {state['world_size']} processes but this run has "
                         f"{accelerator.num_processes}; resume with the same process count")
-    saved_groups = state.get("optimizer_groups")  # absent in checkpoints written before lr_multipliers
-    if saved_groups is not None and saved_groups != optimizer_groups(run.optimizer):
+    saved_groups, groups = state.get("optimizer_groups"), optimizer_groups(run.optimizer)
+    if saved_groups is not None and saved_groups != groups:  # None: written before lr_multipliers existed
         raise UserError(f"{path} was written with optimizer groups {', '.join(saved_groups)} (optim.lr_multipliers "
-                        f"{state['recipe']['optim']['lr_multipliers']}) but this run has "
-                        f"{', '.join(optimizer_groups(run.optimizer))}; resume with the lr_multipliers it was "
-                        "trained with, or start a fresh output_dir")
+                        f"{state['recipe']['optim']['lr_multipliers']}) but this run has {', '.join(groups)}; "
+                        "resume with the lr_multipliers it was trained with, or start a fresh output_dir")
     run.backend.load_state(path, run.objective, run.optimizer, run.scheduler)
     run.train_blocks.load_state_dict(json.loads((path / f"data_rank{accelerator.process_index}.json").read_text()))
     run.step, run.tokens_trained = int(state["step"]), int(state["tokens_trained"])
