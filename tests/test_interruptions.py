@@ -75,6 +75,31 @@ def test_a_signal_writes_a_complete_checkpoint_and_exits_with_its_code(tmp_path,
     # tests/test_train.py::test_signal_checkpoints_and_resume_ends_with_identical_weights.
 
 
+def test_a_signal_landing_during_the_stop_vote_counts_at_the_next_vote(monkeypatch):
+    """Processes must stop at the same step. A signal that arrives while this process waits in the vote's
+    all-reduce was not in its vote, so the other processes (which reduced a 0) go on; stopping here now
+    would leave them blocked in the next step's collectives (a two-node run died this way in CI)."""
+    from adapt.train import stops
+
+    stop = stops.StopSignal()
+    try:
+        def vote_then_signal(values):
+            stop._handle(signal.SIGTERM, None)  # delivered while the collective is in flight
+            return values  # one process: the reduced vote is its own
+        monkeypatch.setattr(stops, "all_reduce_sum", vote_then_signal)
+        assert stop.agreed("cpu") is None
+        monkeypatch.setattr(stops, "all_reduce_sum", lambda values: values)
+        assert stop.agreed("cpu") == signal.SIGTERM  # the next vote carries it
+    finally:
+        stop.restore()
+    other = stops.StopSignal()
+    try:
+        monkeypatch.setattr(stops, "all_reduce_sum", lambda values: values + 1)  # another process saw one
+        assert other.agreed("cpu") == signal.SIGTERM
+    finally:
+        other.restore()
+
+
 def test_kill_9_at_a_random_step_then_resume_gives_the_uninterrupted_weights(tmp_path, reference):
     _, expected = reference
     path = recipe(tmp_path, train__max_steps=STEPS)

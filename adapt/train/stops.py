@@ -47,11 +47,17 @@ class StopSignal:
         self.signum = signum
 
     def agreed(self, device) -> int | None:
-        """The signal to stop on, the same on every process: one seen by any process stops them all."""
-        seen = all_reduce_sum(torch.tensor([float(self.signum is not None)], device=device)).item() > 0
-        if self.signum is not None:
-            return self.signum
-        return signal.SIGTERM if seen else None
+        """The signal to stop on, the same on every process: one seen by any process stops them all.
+
+        The decision rests on the reduced flag alone. A signal that lands while this process waits in the
+        all-reduce sets `signum` after its vote was cast: acting on it now would stop this process while
+        the others, which never saw it, go on into the next step's collectives. It counts at the next step.
+        """
+        local = self.signum
+        seen = all_reduce_sum(torch.tensor([float(local is not None)], device=device)).item() > 0
+        if not seen:
+            return None
+        return local if local is not None else signal.SIGTERM
 
     def restore(self):
         for signum, handler in self._previous.items():
