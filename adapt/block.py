@@ -64,18 +64,50 @@ def training_hidden(
     *,
     shift: bool = True,
     attention_mask: torch.Tensor | None = None,
+    prefix: BlockCache | None = None,
 ) -> torch.Tensor:
     """Hidden states (N, H) that predict the N `targets` (bool (B, L)) of the noisy sequence, in
-    row-major order: one forward over [noisy ; clean] with the block mask."""
+    row-major order: one forward over [noisy ; clean] with the block mask.
+
+    The copies cover only what a target reads: the noisy copy ends with the last block holding a target,
+    the clean copy before it (no later block reads it). With `prefix` (the cached clean blocks before the
+    first target, `clean_prefix`) both start after it and attend to its keys and values: the noisy copies
+    of those blocks are seen by no query. The outputs are the same; the cache is left as it was.
+    """
     batch, length = noisy.shape
     check_window(model, length)
-    mask = training_mask(length, block_size, padding=attention_mask, device=noisy.device)
-    positions = torch.arange(length, device=noisy.device).repeat(2)[None].expand(batch, -1)
-    hidden = decoder_backbone(model)(input_ids=torch.cat([noisy, clean], dim=1), position_ids=positions,
-                                     attention_mask=mask_for_implementation(mask, model),
-                                     use_cache=False).last_hidden_state
+    start = 0 if prefix is None else prefix.length
+    last = int(targets.any(dim=0).nonzero().max()) if targets.any() else length - 1
+    clean_end = last // block_size * block_size
+    noisy_end = min(length, clean_end + block_size)
+    padding = None if attention_mask is None else attention_mask[:, start:]
+    keep = torch.cat([torch.arange(noisy_end - start), length - start + torch.arange(clean_end - start)]).to(noisy.device)
+    mask = training_mask(length - start, block_size, padding=padding, device=noisy.device)[:, :, keep][..., keep]
+    positions = torch.cat([torch.arange(start, noisy_end), torch.arange(start, clean_end)]).to(noisy.device)
+    ids = torch.cat([noisy[:, start:noisy_end], clean[:, start:clean_end]], dim=1)
+    if prefix is None:
+        hidden = cached_forward(model, ids, positions, mask, cache=None)
+        before = torch.zeros_like(hidden[:, :1])  # position -1: no target reads it (position 0 is never one)
+    else:
+        hidden = prefix.run(ids, positions, mask)
+        before = prefix.last_hidden
+    outputs = torch.cat([hidden[:, :noisy_end - start], before, hidden[:, noisy_end - start:]], dim=1)
     rows, columns = targets.nonzero(as_tuple=True)
-    return hidden[rows, _source_positions(length, block_size, shift, noisy.device)[columns]]
+    return outputs[rows, _source_positions(start, noisy_end, block_size, shift, noisy.device)[columns - start]]
+
+
+def clean_prefix(model: nn.Module, clean: torch.Tensor, targets: torch.Tensor, block_size: int,
+                 shift: bool = True) -> BlockCache | None:
+    """The cache of the clean blocks before the first block that holds a target in any row, for
+    scoring with `training_hidden`; None when that is block 0. Scoring a continuation given a long
+    context then runs the context once, not once per Monte Carlo mask."""
+    first = int(targets.any(dim=0).float().argmax()) if targets.any() else 0
+    start = first // block_size * block_size
+    if start == 0:
+        return None
+    prefix = BlockCache(model, block_size, shift)
+    prefix.extend(clean, start)
+    return prefix
 
 
 def check_window(model: nn.Module, length: int) -> None:
@@ -86,13 +118,14 @@ def check_window(model: nn.Module, length: int) -> None:
                          f"block mask would replace the window; use sequences of at most {window} tokens")
 
 
-def _source_positions(length: int, block_size: int, shift: bool, device) -> torch.Tensor:
-    """(L,): the index in [noisy ; clean] whose output predicts each position (see the module doc)."""
-    positions = torch.arange(length, device=device)
+def _source_positions(start: int, end: int, block_size: int, shift: bool, device) -> torch.Tensor:
+    """(end - start,): for each position in [start, end), the index of the output that predicts it in
+    [noisy copy of start..end ; the clean output at start - 1 ; clean copy from start] (see the module doc)."""
+    positions = torch.arange(start, end, device=device)
     if not shift:
-        return positions
+        return positions - start
     first_of_block = positions % block_size == 0
-    return torch.where(first_of_block, length + positions - 1, positions - 1)
+    return torch.where(first_of_block, end + positions - 2 * start, positions - 1 - start)
 
 
 class BlockCache:
@@ -122,13 +155,21 @@ class BlockCache:
         self.last_hidden = hidden[:, -1:]
         self.length = end
 
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, Q, H) of `ids` (B, Q) at `positions` (Q,), every query seeing the whole cache
+        and the new keys as the bool `mask` (1 or B, 1, Q, Q) says; the cache is left as it was."""
+        held = torch.ones(*mask.shape[:-1], self.length, dtype=torch.bool, device=mask.device)
+        hidden = cached_forward(self.model, ids, positions, torch.cat([held, mask], dim=-1), self.cache)
+        self.cache.crop(-ids.shape[1])  # the new keys and values are not kept
+        return hidden
+
     def hidden(self, ids: torch.Tensor, end: int, targets: torch.Tensor) -> torch.Tensor:
         """Hidden states (N, H) predicting `targets` (bool (B, L), all in the block [length, end) that
         starts right after the cache), in row-major order."""
         start = self.length
-        mask = torch.ones(1, 1, end - start, end, dtype=torch.bool, device=ids.device)
-        hidden = self._forward(ids[:, start:end], mask)
-        self.cache.crop(start - end)  # the block is not finished: its keys and values are not kept
+        check_window(self.model, end)
+        visible = torch.ones(1, 1, end - start, end - start, dtype=torch.bool, device=ids.device)
+        hidden = self.run(ids[:, start:end], torch.arange(start, end, device=ids.device), visible)
         before = self.last_hidden if self.last_hidden is not None else torch.zeros_like(hidden[:, :1])
         outputs = torch.cat([before, hidden], dim=1)  # index j: the output at position start + j - 1
         rows, columns = targets.nonzero(as_tuple=True)
@@ -136,20 +177,21 @@ class BlockCache:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         check_window(self.model, mask.shape[-1])
-        return cached_forward(self.model, ids, self.length, mask, self.cache)
+        positions = torch.arange(self.length, self.length + ids.shape[1], device=ids.device)
+        return cached_forward(self.model, ids, positions, mask, self.cache)
 
 
-def cached_forward(model: nn.Module, ids: torch.Tensor, start: int, mask: torch.Tensor | None, cache) -> torch.Tensor:
-    """The backbone's last hidden states (B, Q, H) for `ids` (B, Q) at the true positions start..start+Q-1,
-    attending to the keys and values held in `cache` (a `DynamicCache`) and to their own, as the bool
-    `mask` (1, 1, Q, cached + Q; True = attend) says, or as the model's own mask does when it is None.
-    Their keys and values are appended to `cache`."""
+def cached_forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                   cache) -> torch.Tensor:
+    """The backbone's last hidden states (B, Q, H) for `ids` (B, Q) at the true `positions` (Q,),
+    attending to the keys and values held in `cache` (a `DynamicCache`, or None for no cache) and to
+    their own, as the bool `mask` (1 or B, 1, Q, cached + Q; True = attend) says, or as the model's own
+    mask does when it is None. Their keys and values are appended to `cache`."""
     backbone = decoder_backbone(model)
-    positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+    caching = {"use_cache": False} if cache is None else {"use_cache": True, _cache_argument(type(backbone)): cache}
     return backbone(
         input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
-        attention_mask=None if mask is None else mask_for_implementation(mask, model), use_cache=True,
-        **{_cache_argument(type(backbone)): cache},
+        attention_mask=None if mask is None else mask_for_implementation(mask, model), **caching,
     ).last_hidden_state
 
 

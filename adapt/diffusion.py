@@ -211,6 +211,7 @@ def predict_logits(
     attention_mask: torch.Tensor | None = None,
     block_size: int | None = None,
     clean: torch.Tensor | None = None,
+    prefix=None,
 ) -> torch.Tensor:
     """Logits (N, V) for the N positions where `targets` (bool (B, L)) is True, in row-major order.
 
@@ -219,7 +220,8 @@ def predict_logits(
     whole batch are never materialised: the diffusion loss scores about half the positions.
 
     A block model (`block_size`) also needs the `clean` sequence: each block is predicted given the
-    clean blocks before it (`adapt.block`).
+    clean blocks before it (`adapt.block`), and may take the cached clean blocks before the first target
+    (`prefix`, from `adapt.block.clean_prefix`) instead of running them again.
     """
     if shift and targets[:, 0].any():
         raise ValueError("with shift=True position 0 has no prediction; it must never be a target")
@@ -227,7 +229,7 @@ def predict_logits(
         from .block import training_hidden
 
         return output_logits(model, training_hidden(model, input_ids, clean, targets, block_size, shift=shift,
-                                                    attention_mask=attention_mask))
+                                                    attention_mask=attention_mask, prefix=prefix))
     backbone = decoder_backbone(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     if shift:
@@ -448,15 +450,26 @@ def elbo_nll(
     batch = input_ids.shape[0]
     offset = torch.rand((), generator=generator, device=_generator_device(generator, input_ids.device))
     total = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
+    prefix = block_prefix(model, input_ids, target_mask, config)
     for k in range(n_samples):
         mask, weight = mask_exactly(target_mask, (k + offset.item()) / n_samples, generator)
         noisy = input_ids.masked_fill(mask, config.mask_token_id)
         logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
-                                block_size=config.block_size, clean=input_ids)
+                                block_size=config.block_size, clean=input_ids, prefix=prefix)
         terms, _ = token_terms(logits.float(), input_ids[mask], config)
         rows = mask.nonzero()[:, 0]
         total.index_add_(0, rows, terms.double() * weight[rows])
     return ELBO(nll=total / n_samples, num_tokens=target_mask.sum(dim=1))
+
+
+def block_prefix(model: nn.Module, clean: torch.Tensor, targets: torch.Tensor, config: DiffusionConfig):
+    """A block model's cached clean blocks before its first target, run once for every mask that
+    scores `targets` (`adapt.block.clean_prefix`); None for a bidirectional model."""
+    if config.block_size is None:
+        return None
+    from .block import clean_prefix
+
+    return clean_prefix(model, clean, targets, config.block_size, config.shift)
 
 
 def mask_exactly(target_mask: torch.Tensor, level: float | torch.Tensor, generator: torch.Generator | None = None):

@@ -497,7 +497,7 @@ class ApproximateCache:
         from transformers import DynamicCache
 
         full = DynamicCache()
-        hidden = cached_forward(self.model, ids, 0, None, full)
+        hidden = cached_forward(self.model, ids, torch.arange(ids.shape[1], device=ids.device), None, full)
         start, end = window
         self.kept = DynamicCache([
             (torch.cat([keys[..., :start, :], keys[..., end:, :]], dim=-2),
@@ -512,7 +512,8 @@ class ApproximateCache:
         start, end = self.window
         held = self.kept.get_seq_length()
         visible = torch.ones(1, 1, end - start, held + end - start, dtype=torch.bool, device=ids.device)
-        hidden = cached_forward(self.model, ids[:, start:end], start, visible, self.kept)
+        hidden = cached_forward(self.model, ids[:, start:end], torch.arange(start, end, device=ids.device), visible,
+                                self.kept)
         self.kept.crop(start - end)  # the window's keys and values change every step: not kept
         return hidden
 

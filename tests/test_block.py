@@ -78,6 +78,57 @@ def test_causal_across_blocks_and_bidirectional_inside(family, impl):
     assert not torch.allclose(*whole)
 
 
+def _whole_layout_logits(model, noisy, clean, targets, block_size, padding):
+    """The block model's predictions read off the whole [noisy ; clean] layout of 2L positions, shift on."""
+    from adapt.attention import decoder_backbone, mask_for_implementation
+    from adapt.block import training_mask
+    from adapt.diffusion import output_logits
+
+    length = noisy.shape[1]
+    mask = training_mask(length, block_size, padding=padding)
+    hidden = decoder_backbone(model)(input_ids=torch.cat([noisy, clean], dim=1),
+                                     position_ids=torch.arange(length).repeat(2)[None].expand(len(noisy), -1),
+                                     attention_mask=mask_for_implementation(mask, model)).last_hidden_state
+    rows, columns = targets.nonzero(as_tuple=True)
+    source = torch.where(columns % block_size == 0, length + columns - 1, columns - 1)
+    return output_logits(model, hidden[rows, source])
+
+
+@pytest.mark.parametrize("family, impl", FAMILY_IMPLS)
+def test_scoring_reads_only_what_the_targets_need_and_gives_the_whole_layouts_logits(family, impl):
+    """The context blocks before the first target run once (`clean_prefix`), and each mask runs only
+    the blocks a target reads against their keys and values: the logits of the whole two-copy layout,
+    for a first target on a block boundary (read from the prefix's last output) and one inside a
+    block, with padding; and without a prefix, targets ending before the last block."""
+    from adapt.block import clean_prefix
+
+    model, _, config = block_model(family, impl, block_size=4)
+    ids = _ids(length=14, batch=2)
+    padding = torch.ones_like(ids)
+    padding[1, 12:] = 0
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[0, 8:14] = True  # from a block's first position
+    targets[1, 10:12] = True  # from inside the same block
+    mask = targets & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.5)
+    mask[0, 8] = mask[1, 10] = True
+    noisy = ids.masked_fill(mask, config.mask_token_id)
+    prefix = clean_prefix(model, ids, targets, config.block_size)
+    assert prefix.length == 8
+    early = mask.roll(-6, dims=1) & (torch.arange(14) > 0)  # blocks 0-1 only: no prefix, later blocks unread
+    assert clean_prefix(model, ids, early, 4) is None
+    with torch.no_grad():
+        cached = predict_logits(model, noisy, mask, block_size=4, clean=ids, attention_mask=padding, prefix=prefix)
+        assert prefix.cache.get_seq_length() == 8  # scoring left the cache as it was
+        again = predict_logits(model, noisy, mask, block_size=4, clean=ids, attention_mask=padding, prefix=prefix)
+        whole = _whole_layout_logits(model, noisy, ids, mask, 4, padding)
+        early_noisy = ids.masked_fill(early, config.mask_token_id)
+        shortened = predict_logits(model, early_noisy, early, block_size=4, clean=ids, attention_mask=padding)
+        early_whole = _whole_layout_logits(model, early_noisy, ids, early, 4, padding)
+    torch.testing.assert_close(cached, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, cached, rtol=0, atol=0)
+    torch.testing.assert_close(shortened, early_whole, rtol=1e-4, atol=1e-4)
+
+
 def _exact_block_elbo(model, ids, config, targets_per_block):
     """sum_b sum over non-empty mask sets M of block b: P(M) E[1/t | M] sum_{i in M} CE_i, t ~ U(0, 1)."""
     grid = torch.linspace(0.0, 1.0, 200_001, dtype=torch.float64)

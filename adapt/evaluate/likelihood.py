@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import DiffusionConfig, elbo_nll, predict_logits
+from ..diffusion import DiffusionConfig, block_prefix, elbo_nll, predict_logits
 from ..errors import UserError
 from ..sampling import context_ids
 from .perplexity import evaluation_mode, model_device
@@ -100,7 +100,8 @@ def _score_batch(model, rows, config, n_samples, seed) -> list[Score]:
         # Greedy check: one forward with the whole continuation masked.
         noisy = ids.masked_fill(targets, config.mask_token_id)
         logits = predict_logits(model, noisy, targets, shift=config.shift, attention_mask=padding,
-                                block_size=config.block_size, clean=ids).float()
+                                block_size=config.block_size, clean=ids,
+                                prefix=block_prefix(model, ids, targets, config)).float()
     wrong = (logits.argmax(dim=-1) != ids[targets]).long()
     misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, row_of_target, wrong)
     counts = targets.sum(dim=1)
