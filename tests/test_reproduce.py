@@ -70,12 +70,15 @@ def test_forgetting_curve_scores_each_quarter_and_reports_retention(tmp_path):
     data, out, docs, model = tiny_reproduction(tmp_path)
     result = reproduce("--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
                        "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2",
-                       "--samples", "2", "--runs", "adapt", "--curve-runs", "adapt", "--choice-tasks",
-                       "--curve-tasks", "arc_easy", "piqa", "--curve-limit", "3",
+                       "--samples", "2", "--choice-samples", "3", "--runs", "adapt", "--curve-runs", "adapt",
+                       "--choice-tasks", "--curve-tasks", "arc_easy", "piqa", "--curve-limit", "3",
                        "--extra", "train.eval_batches=1", "train.eval_samples=2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (out / "adapt" / "models").iterdir()) == ["step-000001", "step-000002", "step-000003"]
     assert (docs / "forgetting_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evaluations = [line.split() for line in (out / "commands.txt").read_text().splitlines() if " eval " in line]
+    masks = {("elbo" if "elbo" in words else "choice", words[words.index("--samples") + 1]) for words in evaluations}
+    assert masks == {("elbo", "2"), ("choice", "3")}  # --choice-samples for the answers, --samples for the ELBO
 
     def accuracy(name):
         return {t: r["acc"] for t, r in json.loads((out / f"eval_{name}.json").read_text())["runs"][0]["results"].items()}
