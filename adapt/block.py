@@ -69,31 +69,31 @@ def training_hidden(
     """Hidden states (N, H) that predict the N `targets` (bool (B, L)) of the noisy sequence, in
     row-major order: one forward over [noisy ; clean] with the block mask.
 
-    The copies cover only what a target reads: the noisy copy ends with the last block holding a target,
-    the clean copy before it (no later block reads it). With `prefix` (the cached clean blocks before the
-    first target, `clean_prefix`) both start after it and attend to its keys and values: the noisy copies
-    of those blocks are seen by no query. The outputs are the same; the cache is left as it was.
+    The clean copy ends before the last block holding a target: no target reads a later clean block.
+    (The noisy copy stays whole: representation alignment reads its hidden states at every position.)
+    With `prefix` (the cached clean blocks before the first target, `clean_prefix`) both copies start
+    after it and attend to its keys and values: the noisy copies of those blocks are seen by no query.
+    The outputs are the same; the cache is left as it was.
     """
     batch, length = noisy.shape
     check_window(model, length)
     start = 0 if prefix is None else prefix.length
     last = int(targets.any(dim=0).nonzero().max()) if targets.any() else length - 1
     clean_end = last // block_size * block_size
-    noisy_end = min(length, clean_end + block_size)
     padding = None if attention_mask is None else attention_mask[:, start:]
-    keep = torch.cat([torch.arange(noisy_end - start), length - start + torch.arange(clean_end - start)]).to(noisy.device)
-    mask = training_mask(length - start, block_size, padding=padding, device=noisy.device)[:, :, keep][..., keep]
-    positions = torch.cat([torch.arange(start, noisy_end), torch.arange(start, clean_end)]).to(noisy.device)
-    ids = torch.cat([noisy[:, start:noisy_end], clean[:, start:clean_end]], dim=1)
+    kept = length + clean_end - 2 * start  # noisy [start, length), clean [start, clean_end)
+    mask = training_mask(length - start, block_size, padding=padding, device=noisy.device)[..., :kept, :kept]
+    positions = torch.cat([torch.arange(start, length), torch.arange(start, clean_end)]).to(noisy.device)
+    ids = torch.cat([noisy[:, start:], clean[:, start:clean_end]], dim=1)
     if prefix is None:
         hidden = cached_forward(model, ids, positions, mask, cache=None)
         before = torch.zeros_like(hidden[:, :1])  # position -1: no target reads it (position 0 is never one)
     else:
         hidden = prefix.run(ids, positions, mask)
         before = prefix.last_hidden
-    outputs = torch.cat([hidden[:, :noisy_end - start], before, hidden[:, noisy_end - start:]], dim=1)
+    outputs = torch.cat([hidden[:, :length - start], before, hidden[:, length - start:]], dim=1)
     rows, columns = targets.nonzero(as_tuple=True)
-    return outputs[rows, _source_positions(start, noisy_end, block_size, shift, noisy.device)[columns - start]]
+    return outputs[rows, _source_positions(start, length, block_size, shift, noisy.device)[columns - start]]
 
 
 def clean_prefix(model: nn.Module, clean: torch.Tensor, targets: torch.Tensor, block_size: int,
