@@ -54,9 +54,10 @@ def test_quick_run_reports_every_figure(tmp_path):
         assert rows["ar", batch]["tokens_per_forward"] == 1 and rows["ar", batch]["speedup"] == 1
         # Fixed steps over one block commit length / steps tokens a forward, exactly.
         assert rows["diffusion_s4", batch]["tokens_per_forward"] == 4 and rows["diffusion_s8", batch]["tokens_per_forward"] == 2
-        for threshold in ("0.9", "0.7"):  # the exact cache draws exactly the samples the uncached sampler draws
-            exact, uncached = rows[f"block8_threshold{threshold}_exact", batch], rows[f"block8_threshold{threshold}_none", batch]
-            assert all(exact[figure] == uncached[figure] for figure in ("gen_perplexity", "entropy", "text_tokens"))
+    # That the exact cache samples what the uncached block model samples is the sampler's property, proved in
+    # tests/test_block.py on fixed cases. Not asserted on these rows: the two run other shapes, so their logits
+    # differ by float rounding (~1e-7), and over a thousand temperature-1 draws from this random model's flat
+    # distributions one can land on the other side of a boundary (it did, after the uncached layout changed).
 
     elbo = results["elbo"]
     assert elbo["tokens_per_s"] > 0 and elbo["ratio"] == pytest.approx(elbo["tokens_per_s"] / elbo["ar_tokens_per_s"])
