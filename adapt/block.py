@@ -83,13 +83,14 @@ def training_hidden(
     padding = None if attention_mask is None else attention_mask[:, start:]
     kept = length + clean_end - 2 * start  # noisy [start, length), clean [start, clean_end)
     mask = training_mask(length - start, block_size, padding=padding, device=noisy.device)[..., :kept, :kept]
-    positions = torch.cat([torch.arange(start, length), torch.arange(start, clean_end)]).to(noisy.device)
+    positions = torch.cat([torch.arange(start, length, device=noisy.device),
+                           torch.arange(start, clean_end, device=noisy.device)])
     ids = torch.cat([noisy[:, start:], clean[:, start:clean_end]], dim=1)
     if prefix is None:
         hidden = cached_forward(model, ids, positions, mask, cache=None)
         before = torch.zeros_like(hidden[:, :1])  # position -1: no target reads it (position 0 is never one)
     else:
-        hidden = prefix.run(ids, positions, mask)
+        hidden = forward_against(model, ids, positions, mask, prefix.cache)
         before = prefix.last_hidden
     outputs = torch.cat([hidden[:, :length - start], before, hidden[:, length - start:]], dim=1)
     rows, columns = targets.nonzero(as_tuple=True)
@@ -155,21 +156,14 @@ class BlockCache:
         self.last_hidden = hidden[:, -1:]
         self.length = end
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, Q, H) of `ids` (B, Q) at `positions` (Q,), every query seeing the whole cache
-        and the new keys as the bool `mask` (1 or B, 1, Q, Q) says; the cache is left as it was."""
-        held = torch.ones(*mask.shape[:-1], self.length, dtype=torch.bool, device=mask.device)
-        hidden = cached_forward(self.model, ids, positions, torch.cat([held, mask], dim=-1), self.cache)
-        self.cache.crop(-ids.shape[1])  # the new keys and values are not kept
-        return hidden
-
     def hidden(self, ids: torch.Tensor, end: int, targets: torch.Tensor) -> torch.Tensor:
         """Hidden states (N, H) predicting `targets` (bool (B, L), all in the block [length, end) that
         starts right after the cache), in row-major order."""
         start = self.length
         check_window(self.model, end)
         visible = torch.ones(1, 1, end - start, end - start, dtype=torch.bool, device=ids.device)
-        hidden = self.run(ids[:, start:end], torch.arange(start, end, device=ids.device), visible)
+        hidden = forward_against(self.model, ids[:, start:end], torch.arange(start, end, device=ids.device), visible,
+                                 self.cache)
         before = self.last_hidden if self.last_hidden is not None else torch.zeros_like(hidden[:, :1])
         outputs = torch.cat([before, hidden], dim=1)  # index j: the output at position start + j - 1
         rows, columns = targets.nonzero(as_tuple=True)
@@ -193,6 +187,17 @@ def cached_forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor,
         input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
         attention_mask=None if mask is None else mask_for_implementation(mask, model), **caching,
     ).last_hidden_state
+
+
+def forward_against(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                    cache) -> torch.Tensor:
+    """Hidden states (B, Q, H) of `ids` (B, Q) at `positions` (Q,), every query seeing every key held in
+    `cache` and the new keys as the bool `mask` (1 or B, 1, Q, Q) says. The new keys and values are not
+    kept: `cache` is left as it was."""
+    held = torch.ones(*mask.shape[:-1], cache.get_seq_length(), dtype=torch.bool, device=mask.device)
+    hidden = cached_forward(model, ids, positions, torch.cat([held, mask], dim=-1), cache)
+    cache.crop(-ids.shape[1])
+    return hidden
 
 
 @functools.cache

@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import PARTIAL_MASK_IMPLEMENTATIONS, decoder_backbone, get_attention_ratio, sliding_window, unwrap_model
-from .block import BlockCache, cached_forward
+from .block import BlockCache, cached_forward, forward_against
 from .diffusion import DiffusionConfig, output_logits, predict_logits
 from .errors import UserError, check_type
 from .limits import check_context
@@ -510,12 +510,10 @@ class ApproximateCache:
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, end - start, H) of the window, against the kept keys and values."""
         start, end = self.window
-        held = self.kept.get_seq_length()
-        visible = torch.ones(1, 1, end - start, held + end - start, dtype=torch.bool, device=ids.device)
-        hidden = cached_forward(self.model, ids[:, start:end], torch.arange(start, end, device=ids.device), visible,
-                                self.kept)
-        self.kept.crop(start - end)  # the window's keys and values change every step: not kept
-        return hidden
+        visible = torch.ones(1, 1, end - start, end - start, dtype=torch.bool, device=ids.device)
+        # the window's keys and values change every step: not kept
+        return forward_against(self.model, ids[:, start:end], torch.arange(start, end, device=ids.device), visible,
+                               self.kept)
 
 
 def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, stop_token, options) -> Denoised:
