@@ -99,3 +99,30 @@ def test_forgetting_curve_scores_each_quarter_and_reports_retention(tmp_path):
         expected = (sum((got[t] - chance[t]) / (ar[t] - chance[t]) for t in above) / len(above)) if above else math.nan
         shown = row[-2].split("±")[0].strip()
         assert (shown == "nan") if math.isnan(expected) else float(shown) == pytest.approx(expected, abs=0.006)
+
+
+def test_a_one_point_curve_scores_the_final_model_only(tmp_path):
+    data, out, docs, model = tiny_reproduction(tmp_path)
+    result = reproduce("--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
+                       "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2",
+                       "--samples", "2", "--runs", "adapt", "slow_mlp", "--curve-runs", "adapt", "slow_mlp",
+                       "--curve-points", "1", "--choice-tasks", "--curve-tasks", "arc_easy", "--curve-limit", "2",
+                       "--eval-dtype", "bfloat16", "--extra", "train.eval_batches=1", "train.eval_samples=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (out / "adapt" / "models").exists()  # nothing exported before the end
+    evaluations = [line for line in (out / "commands.txt").read_text().splitlines() if " eval " in line]
+    assert evaluations and all("--dtype bfloat16" in line for line in evaluations)
+    scored = sorted(p.name for p in out.glob("eval_curve_*.json"))
+    assert scored == ["eval_curve_adapt_4.json", "eval_curve_ar.json", "eval_curve_slow_mlp_4.json"]
+    section = (docs / "results.md").read_text().split("## Forgetting curve")[1]
+    assert [line.split("|")[1:3] for line in section.splitlines() if line.startswith(("| adapt", "| slow_mlp"))] == [
+        [" adapt ", " 256 "], [" slow_mlp ", " 256 "]]  # one row a run: 4 steps x 2 x 32 tokens
+
+
+def test_curve_points_beyond_the_budget_are_refused_before_any_work(tmp_path):
+    data, out, docs, model = tiny_reproduction(tmp_path)
+    result = reproduce("--model", str(model), "--data", str(data), "--out", str(out), "--steps", "2",
+                       "--runs", "adapt", "--curve-runs", "adapt", "--curve-points", "3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["reproduce: --curve-points 3 must be between 1 and --steps (2)"]
+    assert not out.exists()
