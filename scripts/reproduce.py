@@ -371,7 +371,7 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
     chance = {task: _chance(task, args.curve_limit) for task in args.curve_tasks}
     lines = ["", "## Forgetting curve", "",
              f"Accuracy on the first {args.curve_limit} questions of each task ({args.choice_samples} Monte Carlo masks per answer's ELBO) and "
-             f"held-out ELBO perplexity at {args.curve_points} points of the budget; 0 tokens is the AR source, scored by its exact "
+             f"held-out ELBO perplexity after {_steps_text(args)}; 0 tokens is the AR source, scored by its exact "
              "likelihood. Retention = mean over the tasks of (accuracy - chance) / (AR accuracy - chance), chance "
              f"being {', '.join(f'{t} {c:.3f}' for t, c in chance.items())}; ± one standard error (for retention, "
              "the tasks' errors combined, the AR accuracy taken as exact).", "",
@@ -393,6 +393,13 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
                          + f" | {kept:.2f} ± {kept_stderr:.2f} |")
     _plot_curves(points, Path(args.docs) / "forgetting_curve.png")
     return lines
+
+
+def _steps_text(args) -> str:
+    """The steps a forgetting curve scores, in words: "steps 60, 120, 180 and 240 of 240"."""
+    steps = [str(step) for step, _ in curve_models("", args, Path())]
+    listed = steps[0] if len(steps) == 1 else ", ".join(steps[:-1]) + " and " + steps[-1]
+    return f"step{'s' if len(steps) > 1 else ''} {listed} of {args.steps}"
 
 
 def _chance(task: str, limit: int) -> float:
