@@ -115,6 +115,7 @@ def test_a_one_point_curve_scores_the_final_model_only(tmp_path):
     scored = sorted(p.name for p in out.glob("eval_curve_*.json"))
     assert scored == ["eval_curve_adapt_4.json", "eval_curve_ar.json", "eval_curve_slow_mlp_4.json"]
     section = (docs / "results.md").read_text().split("## Forgetting curve")[1]
+    assert "held-out ELBO perplexity after step 4 of 4;" in section
     assert [line.split("|")[1:3] for line in section.splitlines() if line.startswith(("| adapt", "| slow_mlp"))] == [
         [" adapt ", " 256 "], [" slow_mlp ", " 256 "]]  # one row a run: 4 steps x 2 x 32 tokens
 
