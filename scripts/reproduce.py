@@ -65,6 +65,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
+    from adapt.recipe import ModelSection
+    from adapt.settings import choices_of
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="data/smollm2", help="the AR source (prepared SmolLM2 folder)")
     parser.add_argument("--data", default="data/brown", help="folder with train.jsonl and validation.jsonl")
@@ -81,15 +84,15 @@ def main() -> None:
                         "(default: --samples); more masks lower the scorer's own noise (docs/results.md)")
     parser.add_argument("--choice-tasks", nargs="*", default=["arc_easy", "piqa"])
     parser.add_argument("--choice-limit", type=int, default=100, help="questions per multiple-choice task")
-    parser.add_argument("--eval-dtype", choices=["float32", "bfloat16"], help="weights dtype of every evaluation "
+    parser.add_argument("--eval-dtype", choices=choices_of(ModelSection, "dtype"), help="weights dtype of every evaluation "
                         "(default: adapt eval's; bfloat16 is about 2x faster on CPUs with AMX or AVX512-BF16)")
     parser.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="more recipe overrides for every run")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(DEFAULT_RUNS),
                         help=f"the runs to make (default: {' '.join(DEFAULT_RUNS)})")
     parser.add_argument("--curve-runs", nargs="*", choices=list(RUNS), default=[],
                         help="runs (among --runs) whose forgetting curve is measured")
-    parser.add_argument("--curve-points", type=int, default=4, help="models scored on each curve, evenly spaced over "
-                        "the budget and ending at its end (1: the final model only, a screen of the levers)")
+    parser.add_argument("--curve-points", type=int, default=4, help="models scored on each curve: one every "
+                        "--steps // N steps and the final one (1: the final model only, a screen of the levers)")
     parser.add_argument("--curve-tasks", nargs="+", default=["arc_easy", "piqa", "hellaswag"])
     parser.add_argument("--curve-limit", type=int, default=200, help="questions per task on the forgetting curve")
     args = parser.parse_args()
@@ -228,11 +231,16 @@ def _curve_interval(args) -> int:
     return max(1, args.steps // args.curve_points)
 
 
+def curve_steps(args) -> list[int]:
+    """The steps a forgetting curve scores: every `_curve_interval` steps before the end, then the end."""
+    return [*range(_curve_interval(args), args.steps, _curve_interval(args)), args.steps]
+
+
 def curve_models(name: str, args, out: Path) -> list[tuple[int, Path]]:
     """(step, model folder) of each point of a run's forgetting curve: the models exported every
     `_curve_interval` steps (checkpoint.export_every), then the final one."""
-    steps = range(_curve_interval(args), args.steps, _curve_interval(args)) if args.curve_points > 1 else []
-    return [(step, out / name / "models" / f"step-{step:06d}") for step in steps] + [(args.steps, out / name / "model")]
+    return [(step, out / name / ("model" if step == args.steps else f"models/step-{step:06d}"))
+            for step in curve_steps(args)]
 
 
 def evaluate_curves(args, out: Path) -> dict:
@@ -397,7 +405,7 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
 
 def _steps_text(args) -> str:
     """The steps a forgetting curve scores, in words: "steps 60, 120, 180 and 240 of 240"."""
-    steps = [str(step) for step, _ in curve_models("", args, Path())]
+    steps = [str(step) for step in curve_steps(args)]
     listed = steps[0] if len(steps) == 1 else ", ".join(steps[:-1]) + " and " + steps[-1]
     return f"step{'s' if len(steps) > 1 else ''} {listed} of {args.steps}"
 
