@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from adapt.atomic import write_text_atomically
+from adapt.evaluate.metrics import mean_stderr
 
 SCRATCH_LR = 6e-4  # GPT-3's learning rate for its 125M model (Brown et al. 2020, table 2.1)
 # name: (what the run is, its starting checkpoint, recipe overrides on top of the shared ones)
@@ -382,12 +383,14 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
              f"held-out ELBO perplexity after {_steps_text(args)}; 0 tokens is the AR source, scored by its exact "
              "likelihood. Retention = mean over the tasks of (accuracy - chance) / (AR accuracy - chance), chance "
              f"being {', '.join(f'{t} {c:.3f}' for t, c in chance.items())}; ± one standard error (for retention, "
-             "the tasks' errors combined, the AR accuracy taken as exact).", "",
+             "the tasks' errors combined, the AR accuracy taken as exact). The last column is a run's retention "
+             "minus `adapt`'s at the same step, on the same questions, with the standard error of that paired "
+             "difference.", "",
              "![Retention and ELBO perplexity against tokens](forgetting_curve.png)", "",
-             "| run | tokens | ELBO perplexity | " + " | ".join(args.curve_tasks) + " | retention |",
-             "|---|---|---|" + "---|" * len(args.curve_tasks) + "---|",
+             "| run | tokens | ELBO perplexity | " + " | ".join(args.curve_tasks) + " | retention | vs adapt |",
+             "|---|---|---|" + "---|" * len(args.curve_tasks) + "---|---|",
              f"| AR source | 0 | {evaluations['ar']['runs'][0]['results']['elbo']['perplexity']:.1f} | "
-             + " | ".join(f"{ar[t]['acc']:.3f} ± {ar[t]['acc_stderr']:.3f}" for t in args.curve_tasks) + " | 1.00 |"]
+             + " | ".join(f"{ar[t]['acc']:.3f} ± {ar[t]['acc_stderr']:.3f}" for t in args.curve_tasks) + " | 1.00 | - |"]
     points = {}
     for name in args.curve_runs:
         points[name] = []
@@ -396,9 +399,13 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
             elbo = evaluations[f"elbo_{name}_{step}" if step < args.steps else name]["runs"][0]["results"]["elbo"]
             kept, kept_stderr = _retention(accuracy, ar, chance)
             points[name].append((step * tokens_per_step, kept, elbo["perplexity"]))
+            baseline = out / f"eval_curve_adapt_{step}.json"  # there when adapt's curve was scored in this out dir
+            paired = None if name == "adapt" or not baseline.is_file() else _paired_difference(
+                accuracy, json.loads(baseline.read_text())["runs"][0]["results"], ar, chance)
             lines.append(f"| {name} | {step * tokens_per_step:,} | {_perplexity_cell(elbo)} | "
                          + " | ".join(f"{accuracy[t]['acc']:.3f} ± {accuracy[t]['acc_stderr']:.3f}" for t in args.curve_tasks)
-                         + f" | {kept:.2f} ± {kept_stderr:.2f} |")
+                         + f" | {kept:.2f} ± {kept_stderr:.2f} | "
+                         + ("-" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}") + " |")
     _plot_curves(points, Path(args.docs) / "forgetting_curve.png")
     return lines
 
@@ -427,6 +434,23 @@ def _retention(accuracy: dict, ar: dict, chance: dict) -> tuple[float, float]:
     kept = [(accuracy[t]["acc"] - c) / (ar[t]["acc"] - c) for t, c in tasks.items()]
     errors = [accuracy[t]["acc_stderr"] / (ar[t]["acc"] - c) for t, c in tasks.items()]
     return sum(kept) / len(kept), math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def _paired_difference(accuracy: dict, baseline: dict, ar: dict, chance: dict) -> tuple[float, float] | None:
+    """Retention minus the baseline's, from the two models' answers to the same questions, and the
+    standard error of that paired difference (much smaller than the two retentions' errors combined,
+    since most questions are answered alike). None when a result has no per-question answers."""
+    tasks = {t: c for t, c in chance.items() if ar[t]["acc"] > c}
+    if not tasks or any("acc_by_question" not in result[t] for result in (accuracy, baseline) for t in tasks):
+        return None
+    means, errors = [], []
+    for task, c in tasks.items():
+        scale = ar[task]["acc"] - c
+        mean, stderr = mean_stderr([(mine - theirs) / scale for mine, theirs in
+                                    zip(accuracy[task]["acc_by_question"], baseline[task]["acc_by_question"])])
+        means.append(mean)
+        errors.append(stderr)
+    return sum(means) / len(means), math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
 def _plot_curves(points: dict, path: Path) -> None:

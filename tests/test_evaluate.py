@@ -167,6 +167,7 @@ def test_multiple_choice_picks_the_learned_continuation(trained, mode):
     assert result["n"] == 3
     assert result["acc"] == result["acc_per_char"] == result["acc_per_token"] == 1.0
     assert result["acc_stderr"] == 0.0
+    assert result["acc_by_question"] == [1.0, 1.0, 1.0]  # what paired comparisons between models read
     again = score_choices(model, tokenizer, _choice_items()[:1], config=config, n_samples=8, seed=0)
     assert again["acc"] == 1.0
 

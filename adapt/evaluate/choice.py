@@ -127,4 +127,7 @@ def score_choices(
     result = {"n": len(items)}
     for name, values in correct.items():
         result.update(summary(name, values))
+    # Per question, so two models scored on the same questions can be compared pairwise (a paired
+    # difference has a far smaller standard error than the two accuracies' own errors suggest).
+    result["acc_by_question"] = correct["acc"]
     return result

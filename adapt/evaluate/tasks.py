@@ -142,8 +142,9 @@ def format_table(runs: list[dict]) -> str:
     """A plain-text table: one row per (task, metric), one column per run (`{"name", "results"}`)."""
     rows = []
     for task in dict.fromkeys(t for run in runs for t in run["results"]):
-        metrics = dict.fromkeys(m for run in runs for m in run["results"].get(task, {})
-                                if not m.endswith("_stderr") and m not in ("n", "tokens"))
+        metrics = dict.fromkeys(m for run in runs for m, value in run["results"].get(task, {}).items()
+                                if not m.endswith("_stderr") and m not in ("n", "tokens")
+                                and not isinstance(value, list))  # per-example lists belong in the JSON only
         for metric in metrics:
             cells = []
             for run in runs:
