@@ -131,6 +131,9 @@ class AlignSection:
 
     weight: float = field(default=0.0, metadata=at_least(0))  # of the alignment term beside the diffusion loss; 0 = off
     layers: list[int] = field(default_factory=lambda: [-1])  # decoder layers whose outputs are aligned; -1 = the last
+    # true: the weight falls linearly to 0 over train.anneal_steps (the causal-to-bidirectional switch),
+    # then the source is no longer run: the pull helps while attention changes, holds the model back after
+    fade_with_annealing: bool = False
 
 
 @dataclass

@@ -11,7 +11,8 @@ Five runs at one fixed token budget each, all from the same recipe (recipes/smol
   block32     the same with blocks of 32 tokens
 and, only when named in --runs, the conversion levers on top of `adapt`: sedd (score-entropy objective),
 cart (CART weights), complementary (complementary masks), slow_mlp (MLPs at a tenth of the learning
-rate), align (hidden states aligned to the frozen source).
+rate), align (hidden states aligned to the frozen source), align_fade (that pull fading to zero over
+the annealing).
 With `--curve-runs`, a forgetting curve for those runs: their models at `--curve-points` evenly spaced
 points of the budget (4 by default, each quarter; checkpoint.export_every; 1 scores the final model only,
 a cheap screen) scored on ARC-Easy, PIQA and HellaSwag and by held-out ELBO, with the share of the AR
@@ -59,6 +60,8 @@ RUNS = {
     "complementary": ("complementary masks", "source", ["diffusion.complementary_masks=true", "diffusion.t_max=0.999"]),
     "slow_mlp": ("MLPs at a tenth of the learning rate (RND1)", "source", ["optim.lr_multipliers.mlp=0.1"]),
     "align": ("hidden states aligned to the frozen source", "source", ["align.weight=1.0"]),
+    "align_fade": ("alignment fading out with the annealing", "source",
+                   ["align.weight=1.0", "align.fade_with_annealing=true"]),
 }
 DEFAULT_RUNS = ("adapt", "scratch", "scratch_lr", "noshift", "noanneal", "block4", "block32")
 CHOICE_RUNS = ("adapt", "block4", "block32")  # the diffusion models scored on the multiple-choice tasks
@@ -483,6 +486,7 @@ COMPARISONS = [  # (what, the adapted run, the other run)
     ("independent vs complementary masks", "adapt", "complementary"),
     ("one learning rate vs MLPs at a tenth", "adapt", "slow_mlp"),
     ("without vs with alignment to the source", "adapt", "align"),
+    ("without vs with an alignment that fades out", "adapt", "align_fade"),
 ]
 
 

@@ -211,6 +211,24 @@ def test_the_alignment_does_not_depend_on_how_a_step_is_split(tmp_path, monkeypa
     assert whole[0]["loss"] == pytest.approx(first["loss"] + 2 * whole[0]["align_loss"], rel=1e-5)
 
 
+def test_a_fading_alignment_weight_falls_to_zero_with_the_annealing_and_then_runs_no_source(tmp_path, monkeypatch):
+    import adapt.train.loop
+
+    assert [Alignment(None, [0], 2.0, fade_steps=4).weight_at(step) for step in range(6)] == [1.5, 1.0, 0.5, 0, 0, 0]
+    assert Alignment(None, [0], 2.0).weight_at(10**6) == 2.0  # constant without fading
+    monkeypatch.setattr(adapt.train.loop, "draw_noise", noise_from_the_data)
+    source_forwards = []
+    distance_sum = Alignment.distance_sum
+    monkeypatch.setattr(Alignment, "distance_sum", lambda self, *a: source_forwards.append(1) or distance_sum(self, *a))
+    common = ("train.max_steps=3", "train.anneal_steps=2", "train.eval_batches=0", "optim.warmup_steps=0")
+    faded = train(recipe_for(tmp_path, *common, "align.weight=2", "align.fade_with_annealing=true", output="faded"))
+    records = step_records(Path(faded.model_dir).parent)
+    assert records[0]["align_weight"] == 1.0 and records[0]["align_loss"] > 0  # 2 x (1 - 1/2) at step 0
+    assert all("align_loss" not in r for r in records[1:]) and len(source_forwards) == 1
+    plain = step_records(Path(train(recipe_for(tmp_path, *common, output="plain")).model_dir).parent)
+    assert records[0]["loss"] == pytest.approx(plain[0]["loss"] + records[0]["align_loss"], rel=1e-5)
+
+
 def sft_file(folder: Path) -> Path:
     """Prompt/response rows: the prompt is never masked, the response ends with EOS."""
     path = folder / "sft.jsonl"

@@ -16,6 +16,8 @@ Yu et al. 2024, did the same for image diffusion with a pretrained encoder). Her
   (all micro-batches and processes), as the diffusion loss is divided by the count of its whole step, so
   the objective does not depend on how the step is split: the mean cosine distance (`align_loss` in the
   log), times `align.weight` in the objective.
+- Weight. Constant, or with `align.fade_with_annealing` weight * (1 - (step + 1) / anneal_steps) until
+  the annealing ends (or a block model's growth), 0 after: then the source's forward is skipped.
 
 Memory: a second copy of the source's weights in model.dtype on every process (frozen: no gradients,
 no optimizer states, not sharded under ZeRO-3 or FSDP2), and one no-grad forward of it per micro-batch.
@@ -40,8 +42,15 @@ class Alignment:
     Not an nn.Module, so DDP, DeepSpeed and FSDP2 never see (or shard) the source's weights.
     """
 
-    def __init__(self, source: nn.Module, layers: list[int], weight: float):
-        self.source, self.layers, self.weight = source, layers, weight
+    def __init__(self, source: nn.Module, layers: list[int], weight: float, fade_steps: int | None = None):
+        self.source, self.layers, self.weight, self.fade_steps = source, layers, weight, fade_steps
+
+    def weight_at(self, step: int) -> float:
+        """The alignment term's weight at optimizer step `step` (0-based): constant, or falling linearly
+        to 0 over `fade_steps` steps."""
+        if self.fade_steps is None:
+            return self.weight
+        return self.weight * max(0.0, 1.0 - (step + 1) / self.fade_steps)
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module):
@@ -101,4 +110,6 @@ def load_alignment(recipe: Recipe, model: nn.Module, device) -> Alignment | None
                                     trust_remote_code=recipe.model.trust_remote_code,
                                     allow_pickle=recipe.model.allow_pickle)
     source.requires_grad_(False)
-    return Alignment(source.eval().to(device), [index % count for index in settings.layers], settings.weight)
+    fade_steps = recipe.train.anneal_steps if settings.fade_with_annealing else None
+    layers = [index % count for index in settings.layers]
+    return Alignment(source.eval().to(device), layers, settings.weight, fade_steps)

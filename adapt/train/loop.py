@@ -129,14 +129,15 @@ def train_step(run: Run, micro_batches) -> dict:
     lr = scheduled_lr(run.scheduler, run.recipe)  # the rate this step's update uses, before multipliers
     micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
     num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
-    aligned = _aligned_positions(micros) if run.alignment is not None else None
+    align_weight = run.alignment.weight_at(run.step) if run.alignment is not None else 0.0
+    aligned = _aligned_positions(micros) if align_weight > 0 else None  # None: no alignment term this step
     # loss, masked CE sum, tokens, alignment distance sum
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     finite, grad_norm = True, None
     for micro in micros:
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.objective), accelerator.autocast():
-            micro_loss, out, distance = _micro_objective(run, micro, denominator, block_size, aligned)
+            micro_loss, out, distance = _micro_objective(run, micro, denominator, block_size, aligned, align_weight)
             # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
             # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
             accelerator.backward(micro_loss * (accum * world))
@@ -153,18 +154,21 @@ def train_step(run: Run, micro_batches) -> dict:
     run.tokens_trained += int(tokens)
     record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1), "ratio": ratio,
               **({"block_size": block_size} if block_size is not None else {}),
-              **({"align_loss": distance / max(aligned, 1)} if aligned is not None else {}), "lr": lr,
+              **({"align_loss": distance / max(aligned, 1), "align_weight": align_weight}
+                 if aligned is not None else {}), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
               "tokens_per_s": tokens / (time.perf_counter() - started), "tokens_trained": run.tokens_trained}
     _count_finite(run, record, finite)
     return record
 
 
-def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size, aligned: float | None):
+def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size, aligned: float | None,
+                     align_weight: float):
     """This micro-batch's share of the step's objective (differentiable), its diffusion loss, and the
-    sum of its alignment distances (0.0 without alignment). Both terms are divided by counts of the whole
-    step: the diffusion loss by `denominator`, the alignment by the step's `aligned` positions."""
-    alignment = run.alignment
+    sum of its alignment distances (0.0 without alignment, `aligned` None). Both terms are divided by
+    counts of the whole step: the diffusion loss by `denominator`, the alignment by the step's `aligned`
+    positions."""
+    alignment = run.alignment if aligned is not None else None
     watching = alignment.watch(run.inner_model) if alignment is not None else contextlib.nullcontext([])
     with watching as states:
         out = run.objective(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator,
@@ -172,7 +176,7 @@ def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size
     if alignment is None:
         return out.loss, out, 0.0
     distance = alignment.distance_sum(states, micro.batch)
-    return out.loss + alignment.weight * distance / max(aligned, 1), out, distance.item()
+    return out.loss + align_weight * distance / max(aligned, 1), out, distance.item()
 
 
 def _aligned_positions(micros: list[MicroBatch]) -> float:
