@@ -5,8 +5,10 @@ at the right rate, a zero multiplier leaves its weights bit-equal, the alignment
 the adapted model computes what the source does, and the objective does not depend on how a step is
 split into micro-batches."""
 
+import gc
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -220,11 +222,26 @@ def test_a_fading_alignment_weight_falls_to_zero_with_the_annealing_and_then_run
     source_forwards = []
     distance_sum = Alignment.distance_sum
     monkeypatch.setattr(Alignment, "distance_sum", lambda self, *a: source_forwards.append(1) or distance_sum(self, *a))
+    # After each step: is the source still held, and is it still anywhere in memory (a weak reference)?
+    sources, held, alive = [], [], []
+    end_of_step = adapt.train.loop.end_of_step
+
+    def watch_the_source(run, record):
+        if run.alignment is not None and not sources:
+            sources.append(weakref.ref(run.alignment.source))
+        gc.collect()
+        held.append(run.alignment is not None)
+        alive.append(sources[0]() is not None)
+        end_of_step(run, record)
+
+    monkeypatch.setattr(adapt.train.loop, "end_of_step", watch_the_source)
     common = ("train.max_steps=3", "train.anneal_steps=2", "train.eval_batches=0", "optim.warmup_steps=0")
     faded = train(recipe_for(tmp_path, *common, "align.weight=2", "align.fade_with_annealing=true", output="faded"))
     records = step_records(Path(faded.model_dir).parent)
     assert records[0]["align_weight"] == 1.0 and records[0]["align_loss"] > 0  # 2 x (1 - 1/2) at step 0
     assert all("align_loss" not in r for r in records[1:]) and len(source_forwards) == 1
+    assert held == alive == [True, False, False]  # dropped at the step its weight is 0, and freed
+    monkeypatch.setattr(adapt.train.loop, "end_of_step", end_of_step)
     plain = step_records(Path(train(recipe_for(tmp_path, *common, output="plain")).model_dir).parent)
     assert records[0]["loss"] == pytest.approx(plain[0]["loss"] + records[0]["align_loss"], rel=1e-5)
 

@@ -17,10 +17,13 @@ Yu et al. 2024, did the same for image diffusion with a pretrained encoder). Her
   the objective does not depend on how the step is split: the mean cosine distance (`align_loss` in the
   log), times `align.weight` in the objective.
 - Weight. Constant, or with `align.fade_with_annealing` weight * (1 - (step + 1) / anneal_steps) until
-  the annealing ends (or a block model's growth), 0 after: then the source's forward is skipped.
+  the annealing ends (or a block model's growth), 0 after: then the source is dropped, so its forward
+  and its memory end there.
 
 Memory: a second copy of the source's weights in model.dtype on every process (frozen: no gradients,
-no optimizer states, not sharded under ZeRO-3 or FSDP2), and one no-grad forward of it per micro-batch.
+no optimizer states, not sharded under ZeRO-3 or FSDP2), and one no-grad forward of it per micro-batch;
+a faded alignment frees the copy once its weight is 0 (a run resumed after that loads it and frees it
+at its first step).
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ class Alignment:
         if self.fade_steps is None:
             return self.weight
         return self.weight * max(0.0, 1.0 - (step + 1) / self.fade_steps)
+
+    def faded_out_at(self, step: int) -> bool:
+        """Whether the weight is 0 from optimizer step `step` on: the source is never read again."""
+        return self.fade_steps is not None and step + 1 >= self.fade_steps
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module):

@@ -129,6 +129,8 @@ def train_step(run: Run, micro_batches) -> dict:
     lr = scheduled_lr(run.scheduler, run.recipe)  # the rate this step's update uses, before multipliers
     micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
     num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
+    if run.alignment is not None and run.alignment.faded_out_at(run.step):
+        run.alignment = None  # its weight is 0 from here on: free the source's weights
     align_weight = run.alignment.weight_at(run.step) if run.alignment is not None else 0.0
     aligned = _aligned_positions(micros) if align_weight > 0 else None  # None: no alignment term this step
     # loss, masked CE sum, tokens, alignment distance sum
