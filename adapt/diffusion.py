@@ -71,6 +71,10 @@ class DiffusionConfig:
     # SEDD's score entropy of the outputs read as log concrete scores; "cart" its CE weighted by Dream's
     # context-adaptive weight instead of 1/t.
     objective: str = "mdm"
+    # "score-entropy": the constant subtracted from the outputs before they are read as log scores. None
+    # until the first training step measures it (`log_partition` of the source's outputs: an AR head's
+    # logits have log Z about 30, and exp(30) as a loss wipes out what the model knew in a few steps).
+    score_offset: float | None = None
     # CART's p: a clean token at distance d from a masked one adds p (1-p)^(d-1) / 2 to its weight.
     cart_p: float = 0.1
     # Training only: each sequence twice per micro-batch, masked at t and at 1 - t on complementary
@@ -100,6 +104,8 @@ class DiffusionConfig:
         self.objective = OBJECTIVE_ALIASES.get(self.objective, self.objective)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.score_offset is not None and not math.isfinite(self.score_offset):
+            raise ValueError(f"score_offset must be a finite number (or None), got {self.score_offset}")
         if not 0.0 < self.cart_p <= 1.0:
             raise ValueError(f"cart_p must be in (0, 1], got {self.cart_p}")
         self._check_noise_band()
@@ -321,11 +327,8 @@ def diffusion_loss(
         raise ValueError("DiffusionConfig.mask_token_id is not set; call adapt.ensure_mask_token first")
     maskable = maskable_positions(input_ids, attention_mask, never_mask)
     t, mask = draw_noise(input_ids, config, maskable, t=t, mask=mask, generator=generator)
-    noisy = input_ids.masked_fill(mask, config.mask_token_id)
-
     block_size = block_size or config.block_size
-    logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
-                            block_size=block_size, clean=input_ids)
+    logits = masked_logits(model, input_ids, mask, config, attention_mask=attention_mask, block_size=block_size)
     terms, ce = token_terms(logits, input_ids[mask], config)
     weights = token_weights(config, t, mask, attention_mask, block_size)
 
@@ -338,6 +341,16 @@ def diffusion_loss(
         num_masked=num_masked,
         num_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel(),
     )
+
+
+def masked_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, config: DiffusionConfig, *,
+                  attention_mask: torch.Tensor | None = None, block_size: int | None = None,
+                  prefix=None) -> torch.Tensor:
+    """The outputs (N, V) at the masked positions of x_t (`input_ids` with `mask` replaced by the mask
+    token), as the training forward computes them (`predict_logits` for `prefix`)."""
+    noisy = input_ids.masked_fill(mask, config.mask_token_id)
+    return predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
+                          block_size=block_size, clean=input_ids, prefix=prefix)
 
 
 def token_terms(logits: torch.Tensor, targets: torch.Tensor, config: DiffusionConfig):
@@ -353,22 +366,27 @@ def token_terms(logits: torch.Tensor, targets: torch.Tensor, config: DiffusionCo
         return ce, ce.detach()
     with torch.no_grad():
         ce = F.cross_entropy(logits, targets, reduction="none").float()
-    return score_entropy(logits, targets, config.mask_token_id), ce
+    return score_entropy(logits, targets, config.mask_token_id, offset=config.score_offset or 0.0), ce
 
 
-def score_entropy(outputs: torch.Tensor, targets: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+def score_entropy(outputs: torch.Tensor, targets: torch.Tensor, mask_token_id: int, *, offset: float = 0.0) -> torch.Tensor:
     """SEDD's denoising score entropy (N,) of masked tokens, absorbing process, divided by its weight 1/t.
 
-    The log concrete score of replacing the mask by token y is log r(t) + outputs[y], r(t) = (1-t)/t the
-    true ratio's scale (SEDD's scale-by-sigma parametrisation). The entropy, rate sigma'(t) times
-    [sum_y s_y - r log s_x0 + r (log r - 1)], is (1/t) [sum_y exp(outputs[y]) - outputs[x0] - 1] for this
-    schedule (docs/method.md); y runs over the tokens, never the mask itself. With outputs a log-softmax
+    The log concrete score of replacing the mask by token y is log r(t) + o_y, o = outputs - offset,
+    r(t) = (1-t)/t the true ratio's scale (SEDD's scale-by-sigma parametrisation). The entropy, rate
+    sigma'(t) times [sum_y s_y - r log s_x0 + r (log r - 1)], is (1/t) [sum_y exp(o_y) - o_x0 - 1] for
+    this schedule (docs/method.md); y runs over the tokens, never the mask itself. With o a log-softmax
     over those tokens the bracket is exactly the CE.
     """
-    others = outputs.index_fill(-1, torch.tensor([mask_token_id], device=outputs.device), -torch.inf)
     precise = torch.promote_types(outputs.dtype, torch.float32)  # 16-bit logits: the terms in float32
-    total = torch.logsumexp(others, dim=-1).to(precise).exp()
-    return total - outputs.gather(-1, targets[:, None]).squeeze(-1).to(precise) - 1.0
+    total = (log_partition(outputs, mask_token_id).to(precise) - offset).exp()
+    return total - (outputs.gather(-1, targets[:, None]).squeeze(-1).to(precise) - offset) - 1.0
+
+
+def log_partition(outputs: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """log Z (N,), Z = sum over the tokens but the mask of exp(outputs[y]): 0 for normalised scores."""
+    others = outputs.index_fill(-1, torch.tensor([mask_token_id], device=outputs.device), -torch.inf)
+    return torch.logsumexp(others, dim=-1)
 
 
 def token_weights(config: DiffusionConfig, t: torch.Tensor, mask: torch.Tensor,
@@ -453,9 +471,8 @@ def elbo_nll(
     prefix = block_prefix(model, input_ids, target_mask, config)
     for k in range(n_samples):
         mask, weight = mask_exactly(target_mask, (k + offset.item()) / n_samples, generator)
-        noisy = input_ids.masked_fill(mask, config.mask_token_id)
-        logits = predict_logits(model, noisy, mask, shift=config.shift, attention_mask=attention_mask,
-                                block_size=config.block_size, clean=input_ids, prefix=prefix)
+        logits = masked_logits(model, input_ids, mask, config, attention_mask=attention_mask,
+                               block_size=config.block_size, prefix=prefix)
         terms, _ = token_terms(logits.float(), input_ids[mask], config)
         rows = mask.nonzero()[:, 0]
         total.index_add_(0, rows, terms.double() * weight[rows])

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import math
 import re
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,12 +21,14 @@ import adapt
 from adapt.diffusion import (DiffusionConfig, cart_weights, diffusion_loss, draw_noise, elbo_nll,
                              maskable_positions, predict_logits, score_entropy, token_weights)
 from adapt.errors import UserError
-from adapt.presets import VOCAB
+from adapt.presets import VOCAB, tiny_model, tiny_tokenizer
 from adapt.sampling import SamplingOptions, _draw
 from adapt.train import train
 from adapt.train.loop import _draw_micro_batch
 
-from .tiny_runs import diffusion_folder, diffusion_model, recipe_for, run_cli, step_records
+from .tiny_runs import (assert_same_tensors, diffusion_folder, diffusion_model, noise_from_the_data, recipe_for, run_cli,
+                        step_records)
+from .tiny_runs import tensors as weights
 
 
 def _model_and_config(**overrides):
@@ -106,6 +110,49 @@ def test_score_entropy_trains_the_unnormalised_outputs():
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_score_entropy_measures_its_offset_at_the_first_step_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+    """An AR head's logits have log Z far from 0 (about 30 for SmolLM2; here a tiny Llama's final norm
+    scaled up to get there), and read as log scores exp(log Z) is the loss. The first step measures the
+    mean log Z of its masked tokens (checked against the model's plain forward) and subtracts it; the
+    export records it, and a run resumed from a checkpoint keeps it: bit-identical to an uninterrupted one."""
+    import adapt.train.loop as loop
+
+    sharp = tiny_model("llama")
+    with torch.no_grad():
+        sharp.model.norm.weight.mul_(100)
+    sharp.save_pretrained(tmp_path / "sharp")
+    tiny_tokenizer().save_pretrained(tmp_path / "sharp")
+    monkeypatch.setattr(loop, "draw_noise", noise_from_the_data)
+    measured, measure = [], loop._measure_score_offset
+
+    def measure_and_check(run, micros, ratio, block_size):
+        (micro,), config = micros, run.diffusion  # batch 4, one micro-batch, one process
+        raw = diffusion_loss(run.inner_model, config=config, **micro.batch, t=micro.t, mask=micro.mask).loss
+        measure(run, micros, ratio, block_size)
+        noisy = micro.batch["input_ids"].masked_fill(micro.mask, config.mask_token_id)
+        with torch.no_grad():  # ratio 1 (anneal_steps 1): no random attention draws
+            logits = run.inner_model(input_ids=noisy).logits[:, :-1][micro.mask[:, 1:]][:, :config.vocab_size]
+        logits[:, config.mask_token_id] = -torch.inf
+        measured.append((config.score_offset, torch.logsumexp(logits.double(), dim=-1).mean().item(), raw.item()))
+
+    monkeypatch.setattr(loop, "_measure_score_offset", measure_and_check)
+    common = (f"model.path={tmp_path / 'sharp'}", "diffusion.objective=score-entropy", "train.max_steps=4",
+              "train.anneal_steps=1", "train.eval_batches=0", "checkpoint.every=2")
+    straight = train(recipe_for(tmp_path, *common, output="straight"))
+    ((offset, log_z, raw),) = measured  # measured once, at the first step
+    assert log_z > 20 and offset == pytest.approx(log_z, rel=1e-5)
+    first = step_records(tmp_path / "straight")[0]
+    assert math.isfinite(raw) and first["loss"] < 1e-6 * raw  # the raw outputs' loss is about exp(log Z)
+    assert adapt.load(straight.model_dir)[2].score_offset == offset
+    killed = recipe_for(tmp_path, *common, output="killed")
+    train(killed)
+    shutil.rmtree(Path(killed.output_dir) / "checkpoints" / "step-000004")  # as if killed after step 4
+    shutil.rmtree(Path(killed.output_dir) / "model")
+    resumed = train(recipe_for(tmp_path, *common, "resume=auto", output="killed"))
+    assert len(measured) == 2  # the killed run's first step; the resumed run took the checkpoint's
+    assert_same_tensors(weights(straight.model_dir), weights(resumed.model_dir))
 
 
 @pytest.mark.parametrize("steps_left,steps", [(7, 8), (3, 8), (1, 4)])  # t < 1: r(1) = 0

@@ -144,6 +144,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
     run.backend.load_state(path, run.objective, run.optimizer, run.scheduler)
     run.train_blocks.load_state_dict(json.loads((path / f"data_rank{accelerator.process_index}.json").read_text()))
     run.step, run.tokens_trained = int(state["step"]), int(state["tokens_trained"])
+    run.diffusion.score_offset = state["diffusion"].get("score_offset")  # measured at the run's first step
 
 
 def _refuse_nonfinite_weights(run: Run) -> None:

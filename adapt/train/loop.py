@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from ..attention import set_attention
-from ..diffusion import complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions
+from ..diffusion import (complementary_pairs, draw_noise, elbo_nll, log_partition, loss_denominator, maskable_positions,
+                         masked_logits)
 from ..recipe import Recipe
 from .backends import open_backend
 from .alignment import load_alignment
@@ -129,6 +130,8 @@ def train_step(run: Run, micro_batches) -> dict:
     lr = scheduled_lr(run.scheduler, run.recipe)  # the rate this step's update uses, before multipliers
     micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
     num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
+    if run.diffusion.objective == "score-entropy" and run.diffusion.score_offset is None:
+        _measure_score_offset(run, micros, ratio, block_size)
     if run.alignment is not None and run.alignment.faded_out_at(run.step):
         run.alignment = None  # its weight is 0 from here on: free the source's weights
     align_weight = run.alignment.weight_at(run.step) if run.alignment is not None else 0.0
@@ -179,6 +182,28 @@ def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size
         return out.loss, out, 0.0
     distance = alignment.distance_sum(states, micro.batch)
     return out.loss + align_weight * distance / max(aligned, 1), out, distance.item()
+
+
+@torch.no_grad()
+def _measure_score_offset(run: Run, micros: list[MicroBatch], ratio: float, block_size) -> None:
+    """Set the score-entropy offset to the mean log Z of this step's masked tokens (every micro-batch and
+    process), from a no-grad forward exactly as the step runs it (its attention draws replayed), so the
+    scores start with a geometric-mean Z of 1. SEDD subtracts log(V-1) for a zero-initialised network for
+    the same reason; an AR head's logits are far from that (log Z about 30 for SmolLM2)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=run.accelerator.device)
+    for micro in micros:
+        state = micro.generator.get_state()
+        set_attention(run.inner_model, ratio, generator=micro.generator)
+        with run.accelerator.autocast():
+            outputs = masked_logits(run.inner_model, micro.batch["input_ids"], micro.mask, run.diffusion,
+                                    attention_mask=micro.batch["attention_mask"], block_size=block_size)
+        sums += torch.stack([log_partition(outputs, run.diffusion.mask_token_id).double().sum(),
+                             torch.tensor(float(outputs.shape[0]), dtype=torch.float64, device=sums.device)])
+        micro.generator.set_state(state)  # the step's own forward draws the same attention again
+    log_z, count = all_reduce_sum(sums).tolist()
+    run.diffusion.score_offset = log_z / max(count, 1.0)  # the objective reads the same DiffusionConfig
+    log(run.accelerator, f"score-entropy: outputs offset by {run.diffusion.score_offset:.3f} (mean log Z of step "
+                         f"{run.step + 1}'s masked tokens), recorded as diffusion.score_offset")
 
 
 def _aligned_positions(micros: list[MicroBatch]) -> float:
