@@ -316,8 +316,8 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
     lines += [
         "", "## Reading", "",
         f"Each line compares two runs at {budget:,} tokens: the difference in held-out",
-        "nats per token with its standard error (the two errors combined as if independent; both runs score",
-        "the same blocks, so the real error of the difference is smaller).", "",
+        "nats per token with its standard error, paired over the blocks both runs scored (results written",
+        "before `adapt eval` kept per-block figures: the two errors combined as if independent, an overestimate).", "",
         *_comparisons(final),
         "", "## Commands", "", "```bash",
         "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -386,12 +386,13 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
              f"held-out ELBO perplexity after {_steps_text(args)}; 0 tokens is the AR source, scored by its exact "
              "likelihood. Retention = mean over the tasks of (accuracy - chance) / (AR accuracy - chance), chance "
              f"being {', '.join(f'{t} {c:.3f}' for t, c in chance.items())}; ± one standard error (for retention, "
-             "the tasks' errors combined, the AR accuracy taken as exact). The last column is a run's retention "
-             "minus `adapt`'s at the same step, on the same questions, with the standard error of that paired "
+             "the tasks' errors combined, the AR accuracy taken as exact). The last two columns compare a run "
+             "with `adapt` at the same step: its retention minus `adapt`'s on the same questions, and its held-out "
+             "nats per token minus `adapt`'s on the same blocks, each with the standard error of that paired "
              "difference.", "",
              "![Retention and ELBO perplexity against tokens](forgetting_curve.png)", "",
-             "| run | tokens | ELBO perplexity | " + " | ".join(args.curve_tasks) + " | retention | vs adapt |",
-             "|---|---|---|" + "---|" * len(args.curve_tasks) + "---|---|",
+             "| run | tokens | ELBO perplexity | " + " | ".join(args.curve_tasks) + " | retention | vs adapt | ELBO vs adapt |",
+             "|---|---|---|" + "---|" * len(args.curve_tasks) + "---|---|---|",
              f"| AR source | 0 | {evaluations['ar']['runs'][0]['results']['elbo']['perplexity']:.1f} | "
              + " | ".join(f"{ar[t]['acc']:.3f} ± {ar[t]['acc_stderr']:.3f}" for t in args.curve_tasks) + " | 1.00 | - |"]
     points = {}
@@ -399,18 +400,27 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
         points[name] = []
         for step, _ in curve_models(name, args, out):
             accuracy = evaluations[f"curve_{name}_{step}"]["runs"][0]["results"]
-            elbo = evaluations[f"elbo_{name}_{step}" if step < args.steps else name]["runs"][0]["results"]["elbo"]
+            elbo = evaluations[_elbo_key(name, step, args)]["runs"][0]["results"]["elbo"]
             kept, kept_stderr = _retention(accuracy, ar, chance)
             points[name].append((step * tokens_per_step, kept, elbo["perplexity"]))
-            baseline = out / f"eval_curve_adapt_{step}.json"  # there when adapt's curve was scored in this out dir
+            # adapt's results at the same step, there when adapt's curve was scored in this out dir
+            baseline, baseline_elbo = out / f"eval_curve_adapt_{step}.json", out / f"eval_{_elbo_key('adapt', step, args)}.json"
             paired = None if name == "adapt" or not baseline.is_file() else _paired_difference(
                 accuracy, json.loads(baseline.read_text())["runs"][0]["results"], ar, chance)
+            paired_nats = None if name == "adapt" or not baseline_elbo.is_file() else _paired_nats(
+                elbo, json.loads(baseline_elbo.read_text())["runs"][0]["results"]["elbo"])
             lines.append(f"| {name} | {step * tokens_per_step:,} | {_perplexity_cell(elbo)} | "
                          + " | ".join(f"{accuracy[t]['acc']:.3f} ± {accuracy[t]['acc_stderr']:.3f}" for t in args.curve_tasks)
                          + f" | {kept:.2f} ± {kept_stderr:.2f} | "
-                         + ("-" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}") + " |")
+                         + ("-" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}") + " | "
+                         + ("-" if paired_nats is None else f"{paired_nats[0]:+.3f} ± {paired_nats[1]:.3f}") + " |")
     _plot_curves(points, Path(args.docs) / "forgetting_curve.png")
     return lines
+
+
+def _elbo_key(name: str, step: int, args) -> str:
+    """The evaluation holding a run's held-out ELBO at `step` (the final model's is the run's own)."""
+    return name if step == args.steps else f"elbo_{name}_{step}"
 
 
 def _steps_text(args) -> str:
@@ -454,6 +464,23 @@ def _paired_difference(accuracy: dict, baseline: dict, ar: dict, chance: dict) -
         means.append(mean)
         errors.append(stderr)
     return sum(means) / len(means), math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def _paired_nats(elbo: dict, baseline: dict) -> tuple[float, float] | None:
+    """Held-out nats per token minus the baseline's, and the standard error of that difference over the
+    blocks both scored (the text's own variation cancels). None when a result has no per-block figures
+    (written before `adapt eval` kept them) or the two scored different blocks."""
+    import torch
+
+    from adapt.evaluate import Perplexity
+
+    tokens = elbo.get("tokens_by_block")
+    if not tokens or tokens != baseline.get("tokens_by_block"):
+        return None
+    nll = (torch.tensor(elbo["nll_by_block"], dtype=torch.float64)
+           - torch.tensor(baseline["nll_by_block"], dtype=torch.float64))
+    difference = Perplexity.from_blocks(nll, torch.tensor(tokens))
+    return difference.nll_per_token, difference.stderr
 
 
 def _plot_curves(points: dict, path: Path) -> None:
@@ -505,12 +532,16 @@ def _nats_cell(elbo: dict) -> str:
 
 
 def _comparison(what: str, first: dict, other: dict, first_name: str) -> str:
-    difference = other["nll_per_token"] - first["nll_per_token"]
-    stderr = math.hypot(first["nll_per_token_stderr"], other["nll_per_token_stderr"])
+    paired = _paired_nats(other, first)
+    if paired is None:
+        difference = other["nll_per_token"] - first["nll_per_token"]
+        stderr, how = math.hypot(first["nll_per_token_stderr"], other["nll_per_token_stderr"]), "errors combined"
+    else:
+        (difference, stderr), how = paired, "paired over the blocks"
     verdict = "more than two standard errors" if abs(difference) > 2 * stderr else "within two standard errors"
     return (f"- {what}: ELBO perplexity {first['perplexity']:.1f} vs {other['perplexity']:.1f} "
             f"({other['perplexity'] / first['perplexity']:.2f}x); the other run is {difference:+.3f} ± {stderr:.3f} "
-            f"nats per token from {first_name}, {verdict}.")
+            f"nats per token from {first_name} ({how}), {verdict}.")
 
 
 def _hardware() -> str:

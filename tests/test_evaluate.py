@@ -1,3 +1,4 @@
+import copy
 import itertools
 import math
 
@@ -113,6 +114,37 @@ def test_elbo_stderr_matches_the_spread_of_independent_estimates():
     spread = float(np.std([r.nll_per_token for r in runs], ddof=1))
     reported = float(np.mean([r.stderr for r in runs]))
     assert 0.6 < spread / reported < 1.6, (spread, reported)
+
+
+def test_per_block_figures_pair_two_models_scored_on_the_same_blocks():
+    """The per-block NLLs add up to the totals, and the difference of two models on the same blocks has
+    the error of its own spread over blocks: 0 for a model against itself (same seed, same masks), and
+    far below the two errors combined for a slightly changed copy (the blocks' difficulty cancels)."""
+    from adapt.evaluate import Perplexity
+
+    model = tiny_model("llama")
+    set_attention(model, 1.0)
+    changed = copy.deepcopy(model)
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in changed.parameters():
+            param.add_(0.001 * torch.randn(param.shape, generator=noise))
+    lengths = torch.tensor([8, 5, 8, 3] * 4)
+    blocks = torch.randint(3, VOCAB - 1, (16, 8), generator=torch.Generator().manual_seed(0))
+    padding = (torch.arange(8) < lengths[:, None]).long()
+    first, again, other = (elbo_perplexity(m, blocks, _config(), n_samples=4, seed=1, attention_mask=padding)
+                           for m in (model, model, changed))
+    assert first.tokens_by_block == tuple((lengths - 1).tolist())
+    assert sum(first.nll_by_block) / sum(first.tokens_by_block) == pytest.approx(first.nll_per_token, rel=1e-12)
+
+    def paired(a, b):
+        nll = torch.tensor(b.nll_by_block, dtype=torch.float64) - torch.tensor(a.nll_by_block, dtype=torch.float64)
+        return Perplexity.from_blocks(nll, torch.tensor(a.tokens_by_block))
+
+    assert paired(first, again).nll_per_token == 0 and paired(first, again).stderr == 0
+    difference = paired(first, other)
+    assert difference.nll_per_token == pytest.approx(other.nll_per_token - first.nll_per_token, abs=1e-12)
+    assert 0 < difference.stderr < 0.5 * math.hypot(first.stderr, other.stderr)
 
 
 def test_perplexities_restore_the_callers_attention_ratio_and_mode():

