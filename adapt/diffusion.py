@@ -447,6 +447,7 @@ def elbo_nll(
     target_mask: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    prefix=None,
 ) -> ELBO:
     """Monte Carlo estimate of the negative ELBO of the target tokens given the rest (for a score-entropy
     model the score-entropy bound, SEDD's; a CART model is scored by the plain 1/t-weighted ELBO).
@@ -456,7 +457,8 @@ def elbo_nll(
     with t integrated out given the mask (LLaDA's estimator, docs/method.md): sample k masks exactly
     l_k = ceil(n (k + u)/K) of a row's n targets, chosen uniformly, and weighs its terms n / l_k; one
     shared u ~ U(0, 1) stratifies the counts. Unbiased for the ELBO over t ~ U(0, 1), with far less
-    variance than Bernoulli(t) masks weighted 1/t (multiple choice needs it: docs/results.md).
+    variance than Bernoulli(t) masks weighted 1/t (multiple choice needs it: docs/results.md). A block
+    model's `prefix` (`block_prefix` of these targets) is built here unless the caller has it already.
     """
     check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if n_samples < 1:
@@ -468,7 +470,8 @@ def elbo_nll(
     batch = input_ids.shape[0]
     offset = torch.rand((), generator=generator, device=_generator_device(generator, input_ids.device))
     total = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
-    prefix = block_prefix(model, input_ids, target_mask, config)
+    if prefix is None:
+        prefix = block_prefix(model, input_ids, target_mask, config)
     for k in range(n_samples):
         mask, weight = mask_exactly(target_mask, (k + offset.item()) / n_samples, generator)
         logits = masked_logits(model, input_ids, mask, config, attention_mask=attention_mask,

@@ -129,6 +129,27 @@ def test_scoring_reads_only_what_the_targets_need_and_gives_the_whole_layouts_lo
     torch.testing.assert_close(shortened, early_whole, rtol=1e-4, atol=1e-4)
 
 
+def test_scoring_continuations_runs_a_batchs_clean_context_once(monkeypatch):
+    """The ELBO's masks and the greedy check of a batch of continuations share one `clean_prefix`,
+    and sharing it changes no score: the same NLLs as the ELBO building its own."""
+    import adapt.block
+    from adapt.evaluate import continuation_scores
+    from adapt.evaluate.perplexity import evaluation_mode
+
+    model, _, config = block_model(block_size=4)
+    ids = _ids(length=12, batch=3)
+    built, clean_prefix = [], adapt.block.clean_prefix
+    monkeypatch.setattr(adapt.block, "clean_prefix", lambda *a, **k: built.append(1) or clean_prefix(*a, **k))
+    scores = continuation_scores(model, ids.tolist(), [9, 9, 9], config=config, n_samples=3, batch_size=3)
+    assert len(built) == 1
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[:, 9:] = True
+    with evaluation_mode(model, 1.0):
+        alone = elbo_nll(model, ids, config, n_samples=3, target_mask=targets, attention_mask=torch.ones_like(ids),
+                         generator=torch.Generator().manual_seed(0)).nll
+    assert [s.nll for s in scores] == alone.tolist()
+
+
 def _exact_block_elbo(model, ids, config, targets_per_block):
     """sum_b sum over non-empty mask sets M of block b: P(M) E[1/t | M] sum_{i in M} CE_i, t ~ U(0, 1)."""
     grid = torch.linspace(0.0, 1.0, 200_001, dtype=torch.float64)

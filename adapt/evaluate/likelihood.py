@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import DiffusionConfig, block_prefix, elbo_nll, predict_logits
+from ..diffusion import DiffusionConfig, block_prefix, elbo_nll, masked_logits, predict_logits
 from ..errors import UserError
 from ..sampling import context_ids
 from .perplexity import evaluation_mode, model_device
@@ -95,13 +95,12 @@ def _score_batch(model, rows, config, n_samples, seed) -> list[Score]:
         nll = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of_target, token_nll)
     else:
         generator = torch.Generator(device=device).manual_seed(seed)
+        prefix = block_prefix(model, ids, targets, config)  # a block model's clean context, run once for both
         nll = elbo_nll(model, ids, config, n_samples=n_samples, target_mask=targets, attention_mask=padding,
-                       generator=generator).nll
+                       generator=generator, prefix=prefix).nll
         # Greedy check: one forward with the whole continuation masked.
-        noisy = ids.masked_fill(targets, config.mask_token_id)
-        logits = predict_logits(model, noisy, targets, shift=config.shift, attention_mask=padding,
-                                block_size=config.block_size, clean=ids,
-                                prefix=block_prefix(model, ids, targets, config)).float()
+        logits = masked_logits(model, ids, targets, config, attention_mask=padding, block_size=config.block_size,
+                               prefix=prefix).float()
     wrong = (logits.argmax(dim=-1) != ids[targets]).long()
     misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, row_of_target, wrong)
     counts = targets.sum(dim=1)
