@@ -292,7 +292,8 @@ BACKENDS = {"zero2": [f"distributed.deepspeed_config={RECIPES / 'deepspeed/zero2
             "zero3": [f"distributed.deepspeed_config={RECIPES / 'deepspeed/zero3.json'}"],
             "fsdp": ["distributed.backend=fsdp"]}
 LEVERS = ("train.max_steps=2", "train.eval_batches=0", "optim.lr_multipliers.mlp=0",
-          "optim.lr_multipliers.attention=2", "align.weight=1", "align.layers=[0,-1]")
+          "optim.lr_multipliers.attention=2", "align.weight=1", "align.layers=[0,-1]",
+          "diffusion.objective=score-entropy")  # its offset: the mean over every micro-batch and process
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +307,8 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_two_processes_with_both_levers_match_one_process(one_process, name):
     """Parameter groups built before ZeRO wraps the optimizer (from ZeRO-3's partitioned parameters, by
-    their real shapes) and after FSDP2 shards the model; the frozen source whole on each process."""
+    their real shapes) and after FSDP2 shards the model; the frozen source whole on each process; the
+    score-entropy offset measured over both processes' masked tokens."""
     root, reference = one_process
     recipe = recipe_for(root, "train.batch_size=2", *LEVERS, *BACKENDS[name], output=name)
     run = train_two_processes(recipe, root)
@@ -315,3 +317,5 @@ def test_two_processes_with_both_levers_match_one_process(one_process, name):
         for key in ("loss", "align_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (name, key)
     assert_close_tensors(weights(reference.model_dir), weights(Path(recipe.output_dir) / "model"), f"{name}: ")
+    offsets = [adapt.load(folder)[2].score_offset for folder in (reference.model_dir, Path(recipe.output_dir) / "model")]
+    assert offsets[1] == pytest.approx(offsets[0], rel=1e-6)

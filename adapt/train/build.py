@@ -9,7 +9,7 @@ import inspect
 from torch import nn
 
 from ..attention import get_attention_ratio
-from ..diffusion import DiffusionConfig, diffusion_loss
+from ..diffusion import DiffusionConfig, diffusion_loss, masked_logits
 from ..errors import UserError
 from ..recipe import OptimSection, Recipe
 
@@ -23,7 +23,10 @@ class DiffusionObjective(nn.Module):
         self.config = config
 
     def forward(self, input_ids, attention_mask=None, never_mask=None, t=None, mask=None, denominator=None,
-                block_size=None, generator=None):
+                block_size=None, generator=None, outputs_only=False):
+        if outputs_only:  # the outputs at `mask` instead of the loss, through this root module's hooks (FSDP2, ZeRO-3)
+            return masked_logits(self.model, input_ids, mask, self.config, attention_mask=attention_mask,
+                                 block_size=block_size or self.config.block_size)
         return diffusion_loss(self.model, input_ids, self.config, attention_mask=attention_mask,
                               never_mask=never_mask, t=t, mask=mask, denominator=denominator, block_size=block_size,
                               generator=generator)

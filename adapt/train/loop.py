@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 from ..attention import set_attention
-from ..diffusion import (complementary_pairs, draw_noise, elbo_nll, log_partition, loss_denominator, maskable_positions,
-                         masked_logits)
+from ..diffusion import complementary_pairs, draw_noise, elbo_nll, log_partition, loss_denominator, maskable_positions
 from ..recipe import Recipe
 from .backends import open_backend
 from .alignment import load_alignment
@@ -195,8 +194,7 @@ def _measure_score_offset(run: Run, micros: list[MicroBatch], ratio: float, bloc
         state = micro.generator.get_state()
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with run.accelerator.autocast():
-            outputs = masked_logits(run.inner_model, micro.batch["input_ids"], micro.mask, run.diffusion,
-                                    attention_mask=micro.batch["attention_mask"], block_size=block_size)
+            outputs = run.objective(**micro.batch, mask=micro.mask, block_size=block_size, outputs_only=True)
         sums += torch.stack([log_partition(outputs, run.diffusion.mask_token_id).double().sum(),
                              torch.tensor(float(outputs.shape[0]), dtype=torch.float64, device=sums.device)])
         micro.generator.set_state(state)  # the step's own forward draws the same attention again
