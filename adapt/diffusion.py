@@ -72,8 +72,8 @@ class DiffusionConfig:
     # context-adaptive weight instead of 1/t.
     objective: str = "mdm"
     # "score-entropy": the constant subtracted from the outputs before they are read as log scores. None
-    # until the first training step measures it (`log_partition` of the source's outputs: an AR head's
-    # logits have log Z about 30, and exp(30) as a loss wipes out what the model knew in a few steps).
+    # until the first training step measures it (`log_partition` of the source's outputs): an AR head's
+    # logits have log Z about 27.5 (SmolLM2), and exp(27.5) as a loss wipes out what it knew in a few steps.
     score_offset: float | None = None
     # CART's p: a clean token at distance d from a masked one adds p (1-p)^(d-1) / 2 to its weight.
     cart_p: float = 0.1

@@ -188,7 +188,7 @@ def _measure_score_offset(run: Run, micros: list[MicroBatch], ratio: float, bloc
     """Set the score-entropy offset to the mean log Z of this step's masked tokens (every micro-batch and
     process), from a no-grad forward exactly as the step runs it (its attention draws replayed), so the
     scores start with a geometric-mean Z of 1. SEDD subtracts log(V-1) for a zero-initialised network for
-    the same reason; an AR head's logits are far from that (log Z about 30 for SmolLM2)."""
+    the same reason; an AR head's logits are far from that (log Z about 27.5 for SmolLM2-135M)."""
     sums = torch.zeros(2, dtype=torch.float64, device=run.accelerator.device)
     for micro in micros:
         state = micro.generator.get_state()
