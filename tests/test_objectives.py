@@ -113,7 +113,7 @@ def test_score_entropy_trains_the_unnormalised_outputs():
 
 
 def test_score_entropy_measures_its_offset_at_the_first_step_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
-    """An AR head's logits have log Z far from 0 (about 30 for SmolLM2; here a tiny Llama's final norm
+    """An AR head's logits have log Z far from 0 (27.5 for SmolLM2-135M; here a tiny Llama's final norm
     scaled up to get there), and read as log scores exp(log Z) is the loss. The first step measures the
     mean log Z of its masked tokens (checked against the model's plain forward) and subtracts it; the
     export records it, and a run resumed from a checkpoint keeps it: bit-identical to an uninterrupted one."""
