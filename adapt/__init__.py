@@ -10,7 +10,7 @@ import importlib
 # public name -> the module of the package that defines it
 _EXPORTS = {
     "get_attention_ratio": "attention", "set_attention": "attention",
-    "DiffusionConfig": "diffusion", "DiffusionLoss": "diffusion", "ELBO": "diffusion",
+    "DiffusionConfig": "diffusion", "DiffusionLoss": "diffusion", "DiffusionTraining": "diffusion", "ELBO": "diffusion",
     "diffusion_loss": "diffusion", "elbo_nll": "diffusion",
     "UserError": "errors",
     "load": "export", "save_checkpoint": "export",

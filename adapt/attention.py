@@ -163,6 +163,13 @@ def set_attention(model: nn.Module, ratio: float, *, generator: torch.Generator 
         config.attention_ratio = ratio
 
 
+def anneal_ratio(step: int, steps: int, start: float = 0.0) -> float:
+    """The annealed attention ratio at optimizer step `step` (0-based) of `steps`: linear from `start`
+    (the ratio training began at: 0 for an AR model, 1 for an adapted one) to 1,
+    min(1, start + (1 - start)(step + 1)/steps)."""
+    return min(1.0, start + (1.0 - start) * (step + 1) / steps)
+
+
 def get_attention_ratio(model: nn.Module) -> float:
     """The ratio last set with `set_attention` (0.0 for an untouched causal model)."""
     return float(getattr(unwrap_model(model).config, "attention_ratio", 0.0))

@@ -41,6 +41,8 @@ import torch
 
 from .atomic import write_text_atomically
 from .attention import PARTIAL_MASK_IMPLEMENTATIONS, set_attention
+from .bidirectional import BidirectionalMode
+from .block import BlockMode
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
 
@@ -222,11 +224,11 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
         scored.setdefault("causal", []).append(ids.numel())
         return model(input_ids=ids, labels=ids).loss
 
-    def diffusion(name, block_size=None):
+    def diffusion(name, mode):
         # Each configuration draws the same noise levels and masks, step for step: the head then runs on the
         # same number of positions in each, and only the attention (and a block model's clean copy) differs.
         noise = torch.Generator(device=ids.device).manual_seed(0)
-        run_config = dataclasses.replace(config, block_size=block_size)
+        run_config = dataclasses.replace(config, mode=mode)
 
         def loss():
             out = diffusion_loss(model, ids, run_config, generator=noise)
@@ -238,10 +240,11 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
     for ratio in TRAIN_RATIOS:
         if 0 < ratio < 1 and model.config._attn_implementation not in PARTIAL_MASK_IMPLEMENTATIONS:
             continue  # flash attention takes no partial mask; set_attention refuses it
-        losses[f"diffusion_r{ratio:g}"] = (ratio, diffusion(f"diffusion_r{ratio:g}"))
+        losses[f"diffusion_r{ratio:g}"] = (ratio, diffusion(f"diffusion_r{ratio:g}", BidirectionalMode()))
     if model.config._attn_implementation in PARTIAL_MASK_IMPLEMENTATIONS:  # the block mask is an explicit one
         for block_size in block_sizes:
-            losses[f"block_b{block_size}"] = (0.0, diffusion(f"block_b{block_size}", block_size))
+            mode = BlockMode(block_size)
+            losses[f"block_b{block_size}"] = (mode.attention_ratio(1.0), diffusion(f"block_b{block_size}", mode))
 
     def timed_step(ratio, loss_fn):
         def step():
@@ -312,7 +315,7 @@ def train_flops(model, shape: tuple[int, int], head_positions: float) -> float:
 
 def sampling_methods(length: int, steps: list[int], thresholds: list[float], block_size: int, *,
                      explicit_masks: bool = True) -> dict[str, tuple]:
-    """name -> (block size of the block model or None, steps, `SamplingOptions`) of each way of sampling.
+    """name -> (the model's mode, steps, `SamplingOptions`) of each way of sampling.
 
     `diffusion_s{S}`: S steps, one block. For each threshold T (`steps` = `length`, an upper bound):
     `threshold{T}_{cache}`, the bidirectional model in sampler blocks of `block_size` under each cache
@@ -320,19 +323,21 @@ def sampling_methods(length: int, steps: list[int], thresholds: list[float], blo
     blocks of B = `block_size` under each of its caches. The approximate caches and the block model pass
     explicit attention masks: without `explicit_masks` (flash attention) their rows are left out.
     """
-    from .sampling import APPROXIMATE_CACHES, CACHES, SamplingOptions
+    from .bidirectional import APPROXIMATE_CACHES
+    from .sampling import CACHES, SamplingOptions
 
     # A bidirectional model has no exact cache: "exact" reuses nothing there, the computation of "none".
     bidirectional = ("none", *APPROXIMATE_CACHES) if explicit_masks else ("none",)
     blockwise = [cache for cache in CACHES if cache not in APPROXIMATE_CACHES] if explicit_masks else []
-    methods = {f"diffusion_s{s}": (None, s, SamplingOptions(seed=0)) for s in steps}
+    one_block, blocks = BidirectionalMode(), BlockMode(block_size)
+    methods = {f"diffusion_s{s}": (one_block, s, SamplingOptions(seed=0)) for s in steps}
     for threshold in thresholds:
         for cache in bidirectional:
             methods[f"threshold{threshold:g}_{cache}"] = (
-                None, length, SamplingOptions(threshold=threshold, block_size=block_size, cache=cache, seed=0))
+                one_block, length, SamplingOptions(threshold=threshold, block_size=block_size, cache=cache, seed=0))
         for cache in blockwise:
             methods[f"block{block_size}_threshold{threshold:g}_{cache}"] = (
-                block_size, length, SamplingOptions(threshold=threshold, cache=cache, seed=0))
+                blocks, length, SamplingOptions(threshold=threshold, cache=cache, seed=0))
     return methods
 
 
@@ -361,16 +366,15 @@ def bench_sampling(model, tokenizer, config: DiffusionConfig, *, length: int, st
                                                      tokenizer=tokenizer, fixed_length=True))
         return run
 
-    def diffusion(block, n_steps, options, batch):
+    def diffusion(mode, n_steps, options, batch):
         ids = torch.tensor([start + [config.mask_token_id] * length] * batch, device=device)
         fill = torch.zeros_like(ids, dtype=torch.bool)
         fill[:, len(start):] = True
+        as_mode = dataclasses.replace(config, mode=mode)
 
         def run():
-            set_attention(model, 1.0 if block is None else 0.0)  # a block model's attention is its block mask
-            return timed(device, lambda: denoise(model, ids, fill, mask_token_id=config.mask_token_id,
-                                                 shift=config.shift, steps=n_steps, model_block_size=block,
-                                                 options=options))
+            set_attention(model, mode.attention_ratio(1.0))  # the ratio a trained model of this mode samples at
+            return timed(device, lambda: denoise(model, ids, fill, as_mode, steps=n_steps, options=options))
         return run
 
     runs = {}
@@ -397,7 +401,7 @@ def _sampling_row(model, tokenizer, name: str, method: tuple, *, batch: int, sta
     scored by the model itself as a causal LM (`adapt.evaluate.samples.quality`)."""
     from .evaluate.samples import Sample, quality, text_tokens
 
-    block, n_steps, options = method
+    mode, n_steps, options = method
     measured, ar = _summary(timings), _summary(ar_timings)
     out = timings[-1][2]  # what the last measured run drew
     ids, forwards = (out, out.shape[1]) if name == "ar" else (out.ids[:, len(start):], out.forwards)
@@ -406,7 +410,7 @@ def _sampling_row(model, tokenizer, name: str, method: tuple, *, batch: int, sta
     rate, ar_rate = batch * length / measured["median_s"], batch * length / ar["median_s"]
     return {"name": name, "batch": batch, "length": length, "steps": n_steps, "threshold": options.threshold,
             "cache": None if name == "ar" else options.cache, "block_size": options.block_size,
-            "model_block_size": block, "tokens_per_s": rate, "ar_tokens_per_s": ar_rate, "speedup": rate / ar_rate,
+            "model_mode": None if mode is None else mode.to_dict(), "tokens_per_s": rate, "ar_tokens_per_s": ar_rate, "speedup": rate / ar_rate,
             "cpu_speedup": ar["cpu_median_s"] / measured["cpu_median_s"], "tokens_per_forward": length / forwards,
             **quality(model, samples), "spread": measured["spread"], "ar_spread": ar["spread"]}
 

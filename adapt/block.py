@@ -17,18 +17,25 @@ token of each block is so predicted the AR way, from clean context alone.
 The sampler's cache follows from the same mask: the keys and values of clean blocks depend only on
 clean blocks at or before them, so once a block is finished they never change (`BlockCache`).
 
-This module depends only on torch and `attention`; `adapt export` copies it into every checkpoint.
+`BlockMode` is this kind of model as a conversion mode (adapt/mode.py).
+
+This module depends only on torch and dependency-free modules of this package; `adapt export` copies it
+into every checkpoint.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .attention import decoder_backbone, mask_for_implementation, sliding_window
+from .attention import decoder_backbone, sliding_window
+from .errors import UserError
+from .forward import cached_forward, check_targets, forward_against, output_logits
+from .mode import Mode
+from .settings import at_least, check_settings
 
 
 def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
@@ -175,33 +182,80 @@ class BlockCache:
         return cached_forward(self.model, ids, positions, mask, self.cache)
 
 
-def cached_forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                   cache) -> torch.Tensor:
-    """The backbone's last hidden states (B, Q, H) for `ids` (B, Q) at the true `positions` (Q,),
-    attending to the keys and values held in `cache` (a `DynamicCache`, or None for no cache) and to
-    their own, as the bool `mask` (1 or B, 1, Q, cached + Q; True = attend) says, or as the model's own
-    mask does when it is None. Their keys and values are appended to `cache`."""
-    backbone = decoder_backbone(model)
-    caching = {"use_cache": False} if cache is None else {"use_cache": True, _cache_argument(type(backbone)): cache}
-    return backbone(
-        input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
-        attention_mask=None if mask is None else mask_for_implementation(mask, model), **caching,
-    ).last_hidden_state
+@dataclass(frozen=True)
+class BlockMode(Mode):
+    """Blocks of `block_size` tokens at positions 0, B, 2B, ...: each a masked diffusion given the clean
+    blocks before it. B = 1 with the shift is the AR model."""
 
+    name = "block"
+    block_size: int = field(metadata=at_least(1))
 
-def forward_against(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                    cache) -> torch.Tensor:
-    """Hidden states (B, Q, H) of `ids` (B, Q) at `positions` (Q,), every query seeing every key held in
-    `cache` and the new keys as the bool `mask` (1 or B, 1, Q, Q) says. The new keys and values are not
-    kept: `cache` is left as it was."""
-    held = torch.ones(*mask.shape[:-1], cache.get_seq_length(), dtype=torch.bool, device=mask.device)
-    hidden = cached_forward(model, ids, positions, torch.cat([held, mask], dim=-1), cache)
-    cache.crop(-ids.shape[1])
-    return hidden
+    def __post_init__(self):
+        check_settings(self, "diffusion.")  # where config.json and a recipe hold it
 
+    def describe(self) -> str:
+        return f"block diffusion, blocks of {self.block_size} tokens (exact KV cache)"
 
-@functools.cache
-def _cache_argument(backbone_class: type) -> str:
-    """The name the backbone's forward takes its cache by, looked up once per class (every step calls it):
-    transformers 5 renamed `past_key_values` to `cache` (the old name still works, warned)."""
-    return "cache" if "cache" in inspect.signature(backbone_class.forward).parameters else "past_key_values"
+    def attention_ratio(self, annealed: float) -> float:
+        return 0.0  # nothing anneals: every forward is given the block mask explicitly
+
+    def grown(self, step: int, steps: int) -> BlockMode:
+        """Block sizes 1, 2, 4, ... up to `block_size` in equal stages over `steps` (LLaDA2.0's warm-up)."""
+        stages = math.ceil(math.log2(self.block_size)) + 1
+        stage = min(stages - 1, step * stages // steps)
+        return BlockMode(min(self.block_size, 2 ** stage))
+
+    def hidden(self, model, noisy, clean, targets, *, shift, attention_mask=None, prefix=None):
+        check_targets(targets, shift)
+        return training_hidden(model, noisy, clean, targets, self.block_size, shift=shift,
+                               attention_mask=attention_mask, prefix=prefix)
+
+    def clean_prefix(self, model, clean, targets, shift):
+        return clean_prefix(model, clean, targets, self.block_size, shift)
+
+    def context_visibility(self, length, shift, device=None):
+        """A target's prediction in the noisy block reads the clean tokens of its own block and every
+        token of the earlier blocks. With the shift, a block's first token is predicted at the last
+        position of the block before, read from the clean copy: all of the earlier blocks and nothing
+        of its own."""
+        blocks = block_ids(length, self.block_size, device)
+        same, earlier = blocks[:, None] == blocks[None, :], blocks[None, :] < blocks[:, None]
+        if shift:
+            first_of_block = torch.arange(length, device=device) % self.block_size == 0
+            same = same & ~first_of_block[:, None]
+        return same, earlier
+
+    def forward_positions(self, length):
+        return 2 * length  # the noisy and the clean copy side by side
+
+    def attention_mask_bytes(self, rows, length):
+        return rows * self.forward_positions(length) ** 2  # the bool block mask, built once per forward
+
+    def decoding_blocks(self, fill, options):
+        """Its own blocks, fixed by position (the ones it was trained on), among those holding a
+        position to fill."""
+        if options.block_size not in (None, self.block_size):
+            raise UserError(f"this block diffusion model decodes in its own blocks of {self.block_size} tokens; "
+                            f"drop the sampler's block size ({options.block_size}) or set it to {self.block_size}")
+        absolute = block_ids(fill.shape[1], self.block_size, fill.device)
+        filled = absolute[fill[0]].unique()  # sorted
+        return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
+
+    def check_sampling(self, model, options, length):
+        if options.cache not in ("exact", "none"):
+            raise UserError(f"cache {options.cache!r} is for fully bidirectional models; this block diffusion model "
+                            "has an exact cache: use cache 'exact' (the default)")
+
+    def logits_function(self, model, shift, cache):
+        if cache == "none":  # the training computation itself: each block given the clean blocks before it
+            return lambda ids, candidates, block: output_logits(model, self.hidden(model, ids, ids, candidates,
+                                                                                   shift=shift))
+        blocks = BlockCache(model, self.block_size, shift)
+
+        def cached(ids, candidates, block):
+            first = int(candidates.any(dim=0).nonzero()[0])
+            start = first // self.block_size * self.block_size
+            blocks.extend(ids, start)  # the blocks before this one are finished
+            end = min(start + self.block_size, ids.shape[1])
+            return output_logits(model, blocks.hidden(ids, end, candidates))
+        return cached

@@ -97,18 +97,10 @@ def _run_info(args) -> int:
         "attention_implementation": model.config._attn_implementation,
         "attention_ratio": get_attention_ratio(model),
         "mask_token": tokenizer.mask_token,
-        "mode": _mode(diffusion),
+        "mode": diffusion.mode.describe() if diffusion else "causal LM (no diffusion settings)",
         "diffusion": diffusion.to_dict() if diffusion else None,
     }, indent=2))
     return 0
-
-
-def _mode(diffusion) -> str:
-    if diffusion is None:
-        return "causal LM (no diffusion settings)"
-    if diffusion.block_size is None:
-        return "bidirectional diffusion (one block)"
-    return f"block diffusion, blocks of {diffusion.block_size} tokens (exact KV cache)"
 
 
 def _add_train(subparsers) -> None:
@@ -155,6 +147,7 @@ def _is_main_process() -> bool:
 
 def _add_convert(subparsers) -> None:
     from .convert import DEFAULT_SEQ_LEN, DEFAULT_STEPS, convert_recipe
+    from .diffusion import DiffusionTraining
     from .recipe import ModelSection
     from .settings import choices_of, default_of
 
@@ -177,9 +170,11 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--mask-token", choices=choices_of(ModelSection, "mask_token"), default=mask_token,
                         help=f"add a new mask token or reuse an existing id (default {mask_token})")
     parser.add_argument("--mask-token-id", type=int, help="the id to reuse with --mask-token reuse")
-    parser.add_argument("--block-size", type=int,
-                        help="make a block diffusion model with blocks of this many tokens (exact KV cache when "
-                             "sampling); default: one bidirectional block, as DiffuLLaMA")
+    parser.add_argument("--mode", choices=[m for m in choices_of(DiffusionTraining, "mode") if m is not None],
+                        help="the kind of diffusion model: bidirectional (one block, as DiffuLLaMA) or block "
+                             "(blocks of --block-size tokens, exact KV cache when sampling); default: the source's "
+                             "kind, bidirectional for an AR model")
+    parser.add_argument("--block-size", type=int, help="--mode block: tokens per block")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any other recipe setting (docs/recipes.md), e.g. --set train.mixed_precision=bf16")
     _add_loading_options(parser)
@@ -197,7 +192,7 @@ def _run_convert(args) -> int:
         args.model, args.data, args.out, tokens=int(args.tokens) if args.tokens is not None else None,
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
         anneal_steps=args.anneal_steps, mask_token=args.mask_token, mask_token_id=args.mask_token_id,
-        block_size=args.block_size,
+        mode=args.mode, block_size=args.block_size,
         overrides=_loading_overrides(args) + list(args.overrides))
     out, main_process = Path(args.out), _is_main_process()
     fresh = not out.exists()

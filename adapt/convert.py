@@ -43,6 +43,7 @@ def convert_recipe(
     anneal_steps: int | None = None,
     mask_token: str = "add",
     mask_token_id: int | None = None,
+    mode: str | None = None,
     block_size: int | None = None,
     overrides: list[str] = (),
 ) -> Recipe:
@@ -50,7 +51,8 @@ def convert_recipe(
 
     Budget: `tokens` (rounded up to whole steps) or `steps`, default DEFAULT_STEPS. Annealing takes the
     first half of the run, warmup the first 5%, then cosine decay; seq_len is DEFAULT_SEQ_LEN or the
-    model's limit, whichever is lower. `block_size` makes a block diffusion model (docs/method.md).
+    model's limit, whichever is lower. `mode` is the kind of model (None: the source's), `block_size` the
+    blocks of `mode="block"` (docs/method.md).
     """
     if tokens is not None and steps is not None:
         raise UserError("give the budget as --tokens or --steps, not both")
@@ -67,7 +69,7 @@ def convert_recipe(
         raise UserError(f"--steps must be positive, got {steps}")
     base = {
         "model": {"path": model, "mask_token": mask_token, "mask_token_id": mask_token_id},
-        "diffusion": {"block_size": block_size},
+        "diffusion": {"mode": mode, "block_size": block_size},
         "data": {"path": data, "seq_len": seq_len, "validation_fraction": _validation_fraction(data, seq_len)},
         "train": {"batch_size": batch_size, "max_steps": steps,
                   "anneal_steps": anneal_steps or max(1, steps // 2), "eval_every": max(1, steps // 10)},

@@ -35,7 +35,8 @@ from .outputs import check_output, tensor_bytes, writing
 REMOTE_MODULE = "modeling_adapt_diffusion"
 # The remote module and every module it imports, relative to this package (checked by the tests: a
 # missing one makes the remote load fail).
-REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "diffusion.py", "attention.py", "block.py", "errors.py",
+REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "diffusion.py", "attention.py", "mode.py",
+                     "bidirectional.py", "block.py", "forward.py", "objectives.py", "settings.py", "errors.py",
                      "limits.py")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
 CARD_KEYS = ("license", "datasets", "tags", "evaluation", "description", "base_model")
@@ -216,9 +217,13 @@ def model_card(model: nn.Module, diffusion: DiffusionConfig, card: dict) -> str:
         "## Diffusion settings", "",
         "| setting | value |", "|---|---|",
     ]
-    for key, value in diffusion.to_dict().items():
-        lines.append(f"| {key} | {value} |")
+    settings = diffusion.to_dict()
+    trained_with = settings.pop("trained_with") or {}
+    lines += [f"| {key} | {value} |" for key, value in settings.items()]
     lines.append(f"| attention_ratio | {get_attention_ratio(model)} |")
+    if trained_with:
+        lines += ["", "## Training settings (the recipe's `diffusion:` section)", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in trained_with.items()]
     evaluation = card.get("evaluation") or {}
     if evaluation:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]

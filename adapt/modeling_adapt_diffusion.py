@@ -1,7 +1,8 @@
 """Remote code shipped inside every exported checkpoint, so that plain transformers can sample it.
 
-`adapt export` copies this file and the modules it imports (sampling, diffusion, attention, block,
-limits, errors; `adapt.export.REMOTE_CODE_FILES`) verbatim into the checkpoint and writes `auto_map` in config.json, e.g.
+`adapt export` copies this file and the modules it imports (the sampler, the diffusion settings, the
+modes and objectives; `adapt.export.REMOTE_CODE_FILES`) verbatim into the checkpoint and writes
+`auto_map` in config.json, e.g.
 
     "auto_map": {"AutoModelForCausalLM": "modeling_adapt_diffusion.AdaptDiffusionLlamaForCausalLM"}
 
@@ -15,9 +16,10 @@ the sampling methods mixed in, so the weights, the forward and the attention are
 family's modeling code. Any family works without a class per family: the module builds
 `AdaptDiffusion<Base>` on first access (PEP 562 module `__getattr__`). Attention: ratio 1 (bidirectional)
 is restored by transformers itself from `is_causal` in config.json; a partial ratio (a checkpoint saved
-mid-annealing) is restored with `set_attention` when the model is built. A block diffusion model
-(`diffusion.block_size` in config.json) samples block by block with its exact KV cache, the same sampler;
-a bidirectional one decoded in blocks takes Fast-dLLM's approximate caches with `cache="prefix"` or `"dual"`.
+mid-annealing) is restored with `set_attention` when the model is built. The model's mode (`diffusion.mode`
+in config.json) decodes it with the same classes as `adapt`: a block model block by block with its exact
+KV cache; a bidirectional one, decoded in blocks, takes Fast-dLLM's approximate caches with
+`cache="prefix"` or `"dual"`.
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .diffusion import DiffusionConfig
 from .errors import UserError
+from .mode import Mode
 from .settings import at_least, between, check_settings
 
 # Dense bf16 tensor-core peak (FLOP/s) and the memory CUDA reports for the 80 GB A100 and H100 and the H200.
@@ -86,6 +88,7 @@ class ModelShape:
     vocab: int
     gated_mlp: bool
     tied: bool  # the output head is the input embedding matrix
+    mode: Mode  # the kind of diffusion model the run makes: the layout of its training forward
 
 
 def plan(recipe, settings: PlanSettings) -> dict:
@@ -103,12 +106,12 @@ def plan(recipe, settings: PlanSettings) -> dict:
     gpu = {**states["gpu"], **activation_bytes(recipe, shape, batch)}
     total = sum(gpu.values())
     tokens_per_step = batch * recipe.train.grad_accum * settings.gpus * recipe.data.seq_len
-    step_flops = _step_flops(model, recipe, settings.gpus)
+    step_flops = _step_flops(model, recipe, shape.mode, settings.gpus)
     seconds = recipe.train.max_steps * step_flops / (settings.gpus * peak_flops * settings.mfu)
     return {
         "hardware": {"gpus": settings.gpus, "nodes": nodes, "gpus_per_node": per_node, "gpu": settings.gpu,
                      "gpu_memory_bytes": gpu_memory, "peak_flops": peak_flops, "mfu": settings.mfu},
-        "model": asdict(shape),
+        "model": {**asdict(shape), "mode": shape.mode.to_dict()},
         "backend": states["backend"],
         "per_gpu_bytes": {**gpu, "total": total},
         "deepspeed_model_states_estimate": states.get("deepspeed_gpu_estimate"),  # the rows' sum, by DeepSpeed
@@ -197,7 +200,8 @@ def _shape(model, config, recipe) -> ModelShape:
         kv_width=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
         intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
         heads=heads, vocab=vocab, gated_mlp=config.model_type not in UNGATED_MLP,
-        tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+        tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+        mode=recipe.diffusion.mode_for(DiffusionConfig.from_model_config(config)))
 
 
 def _lora_parameters(model, lora) -> int:
@@ -297,19 +301,18 @@ def _dtype_bytes(dtype: str) -> int:
 
 # ---------------------------------------------------------------------------------------- activations
 
-def forward_shape(recipe, batch: int) -> tuple[int, int, int]:
+def forward_shape(recipe, mode: Mode, batch: int) -> tuple[int, int, int]:
     """(rows, positions, scored positions per row) of one micro-batch's forward: complementary masks run
-    each sequence twice; block diffusion runs the noisy and the clean copy side by side (2L positions),
-    the noisy half scored."""
+    each sequence twice; the mode says how many positions a sequence's forward runs (block diffusion:
+    the noisy and the clean copy side by side, 2L, the noisy half scored)."""
     rows = batch * (2 if recipe.diffusion.complementary_masks else 1)
-    length = recipe.data.seq_len
-    return rows, length * (2 if recipe.diffusion.block_size is not None else 1), length
+    return rows, mode.forward_positions(recipe.data.seq_len), recipe.data.seq_len
 
 
 def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
     """Bytes of activations, LM head, attention mask and alignment of one micro-batch of `batch` sequences."""
     train = recipe.train
-    rows, length, scored = forward_shape(recipe, batch)
+    rows, length, scored = forward_shape(recipe, shape.mode, batch)
     element = 2 if train.mixed_precision != "no" or recipe.model.dtype != "float32" else 4
     h, i = shape.hidden, shape.intermediate
     per_layer = 4 * h + 2 * shape.kv_width + (4 * i if shape.gated_mlp else 2 * i) + 2 * h
@@ -325,20 +328,19 @@ def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
         saved = tokens * shape.layers * h + max(0, tokens * recomputed - lm_head)
     else:
         saved = tokens * shape.layers * per_layer
-    # A block model's mask is bool, built once per forward; annealing also keeps its float32 draws.
-    mask = (1 if recipe.diffusion.block_size is not None else 1 + 4) * rows * length * length
+    mask = shape.mode.attention_mask_bytes(rows, recipe.data.seq_len)
     result = {"activations": element * saved, "lm_head": element * lm_head, "attention_mask": mask}
     if recipe.align.weight > 0:  # the aligned layers' outputs of the frozen source's no-grad forward
         result["alignment_states"] = element * rows * scored * h * len(recipe.align.layers)
     return result
 
 
-def _step_flops(model, recipe, gpus: int) -> float:
+def _step_flops(model, recipe, mode: Mode, gpus: int) -> float:
     from .bench import train_flops
 
     train = recipe.train
-    rows, length, scored = forward_shape(recipe, train.batch_size)
-    low, high = recipe.diffusion.t_min or train.eps, recipe.diffusion.t_max
+    rows, length, scored = forward_shape(recipe, mode, train.batch_size)
+    low, high = recipe.diffusion.noise_band
     expected_masked = (low + high) / 2  # t ~ U(t_min, t_max) masks each position with probability t
     micro = train_flops(model, (rows, length), rows * scored * expected_masked)
     if recipe.align.weight > 0:  # the frozen source's forward on the clean input: a third of a train step

@@ -20,9 +20,9 @@ from typing import Literal
 import yaml
 
 from .data import DataConfig
-from .diffusion import BLOCK_SCHEDULES, OBJECTIVES, DiffusionConfig
+from .diffusion import DiffusionTraining
 from .errors import UserError
-from .settings import Range, at_least, between, default_of, from_dict
+from .settings import at_least, between, default_of, from_dict
 
 
 @dataclass
@@ -48,12 +48,9 @@ class TrainSection:
     grad_accum: int = field(default=1, metadata=at_least(1))  # micro-steps per optimizer step
     max_steps: int = field(default=1000, metadata=at_least(1))  # optimizer steps in the whole run
     # Optimizer steps over which attention goes from the source's ratio (0 = causal, an AR model) to
-    # bidirectional (1 = bidirectional at once); a source already adapted stays bidirectional.
+    # bidirectional (1 = bidirectional at once; a source already adapted stays bidirectional), or a
+    # block model's blocks grow (diffusion.block_schedule: grow).
     anneal_steps: int = field(default=10_000, metadata=at_least(1))
-    # "masked": divide by the masked tokens of the whole optimizer step (DiffuLLaMA); "tokens": by its
-    # maskable tokens (the ELBO). Counted over every micro-batch and process.
-    loss_norm: Literal["masked", "tokens"] = "masked"
-    eps: float = field(default=default_of(DiffusionConfig, "eps"), metadata=between(1e-9, 0.5))  # t ~ U(eps, 1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast (weights stay in model.dtype)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     max_grad_norm: float = field(default=1.0, metadata=at_least(0))  # clip the global norm; 0 = no clipping
@@ -65,35 +62,6 @@ class TrainSection:
     # A step with a non-finite loss or gradient is skipped (weights unchanged, a warning); after this many
     # in a row the run stops with a checkpoint of the last finite weights (exit code 3).
     max_nonfinite_steps: int = field(default=5, metadata=at_least(1))
-
-
-@dataclass
-class DiffusionSection:
-    """Which kind of diffusion model the run makes; recorded in the export's config.json."""
-
-    # null: the source's kind (one bidirectional block for an AR model, as DiffuLLaMA); an int B: block
-    # diffusion, bidirectional inside blocks of B tokens and causal across them, with an exact KV cache.
-    block_size: int | None = field(default=None, metadata=at_least(1))
-    # "constant": blocks of block_size from the first step; "grow": 1, 2, 4, ... up to block_size in equal
-    # stages over train.anneal_steps (block size 1 with the shift is the AR model, LLaDA2.0's warm-up).
-    block_schedule: Literal[BLOCK_SCHEDULES] = default_of(DiffusionConfig, "block_schedule")
-    # "mdm": each masked token's CE weighted 1/t; "score-entropy": SEDD's denoising score entropy, the outputs
-    # read as log concrete scores; "cart": the CE weighted by Dream's context-adaptive weight (docs/method.md).
-    objective: Literal[OBJECTIVES] = default_of(DiffusionConfig, "objective")
-    # CART only: a clean token at distance d adds cart_p (1 - cart_p)^(d-1) / 2 to a masked token's weight.
-    cart_p: float = field(default=default_of(DiffusionConfig, "cart_p"), metadata={"range": Range(0, 1, low_open=True)})
-    # Each sequence twice per micro-batch, at t on positions m and at 1 - t on the others (needs t_min + t_max <= 1).
-    complementary_masks: bool = default_of(DiffusionConfig, "complementary_masks")
-    # Training noise levels t ~ U(t_min, t_max); null t_min is train.eps. The validation ELBO keeps all of (0, 1).
-    t_min: float | None = field(default=default_of(DiffusionConfig, "t_min"), metadata=between(1e-9, 1, high_open=True))
-    t_max: float = field(default=default_of(DiffusionConfig, "t_max"), metadata={"range": Range(0, 1, low_open=True)})
-
-    def apply_to(self, config: DiffusionConfig) -> DiffusionConfig:
-        """`config` with this section's settings (a null block_size keeps the config's), checked together."""
-        values = dataclasses.asdict(self)
-        if values["block_size"] is None:
-            del values["block_size"]
-        return dataclasses.replace(config, **values)
 
 
 @dataclass
@@ -185,7 +153,7 @@ class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    diffusion: DiffusionTraining = field(default_factory=DiffusionTraining)
     optim: OptimSection = field(default_factory=OptimSection)
     align: AlignSection = field(default_factory=AlignSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -219,14 +187,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), *, base: dic
     for override in overrides:
         key, value = _parse_override(override)
         _set_dotted(values, key, value)
+    _refuse_moved_keys(values)
     recipe = from_dict(Recipe, values)
     validate(recipe)
     return recipe
 
 
-def recipe_from_json(text: str) -> Recipe:
-    """The recipe stored in a checkpoint's trainer_state.json."""
-    return from_dict(Recipe, json.loads(text))
+# Keys an older version of adapt read from another section.
+MOVED_KEYS = {"train.eps": "diffusion.eps", "train.loss_norm": "diffusion.loss_norm"}
+
+
+def _refuse_moved_keys(values: dict) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(values.get(section), dict) and key in values[section]:
+            raise UserError(f"{old} has moved to {new}; write it in the {new.split('.')[0]}: section")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -322,10 +297,6 @@ def validate(recipe: Recipe) -> None:
                         f"({recipe.train.max_steps}); lower it")
     if recipe.align.weight > 0 and not recipe.align.layers:
         raise UserError("align.weight > 0 but align.layers is empty; list the layers to align, e.g. [-1] (the last)")
-    try:
-        recipe.diffusion.apply_to(DiffusionConfig(eps=recipe.train.eps))
-    except ValueError as err:
-        raise UserError(f"diffusion.{err}") from None
     if recipe.train.mixed_precision == "fp16" and recipe.model.dtype == "float16":
         raise UserError("train.mixed_precision: fp16 needs float32 master weights; set model.dtype: float32")
 

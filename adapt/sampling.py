@@ -1,8 +1,8 @@
 """The reverse process: generate and infill with a masked diffusion LM.
 
 Start with the positions to fill set to the mask token. Each step predicts every still-masked position
-of the current block at once (with the shift: the prediction for position i is read at i-1, through
-`predict_logits`, so the LM head runs only on those positions), draws a token for each, and commits
+of the current block at once (with the shift: the prediction for position i is read at i-1, and the LM
+head runs only on those positions), draws a token for each, and commits
 some of them; the rest stay masked for the next step. Given tokens (a prompt, the text around infill
 spans) are never changed. Which predictions are committed:
 
@@ -18,7 +18,8 @@ instead of recomputed, and fewer than `steps` forwards may run.
 
 `block_size` decodes semi-autoregressively: the positions to fill are cut into blocks of `block_size`
 left to right, and a block is finished before the next one starts (the later blocks stay masked in the
-input). The steps are shared between blocks in proportion to their sizes.
+input); a block model decodes in its own blocks. The steps are shared between blocks in proportion to
+their sizes. Which blocks, and how a step's logits are computed, is the model's mode's (adapt/mode.py).
 
 The settings of the draw and the commit order (strategy, temperature, top-k, top-p, block size, number
 of samples, seed, progress bar) are one `SamplingOptions`, validated when it is made. Every public
@@ -34,16 +35,18 @@ given texts, and the text is the whole input with the spans filled.
 The sampler puts the model in eval mode for the duration (dropout would make even greedy samples
 random) and restores the caller's training flag afterwards.
 
-Key/value caches (`cache`). A block diffusion model is causal across its blocks, so the keys and
-values of finished blocks never change and its cache is exact (`adapt.block.BlockCache`). A fully
-bidirectional model has no exact cache: at attention ratio 1 the keys and values of the prompt depend
-on the masked (and then committed) positions after it and change at every step. By default it runs
-the whole sequence every step; `cache="prefix"` or `"dual"` opt in to Fast-dLLM's approximate caches
-for semi-autoregressive decoding (`ApproximateCache`), refreshed at the start of every block.
+Key/value caches (`cache`), each mode's own. A block diffusion model is causal across its blocks, so
+the keys and values of finished blocks never change and its cache is exact (`adapt.block.BlockCache`).
+A fully bidirectional model has no exact cache: at attention ratio 1 the keys and values of the prompt
+depend on the masked (and then committed) positions after it and change at every step. By default it
+runs the whole sequence every step; `cache="prefix"` or `"dual"` opt in to Fast-dLLM's approximate
+caches for semi-autoregressive decoding (`adapt.bidirectional.ApproximateCache`), refreshed at the
+start of every block.
 
-This module depends only on torch, tqdm and five dependency-free modules of this package (attention,
-block, diffusion, errors, limits). `adapt export` copies all of them verbatim into every checkpoint, where the remote
-code (`modeling_adapt_diffusion.py`) calls this same sampler: one implementation, no copy to drift.
+This module depends only on torch, tqdm and dependency-free modules of this package
+(`adapt.export.REMOTE_CODE_FILES`). `adapt export` copies all of them verbatim into every checkpoint,
+where the remote code (`modeling_adapt_diffusion.py`) calls this same sampler: one implementation, no
+copy to drift.
 """
 
 from __future__ import annotations
@@ -54,15 +57,12 @@ from dataclasses import dataclass, fields, replace
 import torch
 from tqdm.auto import tqdm
 
-from .attention import PARTIAL_MASK_IMPLEMENTATIONS, decoder_backbone, get_attention_ratio, sliding_window, unwrap_model
-from .block import BlockCache, cached_forward, forward_against
-from .diffusion import DiffusionConfig, output_logits, predict_logits
+from .diffusion import DiffusionConfig
 from .errors import UserError, check_type
 from .limits import check_context
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 CACHES = ("exact", "none", "prefix", "dual")  # see SamplingOptions.cache
-APPROXIMATE_CACHES = ("prefix", "dual")
 DEFAULT_SPAN_LENGTH = 8  # tokens a plain "[MASK]" stands for
 DEFAULT_MASK_MARKER = "[MASK]"
 MAX_NUM_SAMPLES = 1024  # samples are one batch: its memory grows with them, so one argument must not be unbounded
@@ -204,8 +204,7 @@ def generate_with_details(
     # EOS in the finished blocks; everything before that EOS is committed, and committed tokens never
     # change, so the text (which ends there) is final. Only the positions after it are left ungenerated.
     stop = tokenizer.eos_token_id if options.stop_at_eos else None
-    out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps,
-                  model_block_size=config.block_size, stop_token=stop, options=options)
+    out = denoise(model, ids, fill, config, steps=steps, stop_token=stop, options=options)
     rows = out.ids.tolist()
     start = len(prompt_ids)
     return Generation(
@@ -275,8 +274,7 @@ def infill_with_details(
     fill = torch.zeros_like(ids, dtype=torch.bool)
     for start, end in spans:
         fill[:, start:end] = True
-    out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=steps,
-                  model_block_size=config.block_size, options=options)
+    out = denoise(model, ids, fill, config, steps=steps, options=options)
     rows = out.ids.tolist()
     # Splice the decoded spans into the original pieces, so every given character is kept as written;
     # a span's leading space is dropped where the given text already ends with one.
@@ -350,11 +348,9 @@ def denoise(
     model,
     ids: torch.Tensor,
     fill: torch.Tensor,
+    config: DiffusionConfig,
     *,
-    mask_token_id: int,
     steps: int,
-    shift: bool = True,
-    model_block_size: int | None = None,
     stop_token: int | None = None,
     options: SamplingOptions | None = None,
     **overrides,
@@ -362,158 +358,36 @@ def denoise(
     """Fill the positions where `fill` (bool (B, L)) is True; every other token is held fixed.
 
     Every row must have the same number of positions to fill (the commit schedule is shared). The rows
-    are the samples: `num_samples` is not read here. Sampling settings: as for `generate`. A block
-    diffusion model (`model_block_size`, its `DiffusionConfig.block_size`) is decoded in its own blocks,
-    left to right, each given the finished ones before it (through the KV cache unless `cache="none"`).
-    With `stop_token`, the loop ends after the first block at whose end every row has generated that
-    token; the positions still to fill get it, with commit step -1 (not generated).
+    are the samples: `num_samples` is not read here. Sampling settings: as for `generate`. The model's
+    mode (`config.mode`) says in which blocks the positions are decoded, left to right, and with which
+    cache (a block model: its own blocks, each given the finished ones before it through its exact KV
+    cache unless `cache="none"`). With `stop_token`, the loop ends after the first block at whose end
+    every row has generated that token; the positions still to fill get it, with commit step -1.
     """
     options = SamplingOptions.with_overrides(options, overrides)
     counts = fill.sum(dim=1)
     if len(set(counts.tolist())) != 1:
         raise ValueError("every row must have the same number of positions to fill")
-    total = int(counts[0])
-    _check_steps(steps, total)
-    if shift and fill[:, 0].any():
+    _check_steps(steps, int(counts[0]))
+    if config.shift and fill[:, 0].any():
         raise UserError("position 0 cannot be generated with the shift (it is never predicted); start with a "
                         "given token such as BOS")
-    if model_block_size is None:
-        # Block of each position to fill: its rank among the row's positions to fill, // block_size.
-        rank = fill.long().cumsum(dim=1) - 1
-        block_of = torch.where(fill, rank // (options.block_size or total), -1)
-    else:
-        block_of = _model_blocks(fill, model_block_size, options)
+    block_of = config.mode.decoding_blocks(fill, options)
     sizes = torch.bincount(block_of[0][fill[0]]).tolist()
     if steps < len(sizes):
         raise UserError(f"{steps} steps cannot cover {len(sizes)} blocks of {options.block_size} tokens; "
                         f"use at least {len(sizes)} steps or a larger block size")
-    _check_cache(model, options, model_block_size, ids.shape[1])
+    config.mode.check_sampling(model, options, ids.shape[1])
 
     was_training = model.training
     model.eval()  # dropout would make even greedy samples random
     try:
-        logits_for = _logits_function(model, shift, model_block_size, options.cache)
-        return _denoise_blocks(logits_for, ids.masked_fill(fill, mask_token_id), block_of, sizes,
-                               mask_token_id=mask_token_id, steps=steps, stop_token=stop_token, options=options)
+        logits_for = config.mode.logits_function(model, config.shift, options.cache)
+        return _denoise_blocks(logits_for, ids.masked_fill(fill, config.mask_token_id), block_of, sizes,
+                               mask_token_id=config.mask_token_id, steps=steps, stop_token=stop_token,
+                               options=options)
     finally:
         model.train(was_training)
-
-
-def _model_blocks(fill: torch.Tensor, block_size: int, options: SamplingOptions) -> torch.Tensor:
-    """(B, L): for a block model, the index among the blocks to fill of each position to fill (-1 = given).
-    Its blocks are fixed by position (0..B-1, B..2B-1, ...), the ones it was trained on."""
-    if options.block_size not in (None, block_size):
-        raise UserError(f"this block diffusion model decodes in its own blocks of {block_size} tokens; "
-                        f"drop the sampler's block size ({options.block_size}) or set it to {block_size}")
-    absolute = torch.arange(fill.shape[1], device=fill.device) // block_size
-    filled = absolute[fill[0]].unique()  # sorted
-    return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
-
-
-def _check_cache(model, options: SamplingOptions, model_block_size: int | None, length: int) -> None:
-    """Refuse an approximate cache where it does not apply, naming the fix."""
-    cache = options.cache
-    if cache not in APPROXIMATE_CACHES:
-        return
-    if model_block_size is not None:
-        raise UserError(f"cache {cache!r} is for fully bidirectional models; this block diffusion model has an "
-                        "exact cache: use cache 'exact' (the default)")
-    if options.block_size is None:
-        raise UserError(f"cache {cache!r} is refreshed at each block of semi-autoregressive decoding; give a "
-                        "block size (block_size=32, --block-size 32) or use cache 'exact'")
-    ratio = get_attention_ratio(model)
-    if ratio != 1.0:
-        raise UserError(f"cache {cache!r} needs a fully bidirectional model (attention ratio 1), this one is at "
-                        f"ratio {ratio}; use cache 'exact'")
-    implementation = unwrap_model(model).config._attn_implementation
-    if implementation not in PARTIAL_MASK_IMPLEMENTATIONS:  # a step's mask spans cached and new keys
-        raise UserError(f"cache {cache!r} needs an explicit attention mask, which attention implementation "
-                        f"{implementation!r} cannot apply; load the model with attn_implementation='sdpa' or use "
-                        "cache 'exact'")
-    window = sliding_window(decoder_backbone(model).config)
-    if window is not None and length > window:
-        raise UserError(f"cache {cache!r} cannot run {length} positions past the model's sliding window "
-                        f"({window}): its mask would replace the window; use cache 'exact' or at most {window} "
-                        "positions")
-
-
-def _logits_function(model, shift: bool, block_size: int | None, cache: str):
-    """logits_for(ids, candidates, block): the logits (N, V) of the positions `candidates` (bool (B, L))
-    predicted from `ids`; `block` (bool (B, L)) is every position of the block they are in. A block
-    model reads the finished blocks from its cache; an approximate cache is refreshed when the block changes."""
-    if cache in APPROXIMATE_CACHES:
-        return ApproximateCache(model, shift, dual=cache == "dual").logits
-    if block_size is None:
-        return lambda ids, candidates, block: predict_logits(model, ids, candidates, shift=shift)
-    if cache == "none":  # the training computation itself: each block given the clean blocks before it
-        return lambda ids, candidates, block: predict_logits(model, ids, candidates, shift=shift,
-                                                             block_size=block_size, clean=ids)
-    blocks = BlockCache(model, block_size, shift)
-
-    def cached(ids, candidates, block):
-        first = int(candidates.any(dim=0).nonzero()[0])
-        start = first // block_size * block_size
-        blocks.extend(ids, start)  # the blocks before this one are finished
-        end = min(start + block_size, ids.shape[1])
-        return output_logits(model, blocks.hidden(ids, end, candidates))
-    return cached
-
-
-class ApproximateCache:
-    """Fast-dLLM's prefix and dual caches (arXiv 2505.22618) for a fully bidirectional model decoded in blocks.
-
-    At the first step of each block one forward runs the whole sequence, as without a cache, and its
-    keys and values are kept for every position outside the window the later steps of the block
-    recompute. The window starts at the block's first position (with the shift one position earlier: the
-    output there predicts the block's first token) and ends at the end of the sequence (prefix cache: the
-    masked suffix is recomputed) or of the block (dual cache: the suffix is kept too). Each later step
-    runs only the window, at its true positions, against the kept keys and values, every key visible.
-
-    Keys are held as [prefix ; suffix] and the window's are appended after them: with every key visible
-    the order does not matter (attention sums over keys; RoPE and position embeddings were applied at
-    each key's true position before it was kept). An approximation: the kept keys and values were
-    computed while the block was still masked, and the window's own changes do not reach them.
-    """
-
-    def __init__(self, model, shift: bool, *, dual: bool):
-        self.model, self.shift, self.dual = model, shift, dual
-        self.kept = None  # DynamicCache of the positions outside the window
-        self.window = None  # (start, end) of the positions each step recomputes
-
-    def logits(self, ids: torch.Tensor, candidates: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """The logits (N, V) of `candidates` (bool (B, L)), in row-major order; `block` (bool (B, L)) is
-        every position of their block, and a block other than the one cached refreshes the cache."""
-        positions = block.any(dim=0).nonzero().squeeze(1)
-        window = (int(positions[0]) - int(self.shift), int(positions[-1]) + 1 if self.dual else ids.shape[1])
-        if window != self.window:
-            hidden, offset = self._refresh(ids, window), 0
-        else:
-            hidden, offset = self._step(ids), window[0]
-        rows, columns = candidates.nonzero(as_tuple=True)
-        return output_logits(self.model, hidden[rows, columns - offset - int(self.shift)])
-
-    def _refresh(self, ids: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-        """Run the whole sequence (the uncached forward) and keep the keys and values outside `window`."""
-        from transformers import DynamicCache
-
-        full = DynamicCache()
-        hidden = cached_forward(self.model, ids, torch.arange(ids.shape[1], device=ids.device), None, full)
-        start, end = window
-        self.kept = DynamicCache([
-            (torch.cat([keys[..., :start, :], keys[..., end:, :]], dim=-2),
-             torch.cat([values[..., :start, :], values[..., end:, :]], dim=-2))
-            for keys, values, *_ in full
-        ])
-        self.window = window
-        return hidden
-
-    def _step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, end - start, H) of the window, against the kept keys and values."""
-        start, end = self.window
-        visible = torch.ones(1, 1, end - start, end - start, dtype=torch.bool, device=ids.device)
-        # the window's keys and values change every step: not kept
-        return forward_against(self.model, ids[:, start:end], torch.arange(start, end, device=ids.device), visible,
-                               self.kept)
 
 
 def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, stop_token, options) -> Denoised:

@@ -98,6 +98,10 @@ def _build(cls, values, prefix: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UserError(f"unknown key {prefix}{unknown[0]}; valid keys in {where}: {', '.join(fields)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if required:
+        raise UserError(f"{prefix}{required[0]} is missing from {where}; give it a value")
     hints = typing.get_type_hints(cls)
     return cls(**{name: _convert(hints[name], value, prefix + name) for name, value in values.items()})
 

@@ -7,7 +7,7 @@ Five runs at one fixed token budget each, all from the same recipe (recipes/smol
               adaptation, so the scratch baseline also gets the rate GPT-3 used at this size
   noshift     adaptation without the shift (the output at position i predicts token i)
   noanneal    adaptation with bidirectional attention from the first step (anneal_steps = 1)
-  block4      adaptation into a block diffusion model, blocks of 4 tokens (diffusion.block_size = 4)
+  block4      adaptation into a block diffusion model, blocks of 4 tokens (diffusion.mode = block, block_size = 4)
   block32     the same with blocks of 32 tokens
 and, only when named in --runs, the conversion levers on top of `adapt`: sedd (score-entropy objective),
 cart (CART weights), complementary (complementary masks), slow_mlp (MLPs at a tenth of the learning
@@ -52,8 +52,8 @@ RUNS = {
     "scratch_lr": (f"random init, lr {SCRATCH_LR:.0e}", "scratch", [f"optim.lr={SCRATCH_LR}"]),
     "noshift": ("adaptation without the shift", "noshift", []),
     "noanneal": ("adaptation without annealing", "source", ["train.anneal_steps=1"]),
-    "block4": ("block diffusion, blocks of 4", "source", ["diffusion.block_size=4"]),
-    "block32": ("block diffusion, blocks of 32", "source", ["diffusion.block_size=32"]),
+    "block4": ("block diffusion, blocks of 4", "source", ["diffusion.mode=block", "diffusion.block_size=4"]),
+    "block32": ("block diffusion, blocks of 32", "source", ["diffusion.mode=block", "diffusion.block_size=32"]),
     # The conversion levers (docs/method.md), each on top of `adapt`: opt-in with --runs, for the forgetting curve.
     "sedd": ("score-entropy objective (SEDD)", "source", ["diffusion.objective=score-entropy"]),
     "cart": ("CART token weights (Dream)", "source", ["diffusion.objective=cart"]),

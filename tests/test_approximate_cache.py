@@ -2,6 +2,7 @@
 a cached step on an unchanged input is the full forward, what each cache keeps fixed, one refresh per
 step reproducing the uncached sampler token for token, the refusals, and the same text with fewer forwards."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,9 +10,12 @@ import torch
 
 import adapt
 from adapt.cli import main
-from adapt.diffusion import DiffusionConfig, predict_logits
+from adapt.bidirectional import ApproximateCache
+from adapt.block import BlockMode
+from adapt.diffusion import DiffusionConfig
+from adapt.forward import predict_logits
 from adapt.errors import UserError
-from adapt.sampling import ApproximateCache, SamplingOptions, generate_with_details, infill_with_details
+from adapt.sampling import SamplingOptions, generate_with_details, infill_with_details
 
 from .conftest import FAMILY_IMPLS
 from .tiny_runs import diffusion_folder, diffusion_model
@@ -113,8 +117,7 @@ def test_the_default_is_unchanged():
 
 def _block_model():
     model, tokenizer = diffusion_model(ratio=0.0)
-    config = DiffusionConfig.from_model_config(model.config)
-    config.block_size = 4
+    config = dataclasses.replace(DiffusionConfig.from_model_config(model.config), mode=BlockMode(4))
     config.save_to(model.config)
     return model, tokenizer
 
@@ -144,11 +147,11 @@ def test_approximate_caches_are_refused_where_they_do_not_apply(build, settings,
 
 def test_early_stop_in_blocks_keeps_the_text_and_saves_forwards(monkeypatch):
     """A bidirectional model decoded in blocks stops after the block in which every sample said EOS."""
-    import adapt.sampling
+    import adapt.bidirectional
 
     model, tokenizer = diffusion_model()
     eos, eos_position = tokenizer.eos_token_id, 6  # prompt "w5" at 0: generated positions 1..16, EOS in block 1
-    real_predict_logits = adapt.sampling.predict_logits
+    real_predict_logits = adapt.bidirectional.predict_logits
 
     def eos_at_one_position(model, ids, targets, *, shift):
         logits = real_predict_logits(model, ids, targets, shift=shift)
@@ -156,7 +159,7 @@ def test_early_stop_in_blocks_keeps_the_text_and_saves_forwards(monkeypatch):
         logits[positions == eos_position, eos] = 1e4
         return logits
 
-    monkeypatch.setattr(adapt.sampling, "predict_logits", eos_at_one_position)
+    monkeypatch.setattr(adapt.bidirectional, "predict_logits", eos_at_one_position)
     settings = dict(length=16, steps=16, block_size=4, seed=0, num_samples=2)
     stopped = generate_with_details(model, tokenizer, "w5", **settings)
     full = generate_with_details(model, tokenizer, "w5", stop_at_eos=False, **settings)

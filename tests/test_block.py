@@ -1,6 +1,7 @@
 """Block diffusion: the AR model at block size 1, causal across blocks and bidirectional inside them,
 an ELBO that is the exact expectation, the cached sampler identical to the uncached one, and training."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -11,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import adapt
-from adapt.diffusion import DiffusionConfig, diffusion_loss, elbo_nll, predict_logits
+from adapt.bidirectional import BidirectionalMode
+from adapt.block import BlockMode
+from adapt.diffusion import DiffusionConfig, diffusion_loss, elbo_nll
+from adapt.forward import output_logits, predict_logits
 from adapt.presets import tiny_model, tiny_tokenizer
 from adapt.sampling import generate_with_details, infill_with_details
 from adapt.train import train
@@ -23,10 +27,15 @@ from .tiny_runs import SEQ_LEN, recipe_for
 def block_model(family="llama", impl="sdpa", block_size=4):
     model, tokenizer = tiny_model(family, attn_implementation=impl), tiny_tokenizer()
     adapt.ensure_mask_token(model, tokenizer, "add")
-    config = DiffusionConfig.from_model_config(model.config)
-    config.block_size = block_size
+    config = dataclasses.replace(DiffusionConfig.from_model_config(model.config), mode=BlockMode(block_size))
     config.save_to(model.config)
     return model.eval(), tokenizer, config
+
+
+def block_logits(model, noisy, targets, *, clean, block_size=4, attention_mask=None, prefix=None):
+    """The block model's training predictions for `targets`, shift on."""
+    return output_logits(model, BlockMode(block_size).hidden(model, noisy, clean, targets, shift=True,
+                                                             attention_mask=attention_mask, prefix=prefix))
 
 
 def _ids(length=12, batch=1, seed=0):
@@ -58,7 +67,7 @@ def test_causal_across_blocks_and_bidirectional_inside(family, impl):
 
     def predictions(noisy, clean, block_size=4):
         with torch.no_grad():
-            return predict_logits(model, noisy, targets, block_size=block_size, clean=clean)
+            return block_logits(model, noisy, targets, clean=clean, block_size=block_size)
 
     reference = predictions(noisy, ids)
     later = ids.clone()
@@ -82,7 +91,6 @@ def _whole_layout_logits(model, noisy, clean, targets, block_size, padding):
     """The block model's predictions read off the whole [noisy ; clean] layout of 2L positions, shift on."""
     from adapt.attention import decoder_backbone, mask_for_implementation
     from adapt.block import training_mask
-    from adapt.diffusion import output_logits
 
     length = noisy.shape[1]
     mask = training_mask(length, block_size, padding=padding)
@@ -112,17 +120,17 @@ def test_scoring_reads_only_what_the_targets_need_and_gives_the_whole_layouts_lo
     mask = targets & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.5)
     mask[0, 8] = mask[1, 10] = True
     noisy = ids.masked_fill(mask, config.mask_token_id)
-    prefix = clean_prefix(model, ids, targets, config.block_size)
+    prefix = clean_prefix(model, ids, targets, 4)
     assert prefix.length == 8
     early = mask.roll(-6, dims=1) & (torch.arange(14) > 0)  # blocks 0-1 only: no prefix, later blocks unread
     assert clean_prefix(model, ids, early, 4) is None
     with torch.no_grad():
-        cached = predict_logits(model, noisy, mask, block_size=4, clean=ids, attention_mask=padding, prefix=prefix)
+        cached = block_logits(model, noisy, mask, clean=ids, attention_mask=padding, prefix=prefix)
         assert prefix.cache.get_seq_length() == 8  # scoring left the cache as it was
-        again = predict_logits(model, noisy, mask, block_size=4, clean=ids, attention_mask=padding, prefix=prefix)
+        again = block_logits(model, noisy, mask, clean=ids, attention_mask=padding, prefix=prefix)
         whole = _whole_layout_logits(model, noisy, ids, mask, 4, padding)
         early_noisy = ids.masked_fill(early, config.mask_token_id)
-        shortened = predict_logits(model, early_noisy, early, block_size=4, clean=ids, attention_mask=padding)
+        shortened = block_logits(model, early_noisy, early, clean=ids, attention_mask=padding)
         early_whole = _whole_layout_logits(model, early_noisy, ids, early, 4, padding)
     torch.testing.assert_close(cached, whole, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, cached, rtol=0, atol=0)
@@ -163,7 +171,7 @@ def _exact_block_elbo(model, ids, config, targets_per_block):
                 mask[0, list(subset)] = True
                 noisy = ids.masked_fill(mask, config.mask_token_id)
                 with torch.no_grad():
-                    logits = predict_logits(model, noisy, mask, block_size=config.block_size, clean=ids)
+                    logits = block_logits(model, noisy, mask, clean=ids, block_size=config.mode.block_size)
                 total += weight * F.cross_entropy(logits, ids[mask], reduction="sum").item()
     return total
 
@@ -215,7 +223,8 @@ def test_a_block_model_decodes_its_blocks_left_to_right():
 
 
 def test_training_a_block_model_and_growing_its_blocks(tmp_path):
-    recipe = recipe_for(tmp_path, "diffusion.block_size=4", "diffusion.block_schedule=grow", "train.max_steps=8",
+    recipe = recipe_for(tmp_path, "diffusion.mode=block", "diffusion.block_size=4", "diffusion.block_schedule=grow",
+                        "train.max_steps=8",
                         "train.anneal_steps=6", "train.eval_batches=2")
     result = train(recipe)
     lines = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -223,7 +232,7 @@ def test_training_a_block_model_and_growing_its_blocks(tmp_path):
     assert [s["block_size"] for s in steps] == [1, 1, 2, 2, 4, 4, 4, 4]  # 3 stages over 6 steps
     assert all(s["ratio"] == 0.0 for s in steps) and math.isfinite(lines[-1]["val_elbo_nll"])
     model, tokenizer, config = adapt.load(result.model_dir)
-    assert (config.block_size, config.block_schedule) == (4, "grow")
+    assert config.mode == BlockMode(4) and config.trained_with["block_schedule"] == "grow"
     assert config.tokens_trained == 8 * 4 * SEQ_LEN
     assert len(adapt.generate(model, tokenizer, "w5", length=6, steps=6, seed=0)) == 1
 
@@ -234,11 +243,12 @@ def test_convert_makes_a_block_model_that_info_describes(tmp_path, capsys):
     recipe = recipe_for(tmp_path)
     out = tmp_path / "converted"
     assert main(["convert", recipe.model.path, "--data", recipe.data.path, "--out", str(out), "--steps", "2",
-                 "--seq-len", "16", "--batch-size", "2", "--block-size", "8"]) == 0
+                 "--seq-len", "16", "--batch-size", "2", "--mode", "block", "--block-size", "8"]) == 0
     capsys.readouterr()
     assert main(["info", str(out / "model")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["diffusion"]["block_size"] == 8 and info["mode"].startswith("block diffusion, blocks of 8")
+    assert info["diffusion"]["mode"] == "block" and info["diffusion"]["block_size"] == 8
+    assert info["mode"].startswith("block diffusion, blocks of 8")
     assert main(["generate", str(out / "model"), "--prompt", "w5", "--length", "5", "--steps", "5", "--seed", "0",
                  "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["samples"][0]["token_ids"]) == 5
@@ -273,7 +283,7 @@ def test_a_sequence_past_the_sliding_window_is_refused():
 @pytest.mark.parametrize("block_size", [None, 4])
 def test_threshold_decoding_commits_every_sure_position_and_stays_within_the_steps(block_size):
     model, tokenizer, config = block_model(block_size=block_size or 4)
-    config.block_size = block_size
+    config = dataclasses.replace(config, mode=BlockMode(block_size) if block_size else BidirectionalMode())
     config.save_to(model.config)
     common = dict(length=12, steps=12, seed=0, temperature=0.0, stop_at_eos=False)
     fixed = generate_with_details(model, tokenizer, "w5", **common)

@@ -2,13 +2,17 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import adapt
-from adapt.diffusion import DiffusionConfig, corrupt, maskable_positions, predict_logits
+from adapt.block import BlockMode
+from adapt.diffusion import DiffusionConfig, DiffusionTraining, corrupt, maskable_positions
+from adapt.errors import UserError
+from adapt.forward import predict_logits
 from adapt.presets import FAMILIES, VOCAB, tiny_model
 
 from .conftest import FAMILY_IMPLS
@@ -103,10 +107,10 @@ def test_both_normalisations():
     prompt[0, :6] = True
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731 - same corruption for both runs
     with torch.no_grad():
-        masked = adapt.diffusion_loss(model, ids, _config(loss_norm="masked"), attention_mask=padding,
-                                      never_mask=prompt, generator=gen())
-        tokens = adapt.diffusion_loss(model, ids, _config(loss_norm="tokens"), attention_mask=padding,
-                                      never_mask=prompt, generator=gen())
+        masked = adapt.diffusion_loss(model, ids, _config(), DiffusionTraining(loss_norm="masked"),
+                                      attention_mask=padding, never_mask=prompt, generator=gen())
+        tokens = adapt.diffusion_loss(model, ids, _config(), DiffusionTraining(loss_norm="tokens"),
+                                      attention_mask=padding, never_mask=prompt, generator=gen())
     assert masked.num_masked == tokens.num_masked > 0
     assert tokens.num_tokens == 3 * 16 - 4
     maskable = tokens.num_tokens - 3 - 5  # position 0 of each row, and the prompt's other 5 positions
@@ -219,23 +223,48 @@ def test_config_round_trips_through_config_json(tmp_path):
     from transformers import AutoConfig
 
     model = tiny_model("llama")
-    config = DiffusionConfig(mask_token_id=5, mask_token_strategy="reuse", shift=False, eps=1e-2,
-                             anneal_steps=7, loss_norm="tokens", base_model="tiny-llama", tokens_trained=123)
+    config = DiffusionConfig(mask_token_id=5, mask_token_strategy="reuse", shift=False, mode=BlockMode(4),
+                             objective="score-entropy", objective_state={"offset": 27.5}, base_model="tiny-llama",
+                             tokens_trained=123, trained_with={"loss_norm": "tokens"})
     config.save_to(model.config)
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["diffusion"]["anneal_steps"] == 7
+    written = json.loads((tmp_path / "config.json").read_text())["diffusion"]
+    assert (written["mode"], written["block_size"], written["objective_state"]) == ("block", 4, {"offset": 27.5})
     assert DiffusionConfig.from_model_config(AutoConfig.from_pretrained(tmp_path)) == config
 
 
-@pytest.mark.parametrize(
-    "field,value", [("loss_norm", "mean"), ("eps", 0.0), ("anneal_steps", 0), ("mask_token_strategy", "guess")]
-)
-def test_config_rejects_invalid_values(field, value):
-    with pytest.raises(ValueError, match=field):
-        DiffusionConfig(**{field: value})
+def test_a_section_written_before_modes_and_objective_states_loads_as_what_it_meant():
+    """Checkpoints of earlier versions wrote every training setting into the section, a block size
+    without a mode, and score-entropy's offset as `score_offset`."""
+    old = {"mask_token_id": 5, "mask_token_strategy": "add", "shift": True, "eps": 1e-3, "anneal_steps": 40,
+           "anneal_from": 0.0, "loss_norm": "masked", "base_model": "m", "tokens_trained": 7, "vocab_size": 64,
+           "block_size": 4, "block_schedule": "constant", "objective": "score-entropy", "score_offset": 27.5,
+           "cart_p": 0.1, "complementary_masks": False, "t_min": None, "t_max": 1.0, "annealing_finished": False}
+    config = DiffusionConfig.from_dict(old)
+    assert config.mode == BlockMode(4) and config.objective_state == {"offset": 27.5}
+    assert DiffusionConfig.from_dict({**old, "block_size": None, "score_offset": None}).mode.name == "bidirectional"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"mask_token_strategy": "guess"}, "diffusion.mask_token_strategy = 'guess' (str) is not a valid choice"),
+    ({"vocab_size": 0}, "diffusion.vocab_size = 0 is out of range"),
+    ({"mode": "block", "block_size": 0}, "diffusion.block_size = 0 is out of range"),
+    ({"mode": "spiral"}, "diffusion.mode = 'spiral' is not a mode this version of adapt knows"),
+    ({"mode": "block"}, "diffusion.block_size is missing"),
+    ({"mystery": 1}, "unknown key diffusion.mystery"),
+])
+def test_config_json_is_checked_key_by_key(values, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        DiffusionConfig.from_dict({"mask_token_id": 5, **values})
+
+
+@pytest.mark.parametrize("field,value", [("loss_norm", "mean"), ("eps", 0.0), ("t_max", 1.5), ("objective", "x")])
+def test_training_settings_reject_invalid_values(field, value):
+    with pytest.raises(UserError, match=f"diffusion.{field}"):
+        DiffusionTraining(**{field: value})
 
 
 def test_anneal_ratio_schedule():
-    config = DiffusionConfig(anneal_steps=4)
-    assert [config.anneal_ratio(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert DiffusionConfig(anneal_steps=1).anneal_ratio(0) == 1.0
+    assert [adapt.attention.anneal_ratio(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert adapt.attention.anneal_ratio(0, 1) == 1.0
+    assert adapt.attention.anneal_ratio(0, 2, start=0.5) == 0.75  # a partly annealed source goes on from its ratio

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from adapt.attention import get_attention_ratio, set_attention
-from adapt.diffusion import DiffusionConfig, elbo_nll, predict_logits
+from adapt.diffusion import DiffusionConfig, elbo_nll
+from adapt.forward import predict_logits
 from adapt.evaluate import ar_perplexity, elbo_perplexity
 from adapt.presets import VOCAB, tiny_model
 

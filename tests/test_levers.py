@@ -5,6 +5,7 @@ at the right rate, a zero multiplier leaves its weights bit-equal, the alignment
 the adapted model computes what the source does, and the objective does not depend on how a step is
 split into micro-batches."""
 
+import dataclasses
 import gc
 import json
 import math
@@ -15,13 +16,15 @@ import pytest
 import torch
 
 import adapt
-from adapt.diffusion import DiffusionConfig, diffusion_loss
+from adapt.block import BlockMode
+from adapt.diffusion import DiffusionConfig, DiffusionTraining, diffusion_loss
 from adapt.errors import UserError
+from adapt.objectives import MaskedDiffusion
 from adapt.presets import FAMILIES, tiny_model, tiny_tokenizer
 from adapt.recipe import OptimSection, Recipe
 from adapt.train import train
 from adapt.train.alignment import Alignment
-from adapt.train.build import DiffusionObjective, apply_lora, param_groups, parameter_kinds
+from adapt.train.build import ModelWithLoss, apply_lora, param_groups, parameter_kinds
 
 from .tiny_runs import (assert_close_tensors, causal_folder, diffusion_model, noise_from_the_data, recipe_for,
                         step_records, train_two_processes)
@@ -39,7 +42,7 @@ def kind_by_name(name: str) -> str:
     return next(kind for kind, hints in NAME_HINTS if any(hint in name for hint in hints))
 
 
-def objective_of(family: str, lora: bool) -> DiffusionObjective:
+def objective_of(family: str, lora: bool) -> ModelWithLoss:
     model, tokenizer = tiny_model(family), tiny_tokenizer()
     adapt.ensure_mask_token(model, tokenizer, "add")
     config = DiffusionConfig.from_model_config(model.config)
@@ -47,7 +50,7 @@ def objective_of(family: str, lora: bool) -> DiffusionObjective:
         recipe = Recipe()
         recipe.lora.r = 4
         model = apply_lora(model, recipe, config)
-    return DiffusionObjective(model, config)
+    return ModelWithLoss(model, config, DiffusionTraining(), MaskedDiffusion(DiffusionTraining()))
 
 
 def optim_with(multipliers: dict) -> OptimSection:
@@ -98,7 +101,7 @@ def test_each_group_steps_at_base_rate_times_multiplier_and_a_zero_multiplier_fr
         kinds = parameter_kinds(run.inner_model)
         before = {name: p.detach().clone() for name, p in run.inner_model.named_parameters()}
         batches = run.train_blocks.batches(recipe.train.batch_size)
-        run.objective.train()
+        run.wrapped.train()
         records = [train_step(run, batches) for _ in range(2)]
     finally:
         run.stop.restore()
@@ -178,8 +181,8 @@ def test_block_mode_aligns_the_noisy_copy():
 
     def distance(mask):
         with alignment.watch(adapted) as states:
-            diffusion_loss(adapted, ids, config, t=torch.full((2,), 0.5), mask=mask, attention_mask=padding,
-                           block_size=1)
+            diffusion_loss(adapted, ids, dataclasses.replace(config, mode=BlockMode(1)), t=torch.full((2,), 0.5),
+                           mask=mask, attention_mask=padding)
         return alignment.distance_sum(states, batch).item()
 
     nothing = torch.zeros_like(ids, dtype=torch.bool)
@@ -257,7 +260,7 @@ def sft_file(folder: Path) -> Path:
 
 @pytest.mark.parametrize("mode", ["bidirectional", "block", "sft"])
 def test_both_levers_train_in_every_mode(tmp_path, mode):
-    settings = {"bidirectional": [], "block": ["diffusion.block_size=8"],
+    settings = {"bidirectional": [], "block": ["diffusion.mode=block", "diffusion.block_size=8"],
                 "sft": ["data.format=sft", f"data.path={sft_file(tmp_path)}", "data.validation_path=null",
                         "data.validation_fraction=0.2"]}[mode]
     recipe = recipe_for(tmp_path, "train.max_steps=2", "train.eval_batches=0", "optim.warmup_steps=0",
@@ -317,5 +320,6 @@ def test_two_processes_with_both_levers_match_one_process(one_process, name):
         for key in ("loss", "align_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (name, key)
     assert_close_tensors(weights(reference.model_dir), weights(Path(recipe.output_dir) / "model"), f"{name}: ")
-    offsets = [adapt.load(folder)[2].score_offset for folder in (reference.model_dir, Path(recipe.output_dir) / "model")]
+    offsets = [adapt.load(folder)[2].objective_state["offset"]
+               for folder in (reference.model_dir, Path(recipe.output_dir) / "model")]
     assert offsets[1] == pytest.approx(offsets[0], rel=1e-6)

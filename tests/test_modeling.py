@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import adapt
+from adapt.block import BlockMode
 from adapt.diffusion import DiffusionConfig
 from adapt.presets import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
 
@@ -67,10 +68,10 @@ def test_mask_token_arguments_are_validated(strategy, token_id, match):
 
 def test_ensure_mask_token_keeps_other_diffusion_settings():
     model = tiny_model("llama")
-    DiffusionConfig(anneal_steps=3, loss_norm="tokens").save_to(model.config)
+    DiffusionConfig(mode=BlockMode(4), objective="cart", tokens_trained=3).save_to(model.config)
     adapt.ensure_mask_token(model, tiny_tokenizer(), "reuse", token_id=9)
     config = DiffusionConfig.from_model_config(model.config)
-    assert (config.anneal_steps, config.loss_norm, config.mask_token_id) == (3, "tokens", 9)
+    assert (config.mode, config.objective, config.tokens_trained, config.mask_token_id) == (BlockMode(4), "cart", 3, 9)
 
 
 def _save(tmp_path, family="llama"):

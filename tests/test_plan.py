@@ -105,6 +105,8 @@ def test_prediction_matches_measured_peak_on_cpu(tmp_path, checkpointing, vocab,
 
     from adapt.attention import set_attention
     from adapt.bench import peak_step_memory
+    from adapt.bidirectional import BidirectionalMode
+    from adapt.block import BlockMode
     from adapt.diffusion import DiffusionConfig, diffusion_loss
 
     batch, length = 4, 256
@@ -115,14 +117,14 @@ def test_prediction_matches_measured_peak_on_cpu(tmp_path, checkpointing, vocab,
     recipe = load_recipe(None, [f"model.path={tmp_path / 'config.json'}", "data.path=unused", f"output_dir={tmp_path}",
                                 f"data.seq_len={length}", f"train.batch_size={batch}", "model.mask_token=reuse",
                                 "model.mask_token_id=5", f"train.gradient_checkpointing={str(checkpointing).lower()}",
-                                f"diffusion.block_size={block if block else 'null'}"])
+                                *([f"diffusion.mode=block", f"diffusion.block_size={block}"] if block else [])])
     _, shape = meta_model(recipe)
     predicted = activation_bytes(recipe, shape, batch)
 
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    diffusion = DiffusionConfig(mask_token_id=5, block_size=block)
+    diffusion = DiffusionConfig(mask_token_id=5, mode=BlockMode(block) if block else BidirectionalMode())
     ids = torch.randint(6, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
     gradients = 4 * sum(p.numel() for p in model.parameters())
     for ratio in (1.0, 0.5) if block is None else (0.0,):  # a block model's mask is its block mask
@@ -178,7 +180,8 @@ def test_block_mode_complementary_masks_and_alignment_scale_what_they_should(tmp
     alignment holds a second copy of the weights; the plan's rows scale accordingly."""
     base = [str(ROOT / "recipes/llama2-7b.yaml"), *LLAMA2_7B, "train.gradient_checkpointing=false"]  # linear in tokens
     plain = plan(load_recipe(base[0], base[1:]), PlanSettings(gpus=8))["per_gpu_bytes"]
-    block = plan(load_recipe(base[0], [*base[1:], "diffusion.block_size=32"]), PlanSettings(gpus=8))["per_gpu_bytes"]
+    block = plan(load_recipe(base[0], [*base[1:], "diffusion.mode=block", "diffusion.block_size=32"]),
+                 PlanSettings(gpus=8))["per_gpu_bytes"]
     paired = plan(load_recipe(base[0], [*base[1:], "diffusion.complementary_masks=true", "diffusion.t_max=0.999"]),
                   PlanSettings(gpus=8))["per_gpu_bytes"]
     aligned = plan(load_recipe(base[0], [*base[1:], "align.weight=1"]), PlanSettings(gpus=8))["per_gpu_bytes"]

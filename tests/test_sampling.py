@@ -5,6 +5,7 @@ import torch
 
 import adapt
 from adapt.attention import decoder_backbone
+from adapt.diffusion import DiffusionConfig
 from adapt.errors import UserError
 from adapt.presets import tiny_model, tiny_tokenizer
 from adapt.sampling import (
@@ -86,8 +87,7 @@ def test_given_tokens_never_change(strategy):
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[:, 2:5] = True
     fill[:, 8:11] = True
-    out = denoise(model, ids, fill, mask_token_id=model.config.diffusion["mask_token_id"], steps=4,
-                  strategy=strategy, seed=0)
+    out = denoise(model, ids, fill, DiffusionConfig.from_model_config(model.config), steps=4, strategy=strategy, seed=0)
     assert torch.equal(out.ids[~fill], ids[~fill])
     assert (out.ids != model.config.diffusion["mask_token_id"]).all()
     assert (out.commit_step[~fill] == -1).all() and (out.commit_step[fill] >= 0).all()
@@ -231,10 +231,10 @@ def test_denoise_runs_a_training_mode_model_in_eval_mode_and_restores_the_flag()
     ids = torch.tensor([[1] + list(range(5, 17))])
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[:, 2:] = True
-    mask_token_id = model.config.diffusion["mask_token_id"]
+    config = DiffusionConfig.from_model_config(model.config)
 
     def greedy():
-        return denoise(model, ids, fill, mask_token_id=mask_token_id, steps=6, temperature=0, seed=0).ids
+        return denoise(model, ids, fill, config, steps=6, temperature=0, seed=0).ids
 
     expected = greedy()
     assert not model.training
@@ -245,11 +245,11 @@ def test_denoise_runs_a_training_mode_model_in_eval_mode_and_restores_the_flag()
 
 def test_generated_text_ends_at_the_first_eos(monkeypatch):
     """The text stops before EOS; the details still hold every sampled id, EOS and what follows."""
-    import adapt.sampling
+    import adapt.bidirectional
 
     model, tokenizer = diffusion_model()
     eos, eos_position = tokenizer.eos_token_id, 3  # prompt "w5" + 2 tokens, then EOS, then 3 more
-    real_predict_logits = adapt.sampling.predict_logits
+    real_predict_logits = adapt.bidirectional.predict_logits
 
     def eos_at_one_position(model, ids, targets, *, shift):
         logits = real_predict_logits(model, ids, targets, shift=shift)
@@ -257,7 +257,7 @@ def test_generated_text_ends_at_the_first_eos(monkeypatch):
         logits[positions == eos_position, eos] = 1e4
         return logits
 
-    monkeypatch.setattr(adapt.sampling, "predict_logits", eos_at_one_position)
+    monkeypatch.setattr(adapt.bidirectional, "predict_logits", eos_at_one_position)
     out = generate_with_details(model, tokenizer, "w5", length=6, steps=6, temperature=0)
     generated = out.token_ids[0]
     assert len(out.prompt_ids) == 1 and len(generated) == 6 and generated.index(eos) == 2

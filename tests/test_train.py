@@ -1,6 +1,7 @@
 """The training loop on one CPU process: it learns, resumes bit-exactly, checkpoints on signals, trains
 LoRA adapters and new rows only (merged on export), and never masks SFT prompts or padding."""
 
+import dataclasses
 import json
 import os
 import random
@@ -50,7 +51,8 @@ def test_training_lowers_the_loss_and_exports_a_diffusion_checkpoint(tmp_path):
     adapt.ensure_mask_token(before, tokenizer, "add")
     after, _, config = adapt.load(result.model_dir)
     assert config.tokens_trained == result.tokens_trained == 40 * 4 * SEQ_LEN
-    assert config.mask_token_id == tokenizer.mask_token_id and config.anneal_steps == 1
+    assert config.mask_token_id == tokenizer.mask_token_id
+    assert config.trained_with == dataclasses.asdict(recipe.diffusion)  # the record of what it was trained with
     assert config.base_model == recipe.model.path
 
     # The same blocks, noise levels and masks for both models, at the trained (bidirectional) attention.
@@ -165,7 +167,8 @@ def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path, monkey
     unfinished.mkdir()
     assert [p.name for p in complete_checkpoints(recipe.output_dir)] == ["step-000004", "step-000006"]
     state = json.loads((complete_checkpoints(recipe.output_dir)[-1] / "trainer_state.json").read_text())
-    assert state["step"] == 6 and DiffusionConfig.from_dict(state["diffusion"]).anneal_steps == 4
+    assert state["step"] == 6 and state["recipe"]["train"]["anneal_steps"] == 4
+    assert DiffusionConfig.from_dict(state["diffusion"]).mask_token_id is not None
     assert json.loads((complete_checkpoints(recipe.output_dir)[-1] / "data_rank0.json").read_text())
 
 
@@ -242,7 +245,7 @@ def test_continuing_an_adapted_checkpoint_keeps_its_bidirectional_attention(tmp_
     result = train(continued)
     assert [s["ratio"] for s in step_records(continued.output_dir)] == [1.0, 1.0]
     _, _, config = adapt.load(result.model_dir)
-    assert config.annealing_finished and config.anneal_from == 1.0
+    assert config.annealing_finished
     assert config.tokens_trained == result.tokens_trained == adapted.tokens_trained + 2 * 4 * SEQ_LEN
 
 
@@ -252,7 +255,7 @@ def test_the_objective_does_not_depend_on_how_a_step_is_split(tmp_path, monkeypa
 
     monkeypatch.setattr(adapt.train.loop, "draw_noise", noise_from_the_data)
     common = ("train.max_steps=2", "train.anneal_steps=1", "train.eval_batches=0", "optim.warmup_steps=0",
-              f"train.loss_norm={loss_norm}")
+              f"diffusion.loss_norm={loss_norm}")
     whole = train(recipe_for(tmp_path, "train.batch_size=2", "train.grad_accum=1", *common, output="whole"))
     split = train(recipe_for(tmp_path, "train.batch_size=1", "train.grad_accum=2", *common, output="split"))
     for a, b in zip(step_records(Path(whole.model_dir).parent), step_records(Path(split.model_dir).parent)):

@@ -210,7 +210,7 @@ def step_records(run_dir) -> list[dict]:
     return [line for line in lines if "loss" in line]
 
 
-def noise_from_the_data(input_ids, config, maskable, *, t=None, mask=None, generator=None):
+def noise_from_the_data(input_ids, config, training, maskable, *, t=None, mask=None, generator=None):
     """A stand-in for `draw_noise` whose noise depends on each sequence alone, so any split of a batch
     into micro-batches or processes sees the same levels and masks."""
     import torch

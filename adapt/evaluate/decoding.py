@@ -57,8 +57,7 @@ def fill_span(model: nn.Module, tokenizer, span: Span, *, config: DiffusionConfi
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[0, len(before):len(before) + length] = True
     with evaluation_mode(model, 1.0):
-        out = denoise(model, ids, fill, mask_token_id=config.mask_token_id, shift=config.shift, steps=length,
-                      model_block_size=config.block_size, strategy=strategy, temperature=0.0)
+        out = denoise(model, ids, fill, config, steps=length, strategy=strategy, temperature=0.0)
     return tokenizer.decode(out.ids[0, len(before):len(before) + length], skip_special_tokens=True)
 
 

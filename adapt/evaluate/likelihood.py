@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import DiffusionConfig, block_prefix, elbo_nll, masked_logits, predict_logits
+from ..diffusion import DiffusionConfig, elbo_nll, masked_logits
+from ..forward import predict_logits
 from ..errors import UserError
 from ..sampling import context_ids
 from .perplexity import evaluation_mode, model_device
@@ -95,12 +96,11 @@ def _score_batch(model, rows, config, n_samples, seed) -> list[Score]:
         nll = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of_target, token_nll)
     else:
         generator = torch.Generator(device=device).manual_seed(seed)
-        prefix = block_prefix(model, ids, targets, config)  # a block model's clean context, run once for both
+        prefix = config.mode.clean_prefix(model, ids, targets, config.shift)  # the clean context, run once for both
         nll = elbo_nll(model, ids, config, n_samples=n_samples, target_mask=targets, attention_mask=padding,
                        generator=generator, prefix=prefix).nll
         # Greedy check: one forward with the whole continuation masked.
-        logits = masked_logits(model, ids, targets, config, attention_mask=padding, block_size=config.block_size,
-                               prefix=prefix).float()
+        logits = masked_logits(model, ids, targets, config, attention_mask=padding, prefix=prefix).float()
     wrong = (logits.argmax(dim=-1) != ids[targets]).long()
     misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, row_of_target, wrong)
     counts = targets.sum(dim=1)

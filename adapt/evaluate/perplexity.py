@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attention import get_attention_ratio, set_attention
-from ..diffusion import DiffusionConfig, elbo_nll, maskable_positions, predict_logits
+from ..diffusion import DiffusionConfig, elbo_nll, maskable_positions
+from ..forward import predict_logits
 
 
 @contextmanager

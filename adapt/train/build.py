@@ -8,36 +8,37 @@ import inspect
 
 from torch import nn
 
-from ..attention import get_attention_ratio
-from ..diffusion import DiffusionConfig, diffusion_loss, masked_logits
+from ..diffusion import DiffusionConfig, DiffusionTraining, diffusion_loss
 from ..errors import UserError
+from ..objectives import Objective
 from ..recipe import OptimSection, Recipe
 
 
-class DiffusionObjective(nn.Module):
+class ModelWithLoss(nn.Module):
     """The causal LM under the diffusion loss, as one module: DDP/DeepSpeed/FSDP wrap this."""
 
-    def __init__(self, model: nn.Module, config: DiffusionConfig):
+    def __init__(self, model: nn.Module, config: DiffusionConfig, settings: DiffusionTraining, objective: Objective):
         super().__init__()
         self.model = model
-        self.config = config
+        self.config, self.settings, self.objective = config, settings, objective
 
     def forward(self, input_ids, attention_mask=None, never_mask=None, t=None, mask=None, denominator=None,
-                block_size=None, generator=None, outputs_only=False):
-        if outputs_only:  # the outputs at `mask` instead of the loss, through this root module's hooks (FSDP2, ZeRO-3)
-            return masked_logits(self.model, input_ids, mask, self.config, attention_mask=attention_mask,
-                                 block_size=block_size or self.config.block_size)
-        return diffusion_loss(self.model, input_ids, self.config, attention_mask=attention_mask,
-                              never_mask=never_mask, t=t, mask=mask, denominator=denominator, block_size=block_size,
-                              generator=generator)
+                mode=None, generator=None):
+        """The loss of a micro-batch under its noise (`t`, `mask`), laid out as `mode` (a step of a growing
+        schedule; None: the model's own mode)."""
+        config = self.config if mode is None else dataclasses.replace(self.config, mode=mode)
+        return diffusion_loss(self.model, input_ids, config, self.settings, objective=self.objective,
+                              attention_mask=attention_mask, never_mask=never_mask, t=t, mask=mask,
+                              denominator=denominator, generator=generator)
 
 
 def load_model(recipe: Recipe):
     """The model with its mask token, and the DiffusionConfig this run trains under.
 
-    A source that is already a diffusion checkpoint keeps its mask token, and its annealing goes on
-    from the attention ratio it reached: continuing an adapted model (more pretraining, SFT) never
-    restarts it near causal attention.
+    A source that is already a diffusion checkpoint keeps its mask token (and, with `diffusion.mode:
+    null`, its mode); the run's annealing goes on from the attention ratio it reached (the loop reads it
+    from the model), so continuing an adapted model (more pretraining, SFT) never restarts it near
+    causal attention.
     """
     from ..limits import max_positions
     from ..modeling import ensure_mask_token, load_model as load_pretrained
@@ -61,21 +62,26 @@ def load_model(recipe: Recipe):
     if limit is not None and recipe.data.seq_len > limit:
         raise UserError(f"data.seq_len = {recipe.data.seq_len} exceeds the model's maximum positions ({limit}); "
                         f"set data.seq_len <= {limit}")
-    existing = DiffusionConfig.from_model_config(model.config)
-    if existing is None or existing.mask_token_id is None:
+    source = DiffusionConfig.from_model_config(model.config)  # None: an AR model
+    if source is None or source.mask_token_id is None:
         token_id = settings.mask_token_id if settings.mask_token == "reuse" else None
         try:
             ensure_mask_token(model, tokenizer, settings.mask_token, token_id)
         except ValueError as err:
             raise UserError(f"model.mask_token_id: {err}") from None
-    diffusion = DiffusionConfig.from_model_config(model.config)
-    diffusion.anneal_steps = recipe.train.anneal_steps
-    diffusion.anneal_from = get_attention_ratio(model)
-    diffusion.eps = recipe.train.eps
-    diffusion.loss_norm = recipe.train.loss_norm
-    diffusion = recipe.diffusion.apply_to(diffusion)
-    diffusion.base_model = diffusion.base_model or settings.path
-    return model, tokenizer, diffusion
+    return model, tokenizer, run_config(recipe, source, DiffusionConfig.from_model_config(model.config))
+
+
+def run_config(recipe: Recipe, source: DiffusionConfig | None, masked: DiffusionConfig) -> DiffusionConfig:
+    """What the run makes of a source (`source`: its diffusion settings, None for an AR model) that has
+    its mask token (`masked`): the recipe's mode and objective, the objective's state kept only if the
+    source was trained under the same objective, and the recipe's diffusion section as the record."""
+    training = recipe.diffusion
+    same_objective = source is not None and source.objective == training.objective
+    return dataclasses.replace(masked, mode=training.mode_for(source), objective=training.objective,
+                               objective_state=masked.objective_state if same_objective else {},
+                               base_model=masked.base_model or recipe.model.path,
+                               trained_with=dataclasses.asdict(training))
 
 
 def apply_lora(model, recipe: Recipe, diffusion: DiffusionConfig):
@@ -138,7 +144,7 @@ def parameter_kinds(objective: nn.Module) -> dict[str, str]:
     """
     from .backends import decoder_layers
 
-    model = objective.model if isinstance(objective, DiffusionObjective) else objective
+    model = objective.model if isinstance(objective, ModelWithLoss) else objective
     roles = {}
     for layer in decoder_layers(model):
         for child in layer.children():

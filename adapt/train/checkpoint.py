@@ -7,6 +7,7 @@ fingerprint), written last. A crash while saving leaves a .tmp- folder that is n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..diffusion import DiffusionConfig
 from ..errors import UserError
 from ..outputs import check_output, tensor_bytes, writing
 from ..recipe import Recipe
@@ -98,12 +100,13 @@ def save_checkpoint(run: Run) -> Path:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        run.backend.save_state(temp, run.objective, run.optimizer, run.scheduler)
+        run.backend.save_state(temp, run.wrapped, run.optimizer, run.scheduler)
         (temp / f"data_rank{accelerator.process_index}.json").write_text(json.dumps(run.train_blocks.state_dict()))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            diffusion = dataclasses.replace(run.diffusion, objective_state=run.objective.state_dict())
             state = {"step": run.step, "tokens_trained": run.tokens_trained, "world_size": accelerator.num_processes,
-                     "diffusion": run.diffusion.to_dict(), "recipe": run.recipe.to_dict(),
+                     "diffusion": diffusion.to_dict(), "recipe": run.recipe.to_dict(),
                      "model_shapes": run.model_shapes, "optimizer_groups": optimizer_groups(run.optimizer)}
             (temp / STATE_FILE).write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
@@ -119,7 +122,7 @@ def _checkpoint_bytes(run: Run) -> int:
     """About what this process writes into a checkpoint: its (shard of the) weights and optimizer state."""
     state = getattr(run.optimizer, "state", None) or {}
     moments = [t for entry in state.values() if isinstance(entry, dict) for t in entry.values() if torch.is_tensor(t)]
-    weights = [p.to_local() if hasattr(p, "to_local") else p for p in run.objective.parameters()]  # FSDP2: a shard
+    weights = [p.to_local() if hasattr(p, "to_local") else p for p in run.wrapped.parameters()]  # FSDP2: a shard
     return tensor_bytes(weights) + tensor_bytes(moments)
 
 
@@ -141,15 +144,16 @@ def load_checkpoint(run: Run, path: Path) -> None:
         raise UserError(f"{path} was written with optimizer groups {', '.join(saved_groups)} (optim.lr_multipliers "
                         f"{state['recipe']['optim']['lr_multipliers']}) but this run has {', '.join(groups)}; "
                         "resume with the lr_multipliers it was trained with, or start a fresh output_dir")
-    run.backend.load_state(path, run.objective, run.optimizer, run.scheduler)
+    run.backend.load_state(path, run.wrapped, run.optimizer, run.scheduler)
     run.train_blocks.load_state_dict(json.loads((path / f"data_rank{accelerator.process_index}.json").read_text()))
     run.step, run.tokens_trained = int(state["step"]), int(state["tokens_trained"])
-    run.diffusion.score_offset = state["diffusion"].get("score_offset")  # measured at the run's first step
+    # what the objective measured at the run's first step (checkpoints of every version of adapt)
+    run.objective.load_state_dict(DiffusionConfig.from_dict(state["diffusion"]).objective_state)
 
 
 def _refuse_nonfinite_weights(run: Run) -> None:
     bad = []
-    for name, param in run.objective.named_parameters():
+    for name, param in run.wrapped.named_parameters():
         local = param.detach()
         local = local.to_local() if hasattr(local, "to_local") else local  # an FSDP2 DTensor shard
         if not torch.isfinite(local).all():

@@ -21,7 +21,7 @@ def export_model(run: Run, out_dir: Path | None = None) -> Path:
     weights are gathered first (every process takes part in the gather); the main process writes."""
     recipe, accelerator = run.recipe, run.accelerator
     out_dir = out_dir or run.output_dir / EXPORT_DIR
-    full_state = run.backend.full_state_dict(run.objective)
+    full_state = run.backend.full_state_dict(run.wrapped)
     if accelerator.is_main_process:
         model = run.inner_model
         if full_state is not None:
@@ -31,12 +31,13 @@ def export_model(run: Run, out_dir: Path | None = None) -> Path:
         if recipe.lora.r > 0:
             model = model.merge_and_unload()
         model = unwrap_model(model)
-        last_step = max(run.step - 1, 0)  # the step just trained: its attention ratio and block size
-        set_attention(model, run.diffusion.anneal_ratio(last_step))
+        # the step just trained: its attention ratio, and its mode (a "grow" schedule cut short, by
+        # max_steps or an export mid-run, ends below its target block size)
+        mode, ratio = run.layout_at(max(run.step - 1, 0))
+        set_attention(model, ratio)
         model.config.use_cache = True
-        # a "grow" schedule cut short (by max_steps, or an export mid-run) ends below its target block size
-        diffusion = dataclasses.replace(run.diffusion, tokens_trained=run.tokens_trained,
-                                        block_size=run.diffusion.block_size_at(last_step))
+        diffusion = dataclasses.replace(run.diffusion, mode=mode, tokens_trained=run.tokens_trained,
+                                        objective_state=run.objective.state_dict())
         card = {"base_model": diffusion.base_model}
         if run.validation:
             card["evaluation"] = {"validation ELBO perplexity": run.validation["val_elbo_ppl"]}

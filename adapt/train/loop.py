@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from ..attention import set_attention
-from ..diffusion import complementary_pairs, draw_noise, elbo_nll, log_partition, loss_denominator, maskable_positions
+from ..attention import get_attention_ratio, set_attention
+from ..diffusion import complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions, objective_of
 from ..recipe import Recipe
 from .backends import open_backend
 from .alignment import load_alignment
-from .build import DiffusionObjective, apply_lora, load_model, make_scheduler, param_groups, scheduled_lr
+from .build import ModelWithLoss, apply_lora, load_model, make_scheduler, param_groups, scheduled_lr
 from .checkpoint import (PROGRESS_EXPORTS, clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint,
                          save_checkpoint)
 from .collectives import all_reduce_sum
@@ -62,7 +62,7 @@ def _run_to_the_end(recipe: Recipe, overwrite: bool) -> TrainResult:
     try:
         micro_batches = run.train_blocks.batches(recipe.train.batch_size, rank=run.accelerator.process_index,
                                                  world_size=run.accelerator.num_processes)
-        run.objective.train()
+        run.wrapped.train()
         while run.step < recipe.train.max_steps:
             record = train_step(run, micro_batches)
             end_of_step(run, record)
@@ -90,19 +90,21 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
     set_seed(recipe.train.seed)
     # Under ZeRO-3 the model is built inside deepspeed.zero.Init, each process holding only its slice.
     model, tokenizer, diffusion = load_model(recipe)
+    anneal_from = get_attention_ratio(model)  # the source's: a continued diffusion model stays bidirectional
+    objective = objective_of(diffusion, recipe.diffusion)
     alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
         model = apply_lora(model, recipe, diffusion)
     shapes = model_shapes(model)
-    objective, optimizer, scheduler = backend.prepare(DiffusionObjective(model, diffusion),
-                                                      partial(param_groups, optim=recipe.optim),
-                                                      partial(make_scheduler, recipe=recipe))
+    wrapped, optimizer, scheduler = backend.prepare(ModelWithLoss(model, diffusion, recipe.diffusion, objective),
+                                                    partial(param_groups, optim=recipe.optim),
+                                                    partial(make_scheduler, recipe=recipe))
     train_blocks = open_dataset(recipe.data, tokenizer, split="train")  # first: it names an empty corpus
     validation_blocks = open_dataset(recipe.data, tokenizer, split="validation") if recipe.train.eval_batches else None
-    run = Run(recipe, backend, objective, optimizer, scheduler, tokenizer, diffusion, train_blocks, validation_blocks,
-              shapes, tokens_trained=diffusion.tokens_trained, alignment=alignment)
+    run = Run(recipe, backend, wrapped, objective, optimizer, scheduler, tokenizer, diffusion, train_blocks,
+              validation_blocks, shapes, anneal_from, tokens_trained=diffusion.tokens_trained, alignment=alignment)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
         log(run.accelerator, f"resumed from {resume_from} at step {run.step}")
@@ -125,12 +127,12 @@ def train_step(run: Run, micro_batches) -> dict:
     """One optimizer step over `grad_accum` micro-batches; updates the run's progress, returns its record."""
     accelerator, accum, world = run.accelerator, run.recipe.train.grad_accum, run.accelerator.num_processes
     started = time.perf_counter()
-    ratio, block_size = run.diffusion.anneal_ratio(run.step), run.diffusion.block_size_at(run.step)
+    mode, ratio = run.layout_at(run.step)
     lr = scheduled_lr(run.scheduler, run.recipe)  # the rate this step's update uses, before multipliers
     micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
     num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
-    if run.diffusion.objective == "score-entropy" and run.diffusion.score_offset is None:
-        _measure_score_offset(run, micros, ratio, block_size)
+    if run.objective.needs_calibration():
+        _calibrate(run, micros, mode, ratio)
     if run.alignment is not None and run.alignment.faded_out_at(run.step):
         run.alignment = None  # its weight is 0 from here on: free the source's weights
     align_weight = run.alignment.weight_at(run.step) if run.alignment is not None else 0.0
@@ -140,8 +142,8 @@ def train_step(run: Run, micro_batches) -> dict:
     finite, grad_norm = True, None
     for micro in micros:
         set_attention(run.inner_model, ratio, generator=micro.generator)
-        with accelerator.accumulate(run.objective), accelerator.autocast():
-            micro_loss, out, distance = _micro_objective(run, micro, denominator, block_size, aligned, align_weight)
+        with accelerator.accumulate(run.wrapped), accelerator.autocast():
+            micro_loss, out, distance = _micro_objective(run, micro, denominator, mode, aligned, align_weight)
             # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
             # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
             accelerator.backward(micro_loss * (accum * world))
@@ -157,7 +159,7 @@ def train_step(run: Run, micro_batches) -> dict:
     run.step += 1
     run.tokens_trained += int(tokens)
     record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1), "ratio": ratio,
-              **({"block_size": block_size} if block_size is not None else {}),
+              **mode.fields(),
               **({"align_loss": distance / max(aligned, 1), "align_weight": align_weight}
                  if aligned is not None else {}), "lr": lr,
               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -166,7 +168,7 @@ def train_step(run: Run, micro_batches) -> dict:
     return record
 
 
-def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size, aligned: float | None,
+def _micro_objective(run: Run, micro: MicroBatch, denominator: float, mode, aligned: float | None,
                      align_weight: float):
     """This micro-batch's share of the step's objective (differentiable), its diffusion loss, and the
     sum of its alignment distances (0.0 without alignment, `aligned` None). Both terms are divided by
@@ -175,8 +177,8 @@ def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size
     alignment = run.alignment if aligned is not None else None
     watching = alignment.watch(run.inner_model) if alignment is not None else contextlib.nullcontext([])
     with watching as states:
-        out = run.objective(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator,
-                            block_size=block_size, generator=micro.generator)
+        out = run.wrapped(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator, mode=mode,
+                          generator=micro.generator)
     if alignment is None:
         return out.loss, out, 0.0
     distance = alignment.distance_sum(states, micro.batch)
@@ -184,24 +186,21 @@ def _micro_objective(run: Run, micro: MicroBatch, denominator: float, block_size
 
 
 @torch.no_grad()
-def _measure_score_offset(run: Run, micros: list[MicroBatch], ratio: float, block_size) -> None:
-    """Set the score-entropy offset to the mean log Z of this step's masked tokens (every micro-batch and
-    process), from a no-grad forward exactly as the step runs it (its attention draws replayed), so the
-    scores start with a geometric-mean Z of 1. SEDD subtracts log(V-1) for a zero-initialised network for
-    the same reason; an AR head's logits are far from that (log Z about 27.5 for SmolLM2-135M)."""
-    sums = torch.zeros(2, dtype=torch.float64, device=run.accelerator.device)
+def _calibrate(run: Run, micros: list[MicroBatch], mode, ratio: float) -> None:
+    """Run the step's forwards once more without gradients (their attention draws replayed) and hand the
+    objective the sums it asked for, over every micro-batch and process (score-entropy: the mean log Z
+    of the step's masked outputs, its offset). Through the wrapped module, so the backends' hooks gather
+    the weights."""
+    totals = None
     for micro in micros:
         state = micro.generator.get_state()
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with run.accelerator.autocast():
-            outputs = run.objective(**micro.batch, mask=micro.mask, block_size=block_size, outputs_only=True)
-        sums += torch.stack([log_partition(outputs, run.diffusion.mask_token_id).double().sum(),
-                             torch.tensor(float(outputs.shape[0]), dtype=torch.float64, device=sums.device)])
+            out = run.wrapped(**micro.batch, t=micro.t, mask=micro.mask, mode=mode)
+        totals = out.calibration if totals is None else totals + out.calibration
         micro.generator.set_state(state)  # the step's own forward draws the same attention again
-    log_z, count = all_reduce_sum(sums).tolist()
-    run.diffusion.score_offset = log_z / max(count, 1.0)  # the objective reads the same DiffusionConfig
-    log(run.accelerator, f"score-entropy: outputs offset by {run.diffusion.score_offset:.3f} (mean log Z of step "
-                         f"{run.step + 1}'s masked tokens), recorded as diffusion.score_offset")
+    message = run.objective.calibrate(all_reduce_sum(totals))
+    log(run.accelerator, f"{message} at step {run.step + 1}, recorded in the objective's state")
 
 
 def _aligned_positions(micros: list[MicroBatch]) -> float:
@@ -213,16 +212,16 @@ def _aligned_positions(micros: list[MicroBatch]) -> float:
 
 def _draw_micro_batch(run: Run, batch: dict, micro: int) -> MicroBatch:
     """The next micro-batch with its noise drawn, so the whole step's counts are known before any forward."""
-    accelerator, config = run.accelerator, run.diffusion
+    accelerator, config, training = run.accelerator, run.diffusion, run.recipe.diffusion
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     index = (run.step * run.recipe.train.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
     generator = micro_batch_generator(run.recipe.train.seed, index, accelerator.device)
     maskable = maskable_positions(batch["input_ids"], batch["attention_mask"], batch["never_mask"])
-    t, mask = draw_noise(batch["input_ids"], config, maskable, generator=generator)
+    t, mask = draw_noise(batch["input_ids"], config, training, maskable, generator=generator)
     tokens = int(batch["attention_mask"].sum())
-    if config.complementary_masks:  # the denominator then counts both copies: each is one more sample
+    if training.complementary_masks:  # the denominator then counts both copies: each is one more sample
         batch, maskable, t, mask = complementary_pairs(batch, maskable, t, mask)
-    counts = torch.tensor([float(mask.sum()), float(loss_denominator(config, mask, maskable))],
+    counts = torch.tensor([float(mask.sum()), float(loss_denominator(training, mask, maskable))],
                           dtype=torch.float64, device=accelerator.device)
     return MicroBatch(batch, generator, t, mask, counts, tokens)
 
@@ -235,7 +234,7 @@ def _clip_and_check(run: Run, local_loss: torch.Tensor):
     """The global gradient norm (clipped to max_grad_norm) and whether the step's numbers are finite
     on every process. fp16's loss scaler skips overflowing steps and lowers its scale itself: there only
     a non-finite loss counts, and its step goes to the scaler (which will skip it)."""
-    grad_norm = run.backend.clip_gradients(run.objective, run.recipe.train.max_grad_norm)
+    grad_norm = run.backend.clip_gradients(run.wrapped, run.recipe.train.max_grad_norm)
     bad_losses = all_reduce_sum((~torch.isfinite(local_loss)).double().reshape(1)).item()
     checked_norm = None if run.accelerator.scaler is not None else grad_norm
     return grad_norm, bad_losses == 0 and (checked_norm is None or math.isfinite(float(checked_norm)))
@@ -263,7 +262,7 @@ def end_of_step(run: Run, record: dict) -> None:
         run.validation = validate(run, record["ratio"])
         run.validation["step"] = step
         run.reporter.write(run.validation)
-        run.objective.train()
+        run.wrapped.train()
 
     exports = run.recipe.checkpoint.export_every
     if exports and step % exports == 0 and not last:  # the last step's model is the final export
@@ -296,13 +295,13 @@ def validate(run: Run, ratio: float) -> dict:
     generator = micro_batch_generator(train.seed + 1, accelerator.process_index, accelerator.device)
     set_attention(inner, ratio, generator=generator)
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    with run.backend.full_weights(run.objective):
+    with run.backend.full_weights(run.wrapped):
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 elbo = elbo_nll(inner, batch["input_ids"], run.diffusion, n_samples=train.eval_samples,
                                 target_mask=~batch["never_mask"], attention_mask=batch["attention_mask"],
-                                generator=generator)
+                                generator=generator, objective=run.objective)
             totals += torch.stack([elbo.nll.sum(), elbo.num_tokens.sum().double()])
     totals = all_reduce_sum(totals)
     inner.train(was_training)

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
+from ..attention import anneal_ratio
 from ..diffusion import DiffusionConfig
+from ..mode import Mode
+from ..objectives import Objective
 from ..recipe import Recipe
 from .backends import Backend
 from .report import Reporter
@@ -18,7 +21,8 @@ from .stops import StopSignal
 class Run:
     recipe: Recipe
     backend: Backend  # the accelerator and the operations that differ between DDP, ZeRO and FSDP2
-    objective: nn.Module  # the prepared (wrapped or sharded) DiffusionObjective
+    wrapped: nn.Module  # the prepared (wrapped or sharded) ModelWithLoss
+    objective: Objective  # the loss's terms and weights, and its state (calibrated at the first step)
     optimizer: object
     scheduler: object
     tokenizer: object
@@ -26,6 +30,7 @@ class Run:
     train_blocks: object
     validation_blocks: object | None
     model_shapes: dict  # fingerprint of the parameters, checked on resume
+    anneal_from: float  # the attention ratio of the source: where the annealing starts
     alignment: object | None = None  # the frozen source for align.weight > 0 (alignment.py)
     # Progress: restored from a checkpoint on resume.
     step: int = 0
@@ -48,8 +53,15 @@ class Run:
 
     @property
     def inner_model(self) -> nn.Module:
-        """The (peft-wrapped) causal LM inside the objective."""
-        return self.backend.inner_model(self.objective)
+        """The (peft-wrapped) causal LM inside the wrapped module."""
+        return self.backend.inner_model(self.wrapped)
+
+    def layout_at(self, step: int) -> tuple[Mode, float]:
+        """The mode optimizer step `step` (0-based) trains (a growing block size, or the model's mode) and the
+        attention ratio it runs at (the annealing schedule's, as the mode takes it)."""
+        steps = self.recipe.train.anneal_steps
+        mode = self.recipe.diffusion.mode_at(self.diffusion.mode, step, steps)
+        return mode, mode.attention_ratio(anneal_ratio(step, steps, self.anneal_from))
 
 
 @dataclass
