@@ -44,17 +44,24 @@ def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
 
 
 def training_mask(length: int, block_size: int, *, padding: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """Bool (B or 1, 1, 2L, 2L), True = attend: queries and keys [noisy x_t ; clean x_0].
-
-    Padding keys (2D `padding`, 0 = padding) are hidden in both copies; every query keeps its own
-    position so no row is empty.
-    """
+    """Bool (B or 1, 1, 2L, 2L), True = attend: queries and keys [noisy x_t ; clean x_0]: noisy block b
+    sees noisy block b and clean blocks < b, clean block b sees clean blocks <= b."""
     blocks = block_ids(length, block_size, device)
     same = blocks[:, None] == blocks[None, :]
     earlier = blocks[None, :] < blocks[:, None]
+    return two_copy_mask(noisy_sees_noisy=same, noisy_sees_clean=earlier, clean_sees_clean=same | earlier,
+                         padding=padding)
+
+
+def two_copy_mask(*, noisy_sees_noisy: torch.Tensor, noisy_sees_clean: torch.Tensor, clean_sees_clean: torch.Tensor,
+                  padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool (B or 1, 1, 2L, 2L) over [noisy ; clean] from its three (L, L) parts; the clean copy never sees
+    the noisy one. Padding keys (2D `padding`, 0 = padding) are hidden in both copies; every query keeps
+    its own position so no row is empty."""
+    length, device = noisy_sees_noisy.shape[0], noisy_sees_noisy.device
     nothing = torch.zeros(length, length, dtype=torch.bool, device=device)
-    mask = torch.cat([torch.cat([same, earlier], dim=1), torch.cat([nothing, same | earlier], dim=1)], dim=0)
-    mask = mask[None, None]
+    mask = torch.cat([torch.cat([noisy_sees_noisy, noisy_sees_clean], dim=1),
+                      torch.cat([nothing, clean_sees_clean], dim=1)], dim=0)[None, None]
     if padding is not None:
         keys = padding.to(device=device, dtype=torch.bool).repeat(1, 2)
         mask = mask & keys[:, None, None, :]
