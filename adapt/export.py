@@ -36,7 +36,7 @@ REMOTE_MODULE = "modeling_adapt_diffusion"
 # The remote module and every module it imports, relative to this package (checked by the tests: a
 # missing one makes the remote load fail).
 REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "diffusion.py", "attention.py", "block.py", "errors.py",
-                     "limits.py")
+                     "limits.py", "settings.py")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
 CARD_KEYS = ("license", "datasets", "tags", "evaluation", "description", "base_model")
 

@@ -50,7 +50,7 @@ def test_generate_and_infill_flags_are_the_sampling_options_with_their_defaults(
 
 def test_a_bad_generate_flag_is_refused_before_the_model_loads(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "--length", "4", "--steps", "2", "--top-p", "2"]) == 2
-    assert "top-p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p = 2.0 is out of range; it must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_the_command_starts_without_torch():
