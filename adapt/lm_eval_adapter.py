@@ -84,7 +84,7 @@ class AdaptLM(LM):
         self.samples, self.seed = int(samples), int(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> the default
         self.steps = steps
-        self.sampling = sampling_options(options, seed=self.seed)
+        self.sampling = _sampling_options(options, seed=self.seed)
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
 
@@ -142,7 +142,7 @@ class AdaptLM(LM):
                             options=self.sampling, temperature=temperature)[0]
 
 
-def sampling_options(arguments: dict, seed: int) -> SamplingOptions:
+def _sampling_options(arguments: dict, seed: int) -> SamplingOptions:
     """The `SamplingOptions` that the model arguments naming its fields set, and `seed`."""
     hints = typing.get_type_hints(SamplingOptions)
     values = {field.name: _as_field_type(hints[field.name], arguments[field.name])
