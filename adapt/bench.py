@@ -45,6 +45,8 @@ from .bidirectional import BidirectionalMode
 from .block import BlockMode
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
+from .flags import shown
+from .settings import at_least, check_settings
 
 # Where `python scripts/prepare_smollm2.py --out data/smollm2` puts SmolLM2-135M.
 SMOLLM2_PATH = "data/smollm2"
@@ -53,39 +55,63 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 TRAIN_RATIOS = (1.0, 0.5)
 
 
+# The settings whose default depends on `quick` (None in BenchSettings): (full run, quick run).
+BY_RUN_LENGTH = {"repeats": (5, 2), "sample_length": (256, 64), "sample_steps": ([32, 64], [8, 16])}
+
+
+def _by_run_length(name: str, help: str) -> dict:
+    """The metadata of a count whose default is in BY_RUN_LENGTH: its help shows both defaults."""
+    full, quick = map(shown, BY_RUN_LENGTH[name])
+    return {"help": f"{help} (default: {full}, --quick {quick})", **at_least(1)}
+
+
 @dataclass
 class BenchSettings:
-    """What `run` measures and how often; `adapt bench` has one flag per setting (--seq-len for seq_len)."""
+    """What `run` measures and how often; `adapt bench` has one flag per setting (--seq-len for seq_len),
+    whose help is the field's (`adapt.flags`). The counts must be at least 1, checked when the settings
+    are made."""
 
-    # A local model folder, "smollm2" (the prepared SmolLM2-135M), "llama-1b" (a randomly initialised
-    # Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family>.
-    model: str = "smollm2"
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: what the device computes natively (native_dtype)
-    device: str = "cpu"  # cpu, cuda or cuda:N
-    # flash_attention_2 cannot run ratio 0.5; that row is skipped
-    attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    batch: int = 4  # training and ELBO batch size
-    seq_len: int = 256  # training and ELBO sequence length
-    # None: the default for a full or a quick run, in BY_RUN_LENGTH.
-    repeats: int | None = None  # measured rounds of the train and ELBO configurations
-    sample_length: int | None = None  # tokens to sample
-    sample_steps: list[int] | None = None  # diffusion steps to sample with
-    sample_batch: list[int] = field(default_factory=lambda: [1, 8])  # sampling batch sizes
-    sample_repeats: int = 1  # measured rounds of sampling
-    sample_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7])  # threshold decoding rows ([] = none)
-    # blocks of the threshold rows: the sampler's blocks for the bidirectional model, the block model's own
-    sample_block_size: int = 32
-    elbo_samples: int = 4  # Monte Carlo samples per ELBO call
-    # block diffusion train steps measured beside the bidirectional ones (blocks of these sizes; [] = none)
-    train_block_sizes: list[int] = field(default_factory=lambda: [32])
-    parts: list[Literal["train", "sampling", "elbo"]] = field(default_factory=lambda: ["train", "sampling", "elbo"])
-    peak_tflops: float | None = None  # the device's peak TFLOP/s in this dtype, for MFU (None: PEAK_BF16_TFLOPS)
-    threads: int | None = None  # CPU threads for torch (None: torch's choice); 1 is faster on a crowded machine
-    quick: bool = False  # fewer repeats and shorter sampling: a smoke run (CI, under 2 minutes with a tiny model)
+    model: str = field(default="smollm2", metadata={
+        "help": "a local model folder, 'smollm2' (the prepared SmolLM2-135M), 'llama-1b' (a randomly initialised "
+                "Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family>"})
+    dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "weights and compute dtype; auto: bf16 where the device computes it natively, else fp32 (the "
+                "choice and its reason are printed)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    attn: Literal["sdpa", "eager", "flash_attention_2"] = field(default="sdpa", metadata={
+        "help": "attention implementation (flash_attention_2 cannot run ratio 0.5; that row is skipped)"})
+    batch: int = field(default=4, metadata={"help": "training and ELBO batch size", **at_least(1)})
+    seq_len: int = field(default=256, metadata={"help": "training and ELBO sequence length", **at_least(1)})
+    repeats: int | None = field(default=None, metadata=_by_run_length(
+        "repeats", "measured rounds of the train and ELBO configurations"))
+    sample_length: int | None = field(default=None, metadata=_by_run_length("sample_length", "tokens to sample"))
+    sample_steps: list[int] | None = field(default=None, metadata=_by_run_length(
+        "sample_steps", "diffusion steps to sample with"))
+    sample_batch: list[int] = field(default_factory=lambda: [1, 8], metadata={
+        "help": "sampling batch sizes", **at_least(1)})
+    sample_repeats: int = field(default=1, metadata={"help": "measured rounds of sampling", **at_least(1)})
+    sample_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7], metadata={
+        "help": "threshold decoding rows, one per threshold, under each cache mode and as a block model",
+        "may_be_empty": True})
+    sample_block_size: int = field(default=32, metadata={
+        "help": "blocks of the threshold rows: the sampler's for the bidirectional model, the block model's own",
+        **at_least(1)})
+    elbo_samples: int = field(default=4, metadata={"help": "Monte Carlo samples per ELBO call", **at_least(1)})
+    train_block_sizes: list[int] = field(default_factory=lambda: [32], metadata={
+        "help": "block diffusion train steps measured beside the bidirectional ones, one per block size",
+        "may_be_empty": True})
+    parts: list[Literal["train", "sampling", "elbo"]] = field(
+        default_factory=lambda: ["train", "sampling", "elbo"], metadata={"help": "what to measure"})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "the device's peak TFLOP/s in this dtype, for MFU (default: known for "
+                f"{', '.join(PEAK_BF16_TFLOPS)})"})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch (default: torch's choice); 1 is faster on a crowded machine", **at_least(1)})
+    quick: bool = field(default=False, metadata={
+        "help": "fewer repeats and shorter sampling: a smoke run (CI, under 2 minutes with a tiny model)"})
 
-
-# The settings whose default depends on `quick`: (full run, quick run).
-BY_RUN_LENGTH = {"repeats": (5, 2), "sample_length": (256, 64), "sample_steps": ([32, 64], [8, 16])}
+    def __post_init__(self):
+        check_settings(self)
 
 
 def run(settings: BenchSettings) -> dict:
@@ -133,16 +159,10 @@ def run(settings: BenchSettings) -> dict:
 
 
 def _resolved(settings: BenchSettings) -> BenchSettings:
-    """`settings` with the run-length defaults filled in; every count must be at least 1."""
+    """`settings` with the run-length defaults filled in."""
     unset = {name: by_length[settings.quick] for name, by_length in BY_RUN_LENGTH.items()
              if getattr(settings, name) is None}
     settings = dataclasses.replace(settings, **unset)
-    for name in ("repeats", "batch", "seq_len", "sample_length", "sample_repeats", "elbo_samples",
-                 "sample_steps", "sample_batch", "sample_block_size", "threads"):
-        value = getattr(settings, name)
-        for count in value if isinstance(value, list) else [value]:
-            if count is not None and count < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {count}; pass a positive number")
     from .sampling import SamplingOptions
 
     for threshold in settings.sample_thresholds:  # refused now, not after the model has loaded

@@ -209,61 +209,24 @@ def _run_convert(args) -> int:
 
 
 def _add_sampling_options(parser) -> None:
-    """One flag per `SamplingOptions` field (the progress bar aside), its default taken from the field."""
+    """A flag per `SamplingOptions` field (the progress bar follows the terminal) and how to load the model."""
+    from .flags import add_flags
     from .sampling import SamplingOptions
 
-    default = SamplingOptions()
-    _add_decoding_options(parser)
-    parser.add_argument("--num-samples", type=int, default=default.num_samples,
-                        help="samples drawn in one batch (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=default.seed, help="same seed, same output")
+    add_flags(parser, SamplingOptions, exclude=("progress",))
     parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default: saved)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
     _add_loading_options(parser)
 
 
-def _add_decoding_options(parser) -> None:
-    """The flags of how each sample is drawn and committed (every `SamplingOptions` field but the number of
-    samples, the seed and the progress bar), each default taken from its field; generate, infill and eval."""
-    from .limits import EXTRAPOLATION_FACTOR
-    from .sampling import CACHES, STRATEGIES, SamplingOptions
-
-    default = SamplingOptions()
-    parser.add_argument("--strategy", choices=STRATEGIES, default=default.strategy,
-                        help="which predictions to commit each step (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=default.temperature,
-                        help="0 = greedy (default %(default)s)")
-    parser.add_argument("--top-k", type=int, default=default.top_k, help="sample from the k most likely tokens only")
-    parser.add_argument("--top-p", type=float, default=default.top_p,
-                        help="sample from the smallest set with probability >= p")
-    parser.add_argument("--block-size", type=int, default=default.block_size,
-                        help="denoise in blocks of this many tokens, left to right")
-    parser.add_argument("--threshold", type=float, default=default.threshold,
-                        help="commit every position at least this confident each step (e.g. 0.9, Fast-dLLM); "
-                             "--steps becomes an upper bound")
-    parser.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false", default=default.stop_at_eos,
-                        help="decoding in blocks: generate every block even after each sample has produced EOS")
-    parser.add_argument("--cache", choices=CACHES, default=default.cache,
-                        help="keys and values reused between steps: exact (default: a block model's finished "
-                             "blocks), none (recompute every step), prefix or dual (Fast-dLLM's approximate caches "
-                             "for bidirectional models with --block-size)")
-    parser.add_argument("--allow-longer", action="store_true",
-                        help=f"let a RoPE model (Llama, Qwen, ...) run up to {EXTRAPOLATION_FACTOR}x its trained "
-                             "positions, with a warning (default: refused)")
-
-
 def _sampling_options(args, **fixed):
-    """The `SamplingOptions` of the flags the command has, each read by its field's name, with the fields
-    in `fixed` set as given; a progress bar on terminals unless `fixed` says otherwise."""
-    from dataclasses import fields
-
+    """The `SamplingOptions` of the parsed flags, with the fields in `fixed` set as given; a progress bar
+    on terminals unless `fixed` says otherwise."""
+    from .flags import settings_from
     from .sampling import SamplingOptions
 
-    fixed = {"progress": None, **fixed}
-    flags = {field.name: getattr(args, field.name) for field in fields(SamplingOptions)
-             if field.name not in fixed and hasattr(args, field.name)}
-    return SamplingOptions(**flags, **fixed)
+    return settings_from(args, SamplingOptions, **{"progress": None, **fixed})
 
 
 def _add_generate(subparsers) -> None:
@@ -411,6 +374,8 @@ def _run_import(args) -> int:
 
 def _add_eval(subparsers) -> None:
     from .evaluate.tasks import TASKS, EvalSettings
+    from .flags import add_flags
+    from .sampling import SamplingOptions
 
     parser = subparsers.add_parser(
         "eval", help="evaluate a diffusion checkpoint (or, with --ar, a causal one) on benchmark tasks",
@@ -419,34 +384,10 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--task", nargs="+", required=True, metavar="T", help="one or more tasks")
     parser.add_argument("--ar", action="store_true", help="MODEL is a plain causal LM: score it the AR way")
     parser.add_argument("--source", metavar="DIR", help="also score this causal LM the AR way, side by side")
-    parser.add_argument("--data", help="elbo / sentence_infill: the text; choice tasks / lambada: a jsonl of requests")
-    parser.add_argument("--limit", type=int, help="only the first N examples (blocks for elbo)")
-    default = EvalSettings()
-    parser.add_argument("--samples", type=int, default=default.samples,
-                        help=f"Monte Carlo masks per ELBO (default {default.samples})")
-    parser.add_argument("--seed", type=int, default=default.seed,
-                        help=f"seeds the noise levels, held-out documents and code lines (default {default.seed})")
-    parser.add_argument("--batch-size", type=int, default=default.batch_size,
-                        help=f"elbo: blocks per forward (default {default.batch_size})")
-    parser.add_argument("--seq-len", type=int, default=default.seq_len,
-                        help=f"elbo: block length in tokens (default {default.seq_len})")
-    parser.add_argument("--validation-fraction", type=float, default=default.validation_fraction,
-                        help="elbo: score only the documents a training run with this fraction and --seed held out "
-                             f"(default {default.validation_fraction})")
-    parser.add_argument("--text-column", default=default.text_column,
-                        help=f"elbo / sentence_infill: the column holding the text (default {default.text_column})")
-    parser.add_argument("--timeout", type=float, default=default.timeout,
-                        help=f"code_infill: seconds per test program (default {default.timeout})")
-    parser.add_argument("--num-samples", type=int, default=default.num_samples,
-                        help=f"samples: unconditional samples, and as many prompted (default {default.num_samples})")
-    parser.add_argument("--length", type=int, default=default.length,
-                        help=f"samples: tokens per sample (default {default.length})")
-    parser.add_argument("--steps", type=int, default=default.steps,
-                        help="samples: denoising steps per sample (default: one per token)")
-    parser.add_argument("--prompts", default=default.prompts, metavar="FILE",
-                        help="samples: prompts, one a line (or .jsonl with \"prompt\"; default: eight openings of "
-                             "held-out Brown documents)")
-    _add_decoding_options(parser)
+    add_flags(parser, EvalSettings, exclude=("sampling",))
+    # One sample per call, seeded by eval's own --seed (sample i: seed + i), without a bar.
+    add_flags(parser.add_argument_group("how the samples task draws (adapt generate's flags)"), SamplingOptions,
+              exclude=("num_samples", "seed", "progress"))
     parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default float32)")
     parser.add_argument("--device", help="cpu (default), cuda, ...")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -462,6 +403,7 @@ def _run_eval(args) -> int:
     from .atomic import write_text_atomically
     from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks, to_json
     from .export import load
+    from .flags import settings_from
     from .modeling import check_device, load_model
     from .outputs import check_output
 
@@ -469,12 +411,7 @@ def _run_eval(args) -> int:
     if args.output:
         check_output(args.output, folder=False)
     check_device(args.device)
-    settings = EvalSettings(
-        data=args.data, limit=args.limit, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-        seq_len=args.seq_len, validation_fraction=args.validation_fraction, text_column=args.text_column,
-        timeout=args.timeout, num_samples=args.num_samples, length=args.length, steps=args.steps,
-        prompts=args.prompts, sampling=_sampling_options(args, num_samples=1, progress=False),
-    )
+    settings = settings_from(args, EvalSettings, sampling=_sampling_options(args, num_samples=1, progress=False))
     if "samples" in args.task and not (args.ar or args.source):
         raise UserError("task samples scores the samples under the AR model; pass --source AR_MODEL (the causal "
                         "model the checkpoint was adapted from), or --ar to sample a causal model itself")
@@ -506,74 +443,24 @@ def _run_eval(args) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    from .bench import BY_RUN_LENGTH, BenchSettings
-    from .settings import choices_of
+    from .bench import BenchSettings
+    from .flags import add_flags
 
     parser = subparsers.add_parser(
         "bench", help="time and memory of diffusion training, sampling and ELBO against the causal baseline, "
                       "as ratios", description="Also python scripts/bench.py; the figures: docs/performance.md.")
-    default = BenchSettings()
-
-    def shown(value) -> str:
-        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-    def by_run_length(name: str) -> str:
-        full, quick = BY_RUN_LENGTH[name]
-        return f"(default: {shown(full)}, --quick {shown(quick)})"
-
-    parser.add_argument("--model", default=default.model,
-                        help="a local model folder, 'smollm2' (the prepared SmolLM2-135M), 'llama-1b' (a randomly "
-                             "initialised Llama-3.2-1B-shaped model, for GPU MFU) or tiny-<family> "
-                             f"(default: {default.model})")
-    parser.add_argument("--dtype", choices=choices_of(BenchSettings, "dtype"), default=default.dtype,
-                        help=f"weights and compute dtype (default: {default.dtype}: bf16 where the device computes it "
-                             "natively, else fp32; the choice and its reason are printed)")
-    parser.add_argument("--device", default=default.device, help=f"cpu, cuda or cuda:N (default: {default.device})")
-    parser.add_argument("--attn", default=default.attn, choices=choices_of(BenchSettings, "attn"),
-                        help="attention implementation (flash_attention_2 cannot run ratio 0.5; that row is skipped)")
-    parser.add_argument("--batch", type=int, default=default.batch,
-                        help=f"training and ELBO batch size (default: {default.batch})")
-    parser.add_argument("--seq-len", type=int, default=default.seq_len,
-                        help=f"training and ELBO sequence length (default: {default.seq_len})")
-    parser.add_argument("--repeats", type=int, help="measured rounds of the train and ELBO configurations "
-                                                    + by_run_length("repeats"))
-    parser.add_argument("--sample-length", type=int, help="tokens to sample " + by_run_length("sample_length"))
-    parser.add_argument("--sample-steps", type=int, nargs="+",
-                        help="diffusion steps to sample with " + by_run_length("sample_steps"))
-    parser.add_argument("--sample-batch", type=int, nargs="+", default=default.sample_batch,
-                        help=f"sampling batch sizes (default: {shown(default.sample_batch)})")
-    parser.add_argument("--sample-repeats", type=int, default=default.sample_repeats,
-                        help=f"measured rounds of sampling (default: {default.sample_repeats})")
-    parser.add_argument("--sample-thresholds", type=float, nargs="*", default=default.sample_thresholds,
-                        help="threshold decoding rows, one per threshold, under each cache mode and as a block model "
-                             f"(default: {shown(default.sample_thresholds)}; none: the flag alone)")
-    parser.add_argument("--sample-block-size", type=int, default=default.sample_block_size,
-                        help="blocks of the threshold rows: the sampler's for the bidirectional model, the block "
-                             f"model's own (default: {default.sample_block_size})")
-    parser.add_argument("--elbo-samples", type=int, default=default.elbo_samples,
-                        help=f"Monte Carlo samples per ELBO call (default: {default.elbo_samples})")
-    parser.add_argument("--train-block-sizes", type=int, nargs="*", default=default.train_block_sizes,
-                        help="block diffusion train steps to measure, one per block size "
-                             f"(default: {shown(default.train_block_sizes)}; none: the flag alone)")
-    parser.add_argument("--parts", nargs="+", choices=choices_of(BenchSettings, "parts"), default=default.parts)
-    parser.add_argument("--peak-tflops", type=float,
-                        help="the device's peak TFLOP/s in this dtype, for MFU (default: known for H100/H200/A100)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's choice); 1 is faster on a crowded machine")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats and shorter sampling: a smoke run (CI, under 2 minutes with a tiny model)")
+    add_flags(parser, BenchSettings)
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the results as JSON to PATH; without PATH, JSON goes to stdout and the table to stderr")
     parser.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args) -> int:
-    from dataclasses import fields
-
     from .bench import BenchSettings, run, write_report
+    from .flags import settings_from
     from .outputs import check_output
 
-    settings = BenchSettings(**{f.name: getattr(args, f.name) for f in fields(BenchSettings)})
+    settings = settings_from(args, BenchSettings)
     if args.json not in (None, "-"):
         check_output(args.json, folder=False)
     write_report(run(settings), args.json)

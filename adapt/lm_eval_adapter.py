@@ -16,11 +16,15 @@ it has no plugin hook, so run it through this module (the same command line as `
   generation.
 
 Model arguments: pretrained, ar, samples (32), seed (0), batch_size (8), steps (default: one per token),
-max_gen_toks (256), dtype, device, and the sampler's `strategy`, `top_k`, `top_p`, `block_size`
-(`adapt.SamplingOptions`, same defaults; the temperature is the task's, the seed is `seed`).
+max_gen_toks (256), dtype, device, and every field of `adapt.SamplingOptions` (same defaults, same
+checks) but those in NOT_MODEL_ARGUMENTS: the seed is `seed`, the temperature the task's.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import types
+import typing
 
 import torch
 from lm_eval.api.model import LM
@@ -31,8 +35,11 @@ from tqdm.auto import tqdm
 from .evaluate.likelihood import continuation_scores, encode_pair
 from .evaluate.perplexity import evaluation_mode
 from .sampling import SamplingOptions, anchor_id, generate
+from .settings import from_dict
 
-SAMPLER_ARGUMENTS = ("strategy", "top_k", "top_p", "block_size")  # the SamplingOptions a model argument sets
+# The SamplingOptions fields that no model argument of their name sets: the adapter's own `seed` is the
+# sampler's too, each request is one sample drawn at the task's temperature, and the harness shows progress.
+NOT_MODEL_ARGUMENTS = ("seed", "num_samples", "temperature", "progress")
 
 
 @register_model("adapt")
@@ -70,15 +77,14 @@ class AdaptLM(LM):
         steps: int | None = None,
         max_gen_toks: int = 256,
         max_length: int | None = None,
-        **options,  # SAMPLER_ARGUMENTS; the rest (e.g. max_batch_size, passed to every model) are not used
+        **options,  # SamplingOptions fields; the rest (e.g. max_batch_size, passed to every model) are not used
     ) -> None:
         LM.__init__(self)
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.samples, self.seed = int(samples), int(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> the default
         self.steps = steps
-        sampler = {name: options[name] for name in SAMPLER_ARGUMENTS if name in options}
-        self.sampling = SamplingOptions(seed=self.seed, **sampler)
+        self.sampling = _sampling_options(options, seed=self.seed)
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
 
@@ -134,6 +140,28 @@ class AdaptLM(LM):
         with evaluation_mode(self.model, 1.0):
             return generate(self.model, self.tokenizer, context or None, length=length, steps=self.steps or length,
                             options=self.sampling, temperature=temperature)[0]
+
+
+def _sampling_options(arguments: dict, seed: int) -> SamplingOptions:
+    """The `SamplingOptions` that the model arguments naming its fields set, and `seed`."""
+    hints = typing.get_type_hints(SamplingOptions)
+    values = {field.name: _as_field_type(hints[field.name], arguments[field.name])
+              for field in dataclasses.fields(SamplingOptions)
+              if field.name in arguments and field.name not in NOT_MODEL_ARGUMENTS}
+    return from_dict(SamplingOptions, {**values, "seed": seed})
+
+
+def _as_field_type(hint, value):
+    """A model argument read by its field's type. The harness guesses a type from the text alone, so it
+    is read again from the text: "none" is None only where the field allows None (cache=none is the
+    choice "none"), "true" / "false" are bools; numbers and choices are left to `from_dict`."""
+    text = "none" if value is None else str(value)
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if type(None) in allowed and text.lower() == "none":
+        return None
+    if bool in allowed:
+        return {"true": True, "false": False}.get(text.lower(), text)
+    return text
 
 
 def main() -> None:

@@ -52,14 +52,16 @@ copy to drift.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from .diffusion import DiffusionConfig
 from .errors import UserError, check_type
-from .limits import check_context
+from .limits import EXTRAPOLATION_FACTOR, check_context
+from .settings import at_least, between, check_settings
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 CACHES = ("exact", "none", "prefix", "dual")  # see SamplingOptions.cache
@@ -70,55 +72,58 @@ MAX_NUM_SAMPLES = 1024  # samples are one batch: its memory grows with them, so 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How tokens are drawn and committed. Invalid values raise `UserError` when the options are made."""
+    """How tokens are drawn and committed. Invalid values raise `UserError` when the options are made.
 
-    strategy: str = "confidence"  # which predictions to commit first, one of STRATEGIES
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None  # draw from the k most likely tokens only
-    top_p: float | None = None  # draw from the smallest set of tokens with probability >= top_p
-    block_size: int | None = None  # denoise in blocks of this many tokens, left to right; None = one block
-    num_samples: int = 1  # samples denoised as one batch
-    seed: int | None = None  # same seed, same output; None draws a fresh one
-    progress: bool | None = False  # a progress bar; None = when stderr is a terminal
-    allow_longer: bool = False  # let a RoPE model run past its trained positions (limits.check_context)
-    # Which keys and values a step reuses, one of CACHES. "exact": a block model keeps its finished blocks,
-    # so a step runs only the current block (the same output as "none"); a bidirectional model reuses
-    # nothing. "none": every step runs the whole sequence. "prefix" / "dual" (Fast-dLLM, bidirectional
-    # models with a `block_size`): keep the keys and values before the current block ("dual": and after
-    # it) from one full forward at the block's start, so a step runs the block and what follows it
-    # ("dual": the block only). An approximation: the kept keys were computed while the block was masked.
-    cache: str = "exact"
+    Each field's help is the help of its `adapt generate` flag (`adapt.flags`).
+    """
+
+    strategy: Literal[STRATEGIES] = field(default="confidence", metadata={
+        "help": "which predictions to commit each step: random, or the surest first by the drawn token's "
+                "probability (confidence), the gap between the top two (margin) or the entropy"})
+    temperature: float = field(default=1.0, metadata={"help": "0 = greedy", **at_least(0)})
+    top_k: int | None = field(default=None, metadata={
+        "help": "draw from the k most likely tokens only (default: all)", **at_least(1)})
+    top_p: float | None = field(default=None, metadata={
+        "help": "draw from the smallest set of tokens with probability >= p (default: all)",
+        **between(0, 1, low_open=True)})
+    block_size: int | None = field(default=None, metadata={
+        "help": "denoise in blocks of this many tokens, left to right (default: one block)", **at_least(1)})
+    num_samples: int = field(default=1, metadata={"help": "samples denoised as one batch", **at_least(1)})
+    seed: int | None = field(default=None, metadata={"help": "same seed, same output (default: a fresh one)"})
+    progress: bool | None = field(default=False, metadata={"help": "a progress bar; None = when stderr is a terminal"})
+    # what limits.check_context allows past the model's positions
+    allow_longer: bool = field(default=False, metadata={
+        "help": f"let a RoPE model (Llama, Qwen, ...) run up to {EXTRAPOLATION_FACTOR}x its trained positions, "
+                "with a warning (default: refused)"})
+    # Which keys and values a step reuses. "exact": a block model keeps its finished blocks, so a step
+    # runs only the current block (the same output as "none"); a bidirectional model reuses nothing.
+    # "none": every step runs the whole sequence. "prefix" / "dual" (Fast-dLLM, bidirectional models
+    # with a `block_size`): keep the keys and values before the current block ("dual": and after it)
+    # from one full forward at the block's start, so a step runs the block and what follows it ("dual":
+    # the block only). An approximation: the kept keys were computed while the block was masked.
+    cache: Literal[CACHES] = field(default="exact", metadata={
+        "help": "keys and values reused between steps: exact (a block model's finished blocks), none (recompute "
+                "every step), prefix or dual (Fast-dLLM's approximate caches for bidirectional models with a "
+                "block size)"})
     # Commit every position of the current block whose confidence (the drawn token's probability) is at
     # least this, and at least an even share of what is left (Fast-dLLM's parallel decoding); `steps`
     # becomes an upper bound. None: a fixed number per step. Needs strategy "confidence".
-    threshold: float | None = None
+    threshold: float | None = field(default=None, metadata={
+        "help": "commit every position at least this confident each step (e.g. 0.9, Fast-dLLM); the steps "
+                "become an upper bound (default: a fixed number per step)", **between(0, 1, low_open=True)})
     # Decoding in blocks (a block model, or a `block_size`): `generate` stops at the end of the first block
     # after which every sample has produced EOS; the positions left are EOS (the text ends at the first
     # EOS anyway) and the forwards they would cost are saved.
-    stop_at_eos: bool = True
+    stop_at_eos: bool = field(default=True, metadata={
+        "help": "decoding in blocks: stop after the first block at whose end every sample has produced EOS"})
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if not self.temperature >= 0:  # NaN too
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.block_size is not None and self.block_size < 1:
-            raise UserError(f"block size must be >= 1, got {self.block_size}; omit it to denoise all positions "
-                            "at once")
-        _check_positive(num_samples=self.num_samples)
+        check_settings(self)
         if self.num_samples > MAX_NUM_SAMPLES:
             raise UserError(f"num samples = {self.num_samples} is more than one batch may hold ({MAX_NUM_SAMPLES}); "
                             "draw them in several calls, each with its own seed")
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise UserError(f"threshold must be in (0, 1], got {self.threshold}; 0.9 is Fast-dLLM's choice")
         if self.threshold is not None and self.strategy != "confidence":
             raise UserError(f"threshold decoding commits by confidence; use strategy 'confidence', not {self.strategy!r}")
-        if self.cache not in CACHES:
-            raise UserError(f"unknown cache {self.cache!r}; choose one of {', '.join(CACHES)}")
 
     @classmethod
     def with_overrides(cls, options: SamplingOptions | None, overrides: dict) -> SamplingOptions:

@@ -2,9 +2,10 @@
 
 Every setting is a dataclass field with a default. The type annotation decides what a value may be,
 `Literal[...]` lists the valid choices, and `field(metadata=at_least(n))` (or `above`, `between`) states
-a range. `from_dict` builds a dataclass from plain values (parsed YAML or JSON); `check_settings` holds
-a dataclass built in Python to the same choices and ranges. An unknown key, a wrong type or a value out
-of its choices or range is a `UserError` that names the key and what it accepts.
+a range (of each item, for a list); a "help" in the metadata says what the setting does, for the flag
+`adapt.flags` makes of it. `from_dict` builds a dataclass from plain values (parsed YAML or JSON);
+`check_settings` holds a dataclass built in Python to the same choices and ranges. An unknown key, a
+wrong type or a value out of its choices or range is a `UserError` that names the key and what it accepts.
 
 This module imports nothing else from the package, so any module can declare its settings with it.
 """
@@ -49,9 +50,9 @@ def above(low: float) -> dict:
     return {"range": Range(low, low_open=True)}
 
 
-def between(low: float, high: float, *, high_open: bool = False) -> dict:
-    """[low, high], or [low, high) with `high_open`."""
-    return {"range": Range(low, high, high_open=high_open)}
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> dict:
+    """[low, high]; `low_open` and `high_open` leave out a bound: (low, high], [low, high)."""
+    return {"range": Range(low, high, low_open=low_open, high_open=high_open)}
 
 
 def default_of(owner, name: str):
@@ -179,7 +180,7 @@ def _check_value(hint, value, key: str, metadata) -> None:
         check_settings(value, key + ".")
     elif origin is list:
         for i, item in enumerate(value):
-            _check_value(args[0], item, f"{key}[{i}]", {})
+            _check_value(args[0], item, f"{key}[{i}]", metadata)
     elif origin is Literal and value not in args:
         raise UserError(f"{key} = {_show(value)} is not a valid choice; choose one of: {', '.join(map(str, args))}")
     elif "range" in metadata and value not in metadata["range"]:

@@ -135,8 +135,9 @@ def _flash_attention_model():
     (lambda: diffusion_model("gemma2"), dict(cache="prefix", block_size=4, length=70, steps=20),
      "past the model's sliding window \\(64\\)"),
     (_flash_attention_model, dict(cache="dual", block_size=4), "'flash_attention_2' cannot apply"),
-    (diffusion_model, dict(cache="full"), "unknown cache 'full'; choose one of exact, none, prefix, dual"),
-    (diffusion_model, dict(cache=False), "unknown cache False"),  # the old boolean setting
+    (diffusion_model, dict(cache="full"),
+     r"cache = 'full' \(str\) is not a valid choice; choose one of: exact, none, prefix, dual"),
+    (diffusion_model, dict(cache=False), r"cache = False \(bool\) is not a valid choice"),  # the old boolean setting
 ])
 def test_approximate_caches_are_refused_where_they_do_not_apply(build, settings, message):
     model, tokenizer = build()

@@ -85,8 +85,35 @@ def test_sampler_model_arguments_become_the_sampling_options(trained):
     model, tokenizer, config = trained
     lm = AdaptLM.from_model(model, tokenizer, config, seed=4, strategy="margin", block_size=2, max_batch_size=None)
     assert lm.sampling == SamplingOptions(strategy="margin", block_size=2, seed=4)
-    with pytest.raises(UserError, match="unknown strategy"):
+    with pytest.raises(UserError, match=r"strategy = 'best' \(str\) is not a valid choice"):
         AdaptLM.from_model(model, tokenizer, config, strategy="best")
+
+
+# One value other than the default for every SamplingOptions field but the four no model argument sets:
+# seed (the adapter's `seed` is the sampler's), num_samples (one sample per request), temperature (the
+# task's) and progress (the harness shows its own).
+SAMPLING_ARGUMENTS = dict(strategy="margin", top_k=5, top_p=0.9, block_size=4, allow_longer=True, cache="none",
+                          threshold=0.7, stop_at_eos=False)
+
+
+def test_every_sampling_option_is_a_model_argument(trained):
+    """The harness passes model arguments as text (and guesses types: "none" becomes None, even for the
+    cache choice "none"); each field given either way builds the SamplingOptions it names."""
+    from dataclasses import fields
+
+    from lm_eval.utils import simple_parse_args_string
+
+    from adapt import SamplingOptions
+
+    model, tokenizer, config = trained
+    assert set(SAMPLING_ARGUMENTS) == {f.name for f in fields(SamplingOptions)} - {"seed", "num_samples",
+                                                                                  "temperature", "progress"}
+    for name, value in SAMPLING_ARGUMENTS.items():
+        for given in ({name: str(value)}, simple_parse_args_string(f"{name}={value}")):
+            lm = AdaptLM.from_model(model, tokenizer, config, seed="4", **given)
+            assert lm.sampling == SamplingOptions(seed=4, **{name: value}), given
+    lm = AdaptLM.from_model(model, tokenizer, config, top_k="none", cache="none")
+    assert lm.sampling == SamplingOptions(seed=0, cache="none")  # None where the field allows it, else the text
 
 
 def test_created_from_a_harness_argument_string(trained, tmp_path):

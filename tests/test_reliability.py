@@ -265,7 +265,7 @@ CASES = [
     Case(OPTIONS, "generate --steps above --length", lambda fx: _generate(fx, "--length", "4", "--steps", "8"),
          "use at most 4 steps"),
     Case(OPTIONS, "generate --temperature nan", lambda fx: _generate(fx, "--length", "4", "--steps", "4", "--temperature", "nan"),
-         "temperature must be >= 0"),
+         "temperature = nan is out of range; it must be >= 0"),
     Case(OPTIONS, "generate --device cuda on a machine without CUDA",
          lambda fx: _generate(fx, "--length", "4", "--steps", "4", "--device", "cuda"), "which this machine",
          marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")]),

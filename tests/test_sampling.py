@@ -154,13 +154,13 @@ def test_infill_at_the_start_gets_an_anchor_token():
     (dict(length=0, steps=1), "length must be >= 1"),
     (dict(length=4, steps=0), "steps must be >= 1"),
     (dict(length=4, steps=5), "at most 4 steps"),
-    (dict(length=4, steps=2, strategy="best"), "unknown strategy"),
-    (dict(length=4, steps=2, temperature=-1), "temperature"),
-    (dict(length=4, steps=2, top_k=0), "top-k"),
-    (dict(length=4, steps=2, top_p=1.5), "top-p"),
-    (dict(length=4, steps=2, block_size=0), "block size"),
+    (dict(length=4, steps=2, strategy="best"), r"strategy = 'best' \(str\) is not a valid choice"),
+    (dict(length=4, steps=2, temperature=-1), "temperature = -1 is out of range; it must be >= 0"),
+    (dict(length=4, steps=2, top_k=0), "top_k = 0 is out of range; it must be >= 1"),
+    (dict(length=4, steps=2, top_p=1.5), r"top_p = 1.5 is out of range; it must be in \(0, 1\]"),
+    (dict(length=4, steps=2, block_size=0), "block_size = 0 is out of range; it must be >= 1"),
     (dict(length=8, steps=2, block_size=2), "cannot cover 4 blocks"),
-    (dict(length=4, steps=2, num_samples=0), "num samples"),
+    (dict(length=4, steps=2, num_samples=0), "num_samples = 0 is out of range; it must be >= 1"),
 ])
 def test_bad_generate_arguments_raise_user_errors(kwargs, message):
     model, tokenizer = diffusion_model()
@@ -191,7 +191,7 @@ def test_an_options_object_and_keywords_are_the_same_settings():
         adapt.infill(model, tokenizer, "w5 [MASK:3] w9", seed=1)
     with pytest.raises(TypeError, match="'temprature'; the options are strategy, temperature, top_k"):
         adapt.generate(model, tokenizer, "w5", length=8, steps=4, temprature=0.7)
-    with pytest.raises(UserError, match="top-p"):
+    with pytest.raises(UserError, match=r"top_p = 0.0 is out of range; it must be in \(0, 1\]"):
         SamplingOptions(top_p=0.0)  # checked when the options are made, before any model runs
 
 

@@ -29,26 +29,36 @@ TASKS = ("elbo", *CHOICE_TASKS, "lambada", "sentence_infill", "code_infill", "sa
 
 @dataclass
 class EvalSettings:
-    """What `adapt eval` scores and how; the ranges are checked when the settings are made."""
+    """What `adapt eval` scores and how; the ranges are checked when the settings are made. Each field's
+    help is the help of its flag (`adapt.flags`)."""
 
-    data: str | None = None  # elbo / sentence_infill: the text; choice tasks / lambada: a jsonl replacing the shipped one
-    limit: int | None = field(default=None, metadata=at_least(1))  # first N examples (blocks for elbo)
-    samples: int = field(default=32, metadata=at_least(1))  # Monte Carlo masks per ELBO estimate
-    seed: int = 0
-    batch_size: int = field(default=8, metadata=at_least(1))  # blocks per forward (elbo)
-    seq_len: int = field(default=512, metadata=at_least(2))  # elbo block length
-    # elbo: score only this held-out fraction of the documents (0 = all)
-    validation_fraction: float = field(default=0.0, metadata=between(0, 1, high_open=True))
-    text_column: str = "text"
-    timeout: float = field(default=10.0, metadata=above(0))  # code_infill: seconds per program
-    # samples: how many of each kind (unconditional, prompted), how long, in how many steps (None: one per
-    # token), the prompts (a file; None: samples.DEFAULT_PROMPTS) and how each is drawn (its num_samples
-    # and seed are set per sample: one sample per call, seed `seed + i`)
-    num_samples: int = field(default=16, metadata=between(1, MAX_NUM_SAMPLES))
-    length: int = field(default=64, metadata=at_least(1))
-    steps: int | None = field(default=None, metadata=at_least(1))
-    prompts: str | None = None
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    data: str | None = field(default=None, metadata={
+        "help": "elbo / sentence_infill: the text; choice tasks / lambada: a jsonl of requests (default: the "
+                "shipped one)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "only the first N examples (blocks for elbo)", **at_least(1)})
+    samples: int = field(default=32, metadata={"help": "Monte Carlo masks per ELBO", **at_least(1)})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the noise levels, held-out documents, code lines and samples (sample i: seed + i)"})
+    batch_size: int = field(default=8, metadata={"help": "elbo: blocks per forward", **at_least(1)})
+    seq_len: int = field(default=512, metadata={"help": "elbo: block length in tokens", **at_least(2)})
+    validation_fraction: float = field(default=0.0, metadata={
+        "help": "elbo: score only the documents a training run with this fraction and --seed held out (0 = all)",
+        **between(0, 1, high_open=True)})
+    text_column: str = field(default="text", metadata={
+        "help": "elbo / sentence_infill: the column holding the text"})
+    timeout: float = field(default=10.0, metadata={"help": "code_infill: seconds per test program", **above(0)})
+    num_samples: int = field(default=16, metadata={
+        "help": "samples: unconditional samples, and as many prompted", **between(1, MAX_NUM_SAMPLES)})
+    length: int = field(default=64, metadata={"help": "samples: tokens per sample", **at_least(1)})
+    steps: int | None = field(default=None, metadata={
+        "help": "samples: denoising steps per sample (default: one per token)", **at_least(1)})
+    prompts: str | None = field(default=None, metadata={
+        "help": 'samples: a file of prompts, one a line (or .jsonl with "prompt"; default: eight openings of '
+                "held-out Brown documents)"})
+    sampling: SamplingOptions = field(default_factory=SamplingOptions, metadata={
+        "help": "samples: how each is drawn; its num_samples and seed are set per sample (one sample per call, "
+                "seed + i)"})
 
     def __post_init__(self):
         check_settings(self)
