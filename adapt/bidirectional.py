@@ -34,8 +34,8 @@ class BidirectionalMode(Mode):
     def attention_ratio(self, annealed: float) -> float:
         return annealed
 
-    def hidden(self, model, noisy, clean, targets, *, shift, attention_mask=None, prefix=None):
-        return shifted_hidden(model, noisy, targets, shift=shift, attention_mask=attention_mask)
+    def hidden(self, model, noisy, clean, targets, *, shift, attention_mask=None, prefix=None, ar_targets=None):
+        return shifted_hidden(model, noisy, targets, shift=shift, attention_mask=attention_mask), None
 
     def context_visibility(self, length, shift, device=None):
         everything = torch.ones(length, length, dtype=torch.bool, device=device)
@@ -56,11 +56,11 @@ class BidirectionalMode(Mode):
         if options.cache in APPROXIMATE_CACHES:
             _check_approximate_cache(model, options, length)
 
-    def logits_function(self, model, shift, cache):
+    def logits_function(self, model, config, cache):
         if cache in APPROXIMATE_CACHES:
-            return ApproximateCache(model, shift, dual=cache == "dual").logits
+            return ApproximateCache(model, config.shift, dual=cache == "dual").logits
         # "exact" and "none": a bidirectional model has no exact cache, every step runs the whole sequence
-        return lambda ids, candidates, block: predict_logits(model, ids, candidates, shift=shift)
+        return lambda ids, candidates, block: predict_logits(model, ids, candidates, shift=config.shift)
 
 
 def _check_approximate_cache(model, options, length: int) -> None:

@@ -43,6 +43,13 @@ def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
     return torch.arange(length, device=device) // block_size
 
 
+def decoding_blocks(fill: torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
+    """(B, L): each position to fill's index among the blocks that hold one, blocks being fixed by
+    position (`absolute`, (L,): the block of each position); -1 for given positions."""
+    filled = absolute[fill[0]].unique()  # sorted
+    return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
+
+
 def training_mask(length: int, block_size: int, *, padding: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """Bool (B or 1, 1, 2L, 2L), True = attend: queries and keys [noisy x_t ; clean x_0]: noisy block b
     sees noisy block b and clean blocks < b, clean block b sees clean blocks <= b."""
@@ -212,10 +219,10 @@ class BlockMode(Mode):
         stage = min(stages - 1, step * stages // steps)
         return BlockMode(min(self.block_size, 2 ** stage))
 
-    def hidden(self, model, noisy, clean, targets, *, shift, attention_mask=None, prefix=None):
+    def hidden(self, model, noisy, clean, targets, *, shift, attention_mask=None, prefix=None, ar_targets=None):
         check_targets(targets, shift)
         return training_hidden(model, noisy, clean, targets, self.block_size, shift=shift,
-                               attention_mask=attention_mask, prefix=prefix)
+                               attention_mask=attention_mask, prefix=prefix), None
 
     def clean_prefix(self, model, clean, targets, shift):
         return clean_prefix(model, clean, targets, self.block_size, shift)
@@ -244,20 +251,18 @@ class BlockMode(Mode):
         if options.block_size not in (None, self.block_size):
             raise UserError(f"this block diffusion model decodes in its own blocks of {self.block_size} tokens; "
                             f"drop the sampler's block size ({options.block_size}) or set it to {self.block_size}")
-        absolute = block_ids(fill.shape[1], self.block_size, fill.device)
-        filled = absolute[fill[0]].unique()  # sorted
-        return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
+        return decoding_blocks(fill, block_ids(fill.shape[1], self.block_size, fill.device))
 
     def check_sampling(self, model, options, length):
         if options.cache not in ("exact", "none"):
             raise UserError(f"cache {options.cache!r} is for fully bidirectional models; this block diffusion model "
                             "has an exact cache: use cache 'exact' (the default)")
 
-    def logits_function(self, model, shift, cache):
+    def logits_function(self, model, config, cache):
         if cache == "none":  # the training computation itself: each block given the clean blocks before it
             return lambda ids, candidates, block: output_logits(model, self.hidden(model, ids, ids, candidates,
-                                                                                   shift=shift))
-        blocks = BlockCache(model, self.block_size, shift)
+                                                                                   shift=config.shift)[0])
+        blocks = BlockCache(model, self.block_size, config.shift)
 
         def cached(ids, candidates, block):
             first = int(candidates.any(dim=0).nonzero()[0])

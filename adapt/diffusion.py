@@ -326,8 +326,9 @@ def masked_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
     """The outputs (N, V) at the masked positions of x_t (`input_ids` with `mask` replaced by the mask
     token), as the model's mode computes them in training; `prefix` is the mode's `clean_prefix`."""
     noisy = input_ids.masked_fill(mask, config.mask_token_id)
-    return output_logits(model, config.mode.hidden(model, noisy, input_ids, mask, shift=config.shift,
-                                                   attention_mask=attention_mask, prefix=prefix))
+    hidden, _ = config.mode.hidden(model, noisy, input_ids, mask, shift=config.shift, attention_mask=attention_mask,
+                                   prefix=prefix)
+    return output_logits(model, hidden)
 
 
 @dataclass

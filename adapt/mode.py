@@ -25,6 +25,9 @@ from typing import ClassVar
 @dataclasses.dataclass(frozen=True)
 class Mode:
     name: ClassVar[str]
+    # Whether the model keeps an AR head on a causal clean stream (hybrid): its likelihood is exact and it
+    # can verify drafts (speculative decoding); the others are scored by the ELBO and decode by diffusion.
+    has_ar_head: ClassVar[bool] = False
 
     def to_dict(self) -> dict:
         """What config.json records of the mode: its name and its fields."""
@@ -49,10 +52,11 @@ class Mode:
         1, 2, 4, ...); a mode without a size to grow is itself."""
         return self
 
-    def hidden(self, model, noisy, clean, targets, *, shift: bool, attention_mask=None, prefix=None):
-        """Hidden states (N, H) that predict the N `targets` (bool (B, L)) of `noisy` (the corrupted ids),
-        in row-major order, as the training forward computes them; `clean` is the uncorrupted sequence
-        and `prefix` what `clean_prefix` cached of it."""
+    def hidden(self, model, noisy, clean, targets, *, shift: bool, attention_mask=None, prefix=None, ar_targets=None):
+        """(hidden states (N, H) that predict the N `targets` (bool (B, L)) of `noisy` (the corrupted ids),
+        in row-major order, as the training forward computes them; and, for a mode with an AR stream,
+        those (M, H) that predict `ar_targets` (bool (B, L)) through it, else None). `clean` is the
+        uncorrupted sequence and `prefix` what `clean_prefix` cached of it."""
         raise NotImplementedError
 
     def clean_prefix(self, model, clean, targets, shift: bool):
@@ -85,8 +89,8 @@ class Mode:
     def check_sampling(self, model, options, length: int) -> None:
         """Refuse sampler options this kind of model cannot honour (a UserError naming the fix)."""
 
-    def logits_function(self, model, shift: bool, cache: str):
+    def logits_function(self, model, config, cache: str):
         """logits_for(ids, candidates, block): the logits (N, V) of the positions `candidates` (bool (B, L))
         predicted from `ids`, where `block` (bool (B, L)) is every position of their block; with the
-        mode's cache (`SamplingOptions.cache`)."""
+        mode's cache (`SamplingOptions.cache`); `config` is the model's `DiffusionConfig`."""
         raise NotImplementedError

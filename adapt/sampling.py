@@ -59,6 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import DiffusionConfig
+from .draw import pick, shaped, without_mask_token
 from .errors import UserError, check_type
 from .limits import EXTRAPOLATION_FACTOR, check_context
 from .settings import at_least, between, check_settings
@@ -387,7 +388,7 @@ def denoise(
     was_training = model.training
     model.eval()  # dropout would make even greedy samples random
     try:
-        logits_for = config.mode.logits_function(model, config.shift, options.cache)
+        logits_for = config.mode.logits_function(model, config, options.cache)
         return _denoise_blocks(logits_for, ids.masked_fill(fill, config.mask_token_id), block_of, sizes,
                                mask_token_id=config.mask_token_id, steps=steps, stop_token=stop_token,
                                options=options)
@@ -461,25 +462,9 @@ def _draw(logits, mask_token_id, options: SamplingOptions, generator):
     Temperature, top-k and top-p shape the draw only; the scores are read from the model's unmodified
     distribution, so they rank positions by how certain the model is whatever the sampling settings.
     """
-    temperature, top_k, top_p = options.temperature, options.top_k, options.top_p
-    logits = logits.float()
-    logits[:, mask_token_id] = -torch.inf  # the mask token is never a prediction
+    logits = without_mask_token(logits, mask_token_id)
     model_probs = logits.softmax(dim=-1)  # the scores use the model's own distribution
-    if temperature > 0:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens ranked above it already cover top_p (the first one always stays)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -torch.inf)
-    if temperature > 0:
-        tokens = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-    else:
-        tokens = logits.argmax(dim=-1)
+    tokens = pick(shaped(logits, options), options, generator)
 
     probs, strategy = model_probs, options.strategy
     if strategy == "confidence":

@@ -34,8 +34,9 @@ def block_model(family="llama", impl="sdpa", block_size=4):
 
 def block_logits(model, noisy, targets, *, clean, block_size=4, attention_mask=None, prefix=None):
     """The block model's training predictions for `targets`, shift on."""
-    return output_logits(model, BlockMode(block_size).hidden(model, noisy, clean, targets, shift=True,
-                                                             attention_mask=attention_mask, prefix=prefix))
+    hidden, _ = BlockMode(block_size).hidden(model, noisy, clean, targets, shift=True, attention_mask=attention_mask,
+                                             prefix=prefix)
+    return output_logits(model, hidden)
 
 
 def _ids(length=12, batch=1, seed=0):
