@@ -43,13 +43,6 @@ def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
     return torch.arange(length, device=device) // block_size
 
 
-def decoding_blocks(fill: torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
-    """(B, L): each position to fill's index among the blocks that hold one, blocks being fixed by
-    position (`absolute`, (L,): the block of each position); -1 for given positions."""
-    filled = absolute[fill[0]].unique()  # sorted
-    return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
-
-
 def training_mask(length: int, block_size: int, *, padding: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """Bool (B or 1, 1, 2L, 2L), True = attend: queries and keys [noisy x_t ; clean x_0]: noisy block b
     sees noisy block b and clean blocks < b, clean block b sees clean blocks <= b."""
@@ -202,6 +195,7 @@ class BlockMode(Mode):
     blocks before it. B = 1 with the shift is the AR model."""
 
     name = "block"
+    training_settings = ("block_schedule",)
     block_size: int = field(metadata=at_least(1))
 
     def __post_init__(self):
@@ -251,7 +245,9 @@ class BlockMode(Mode):
         if options.block_size not in (None, self.block_size):
             raise UserError(f"this block diffusion model decodes in its own blocks of {self.block_size} tokens; "
                             f"drop the sampler's block size ({options.block_size}) or set it to {self.block_size}")
-        return decoding_blocks(fill, block_ids(fill.shape[1], self.block_size, fill.device))
+        absolute = block_ids(fill.shape[1], self.block_size, fill.device)
+        filled = absolute[fill[0]].unique()  # sorted
+        return torch.where(fill, torch.searchsorted(filled, absolute)[None].expand_as(fill), -1)
 
     def check_sampling(self, model, options, length):
         if options.cache not in ("exact", "none"):

@@ -172,9 +172,11 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--mask-token-id", type=int, help="the id to reuse with --mask-token reuse")
     parser.add_argument("--mode", choices=[m for m in choices_of(DiffusionTraining, "mode") if m is not None],
                         help="the kind of diffusion model: bidirectional (one block, as DiffuLLaMA) or block "
-                             "(blocks of --block-size tokens, exact KV cache when sampling); default: the source's "
+                             "(blocks of --block-size tokens, exact KV cache when sampling) or hybrid (the AR model "
+                             "kept whole, verifying drafts of --draft-size tokens; TiDAR); default: the source's "
                              "kind, bidirectional for an AR model")
     parser.add_argument("--block-size", type=int, help="--mode block: tokens per block")
+    parser.add_argument("--draft-size", type=int, help="--mode hybrid: tokens drafted per draft block")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any other recipe setting (docs/recipes.md), e.g. --set train.mixed_precision=bf16")
     _add_loading_options(parser)
@@ -192,7 +194,7 @@ def _run_convert(args) -> int:
         args.model, args.data, args.out, tokens=int(args.tokens) if args.tokens is not None else None,
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
         anneal_steps=args.anneal_steps, mask_token=args.mask_token, mask_token_id=args.mask_token_id,
-        mode=args.mode, block_size=args.block_size,
+        mode=args.mode, block_size=args.block_size, draft_size=args.draft_size,
         overrides=_loading_overrides(args) + list(args.overrides))
     out, main_process = Path(args.out), _is_main_process()
     fresh = not out.exists()
@@ -234,7 +236,8 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("model", help="a diffusion checkpoint folder (adapt export / adapt train output)")
     parser.add_argument("--prompt", help="text the sample continues (held fixed)")
     parser.add_argument("--length", type=int, required=True, help="tokens to generate")
-    parser.add_argument("--steps", type=int, required=True, help="denoising steps = model forwards (<= length)")
+    parser.add_argument("--steps", type=int, help="denoising steps = model forwards (<= length; default: one per "
+                                                  "token); a hybrid model verifying its drafts takes none")
     _add_sampling_options(parser)
     parser.set_defaults(handler=_run_generate)
 

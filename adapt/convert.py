@@ -45,6 +45,7 @@ def convert_recipe(
     mask_token_id: int | None = None,
     mode: str | None = None,
     block_size: int | None = None,
+    draft_size: int | None = None,
     overrides: list[str] = (),
 ) -> Recipe:
     """The recipe `adapt convert` runs.
@@ -52,7 +53,7 @@ def convert_recipe(
     Budget: `tokens` (rounded up to whole steps) or `steps`, default DEFAULT_STEPS. Annealing takes the
     first half of the run, warmup the first 5%, then cosine decay; seq_len is DEFAULT_SEQ_LEN or the
     model's limit, whichever is lower. `mode` is the kind of model (None: the source's), `block_size` the
-    blocks of `mode="block"` (docs/method.md).
+    blocks of `mode="block"`, `draft_size` the draft blocks of `mode="hybrid"` (docs/method.md).
     """
     if tokens is not None and steps is not None:
         raise UserError("give the budget as --tokens or --steps, not both")
@@ -69,7 +70,7 @@ def convert_recipe(
         raise UserError(f"--steps must be positive, got {steps}")
     base = {
         "model": {"path": model, "mask_token": mask_token, "mask_token_id": mask_token_id},
-        "diffusion": {"mode": mode, "block_size": block_size},
+        "diffusion": {"mode": mode, "block_size": block_size, "draft_size": draft_size},
         "data": {"path": data, "seq_len": seq_len, "validation_fraction": _validation_fraction(data, seq_len)},
         "train": {"batch_size": batch_size, "max_steps": steps,
                   "anneal_steps": anneal_steps or max(1, steps // 2), "eval_every": max(1, steps // 10)},

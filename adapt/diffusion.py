@@ -23,17 +23,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .bidirectional import BidirectionalMode
 from .block import BlockMode
+from .hybrid import HybridMode
 from .errors import UserError, check_type
 from .forward import output_logits
 from .mode import Mode
 from .objectives import OBJECTIVES, Objective
-from .settings import Range, at_least, between, check_settings, from_dict
+from .settings import Range, at_least, between, check_settings, default_of, from_dict
 
-MODES = {mode.name: mode for mode in (BidirectionalMode, BlockMode)}
+MODES = {mode.name: mode for mode in (BidirectionalMode, BlockMode, HybridMode)}
 # Keys of config.json's `diffusion` section that checkpoints written before the split recorded: the
 # training settings of their last run, kept by nothing now (the run's recipe.yaml has them).
 RETIRED_KEYS = ("eps", "anneal_steps", "anneal_from", "loss_norm", "block_schedule", "cart_p",
@@ -118,6 +120,10 @@ class DiffusionTraining:
     mode: Literal[tuple(MODES)] | None = None
     # mode: block: blocks of this many tokens, bidirectional inside and causal across, exact KV cache.
     block_size: int | None = field(default=None, metadata=at_least(1))
+    # mode: hybrid: draft blocks of this many tokens, each drafted in one step from the clean tokens before it.
+    draft_size: int | None = field(default=None, metadata=at_least(1))
+    # mode: hybrid: alpha, the AR loss's weight in (alpha L_AR + L_diff) / (1 + alpha) (TiDAR: 1).
+    ar_weight: float = field(default=1.0, metadata=at_least(0))
     # "constant": the mode's size from the first step; "grow": block sizes 1, 2, 4, ... up to block_size
     # in equal stages over train.anneal_steps (block size 1 with the shift is the AR model, LLaDA2.0).
     block_schedule: Literal["constant", "grow"] = "constant"
@@ -129,10 +135,11 @@ class DiffusionTraining:
     # "masked": divide by the masked tokens of the whole optimizer step (DiffuLLaMA); "tokens": by its
     # maskable tokens (the ELBO). Counted over every micro-batch and process.
     loss_norm: Literal["masked", "tokens"] = "masked"
-    # Noise levels t ~ U(t_min, t_max); t_min null is eps (which keeps the 1/t weight finite). The
+    # Noise levels t ~ U(t_min, t_max); t_min null is eps (which keeps the 1/t weight finite); t_min =
+    # t_max is one fixed level (1: every position masked, a hybrid model's all-mask drafts, TiDAR's). The
     # validation ELBO always integrates over all of (0, 1).
     eps: float = field(default=1e-3, metadata=between(1e-9, 0.5))
-    t_min: float | None = field(default=None, metadata=between(1e-9, 1, high_open=True))
+    t_min: float | None = field(default=None, metadata=between(1e-9, 1))
     t_max: float = field(default=1.0, metadata={"range": Range(0, 1, low_open=True)})
     # Each sequence twice per micro-batch, at t on positions m and at 1 - t on the others, so every
     # maskable token is a target exactly once per pair (LLaDA, DiffuCoder); needs t_min + t_max = 1.
@@ -142,6 +149,8 @@ class DiffusionTraining:
         check_settings(self, "diffusion.")
         self._check_noise_band()
         self._check_mode_fields()
+        if self.mode is not None:
+            self._check_mode_settings(MODES[self.mode])
 
     @property
     def noise_band(self) -> tuple[float, float]:
@@ -150,9 +159,9 @@ class DiffusionTraining:
 
     def _check_noise_band(self) -> None:
         low, high = self.noise_band
-        if not low < high:
+        if not low <= high:
             unset = " (unset: eps)" if self.t_min is None else ""
-            raise UserError(f"diffusion.t_min = {low}{unset} must be in (0, t_max = {high}); lower t_min or raise t_max")
+            raise UserError(f"diffusion.t_min = {low}{unset} must be in (0, t_max = {high}]; lower t_min or raise t_max")
         # The second copy is at 1 - t: inside the band for every t only if the band is symmetric about 1/2.
         if self.complementary_masks and not math.isclose(low + high, 1.0, abs_tol=1e-12):
             raise UserError(f"diffusion.complementary_masks needs a noise band symmetric about 1/2 (t_min + t_max = 1), "
@@ -173,11 +182,22 @@ class DiffusionTraining:
         if missing:
             raise UserError(f"diffusion.mode: {self.mode} needs diffusion.{missing[0]}; give it a value")
 
+    def _check_mode_settings(self, mode: type[Mode]) -> None:
+        """The training settings of another mode must keep their defaults: a grow schedule for a model
+        without blocks, an AR weight for one without an AR stream, are refused, not ignored."""
+        for other in MODES.values():
+            for name in set(other.training_settings) - set(mode.training_settings):
+                if getattr(self, name) != default_of(DiffusionTraining, name):
+                    raise UserError(f"diffusion.{name} is a setting of mode {other.name!r} and this run makes a "
+                                    f"{mode.name} model; remove diffusion.{name} or set diffusion.mode: {other.name}")
+
     def mode_for(self, source: DiffusionConfig | None) -> Mode:
         """The mode the run makes: this section's, or with `mode: null` the source's (`source` None: an
         AR model, which becomes bidirectional)."""
         if self.mode is None:
-            return BidirectionalMode() if source is None else source.mode
+            mode = BidirectionalMode() if source is None else source.mode
+            self._check_mode_settings(type(mode))
+            return mode
         mode_class = MODES[self.mode]
         return mode_class(**{f.name: getattr(self, f.name) for f in dataclasses.fields(mode_class)})
 
@@ -200,6 +220,7 @@ class DiffusionLoss:
     num_tokens: int  # non-padding tokens in the batch (what a run counts as trained on)
     # Sums the objective needs before its first step (`Objective.calibration_statistics`); None when it does not.
     calibration: torch.Tensor | None = None
+    ar_ce: torch.Tensor | None = None  # scalar: a hybrid model's AR cross-entropy per maskable position, for logging
 
 
 def sample_t(batch: int, low: float, high: float = 1.0, *, device=None,
@@ -284,6 +305,7 @@ def diffusion_loss(
     t: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     denominator: float | None = None,
+    ar_denominator: float | None = None,
     generator: torch.Generator | None = None,
 ) -> DiffusionLoss:
     """One Monte Carlo sample of the diffusion loss for a batch of token ids (B, L), laid out as the
@@ -296,6 +318,10 @@ def diffusion_loss(
     Padding is never a target. The weighted terms are summed and divided by `denominator`, by default
     this batch's `loss_denominator`; the training loop passes the count of its whole optimizer step (all
     micro-batches, all processes), so that the objective does not depend on how the step is split.
+
+    A mode with an AR stream (hybrid) adds the AR cross-entropy of every maskable position, read off its
+    clean stream in the same forward and divided by `ar_denominator` (by default this batch's maskable
+    positions); the loss is then (alpha L_AR + L_diff) / (1 + alpha), alpha = `training.ar_weight`.
     """
     check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if config.mask_token_id is None:
@@ -304,20 +330,27 @@ def diffusion_loss(
     objective = objective or objective_of(config, training)
     maskable = maskable_positions(input_ids, attention_mask, never_mask)
     t, mask = draw_noise(input_ids, config, training, maskable, t=t, mask=mask, generator=generator)
-    logits = masked_logits(model, input_ids, mask, config, attention_mask=attention_mask)
+    logits, ar_logits = _outputs(model, input_ids, mask, config, attention_mask=attention_mask, ar_targets=maskable)
     terms, ce = objective.terms(logits, input_ids[mask], config.mask_token_id)
     weights = objective.weights(t, mask, attention_mask, config.mode, config.shift)
 
     num_masked = int(mask.sum())
     if denominator is None:
         denominator = loss_denominator(training, mask, maskable)
+    loss, ar_ce = (terms * weights).sum() / max(denominator, 1), None
+    if ar_logits is not None:
+        ar_sum = F.cross_entropy(ar_logits, input_ids[maskable], reduction="none").float().sum()
+        ar_ce = ar_sum.detach() / max(int(maskable.sum()), 1)
+        ar_loss = ar_sum / max(int(maskable.sum()) if ar_denominator is None else ar_denominator, 1)
+        loss = (loss + training.ar_weight * ar_loss) / (1 + training.ar_weight)
     return DiffusionLoss(
-        loss=(terms * weights).sum() / max(denominator, 1),
+        loss=loss,
         unweighted=ce.detach().sum() / max(num_masked, 1),
         num_masked=num_masked,
         num_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel(),
         calibration=(objective.calibration_statistics(logits, config.mask_token_id)
                      if objective.needs_calibration() else None),
+        ar_ce=ar_ce,
     )
 
 
@@ -325,10 +358,17 @@ def masked_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
     """The outputs (N, V) at the masked positions of x_t (`input_ids` with `mask` replaced by the mask
     token), as the model's mode computes them in training; `prefix` is the mode's `clean_prefix`."""
+    logits, _ = _outputs(model, input_ids, mask, config, attention_mask=attention_mask, prefix=prefix)
+    return logits
+
+
+def _outputs(model, input_ids, mask, config: DiffusionConfig, *, attention_mask=None, prefix=None, ar_targets=None):
+    """(the outputs at the masked positions of x_t, and those of the AR head at `ar_targets` where the
+    mode has an AR stream, else None), from one forward laid out as the mode trains."""
     noisy = input_ids.masked_fill(mask, config.mask_token_id)
-    hidden, _ = config.mode.hidden(model, noisy, input_ids, mask, shift=config.shift, attention_mask=attention_mask,
-                                   prefix=prefix)
-    return output_logits(model, hidden)
+    hidden, ar_hidden = config.mode.hidden(model, noisy, input_ids, mask, shift=config.shift,
+                                           attention_mask=attention_mask, prefix=prefix, ar_targets=ar_targets)
+    return output_logits(model, hidden), None if ar_hidden is None else output_logits(model, ar_hidden)
 
 
 @dataclass

@@ -35,9 +35,9 @@ from .outputs import check_output, tensor_bytes, writing
 REMOTE_MODULE = "modeling_adapt_diffusion"
 # The remote module and every module it imports, relative to this package (checked by the tests: a
 # missing one makes the remote load fail).
-REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "draw.py", "diffusion.py", "attention.py", "mode.py",
-                     "bidirectional.py", "block.py", "forward.py", "objectives.py", "settings.py", "errors.py",
-                     "limits.py")
+REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "draw.py", "speculative.py", "diffusion.py", "attention.py",
+                     "mode.py", "bidirectional.py", "block.py", "hybrid.py", "forward.py", "objectives.py",
+                     "settings.py", "errors.py", "limits.py")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
 CARD_KEYS = ("license", "datasets", "tags", "evaluation", "description", "base_model")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .block import decoding_blocks, two_copy_mask
+from .block import two_copy_mask
 from .errors import UserError
 from .forward import cached_forward, check_targets, forward_against, output_logits
 from .mode import Mode
@@ -43,6 +43,7 @@ class HybridMode(Mode):
 
     name = "hybrid"
     has_ar_head = True
+    training_settings = ("ar_weight",)
     draft_size: int = field(metadata=at_least(1))
 
     def __post_init__(self):
@@ -83,37 +84,39 @@ class HybridMode(Mode):
         return rows * self.forward_positions(length) ** 2  # the bool mask, built once per forward
 
     def decoding_blocks(self, fill, options):
-        """Draft blocks by position, as trained: block b predicts the tokens bD+1..bD+D."""
+        """Blocks of up to D positions to fill, each starting at the first one not yet in a block: a draft
+        block reads every token before its first target (a block's place does not matter: the drafts see
+        positions relative to their own)."""
+        block_of = torch.full(fill.shape, -1, dtype=torch.long, device=fill.device)
+        block, start = -1, None
+        for position in fill[0].nonzero().squeeze(1).tolist():  # once per call, not per step
+            if start is None or position >= start + self.draft_size:
+                block, start = block + 1, position
+            block_of[:, position] = block
+        return block_of
+
+    def check_sampling(self, model, options, length):
         if options.block_size not in (None, self.draft_size):
             raise UserError(f"this hybrid model drafts in blocks of {self.draft_size} tokens; drop the sampler's "
                             f"block size ({options.block_size}) or set it to {self.draft_size}")
-        absolute = (torch.arange(fill.shape[1], device=fill.device) - 1).clamp(min=0) // self.draft_size
-        return decoding_blocks(fill, absolute)
-
-    def check_sampling(self, model, options, length):
         if options.cache not in ("exact", "none"):
             raise UserError(f"cache {options.cache!r} is for fully bidirectional models; this hybrid model has an "
                             "exact cache: use cache 'exact' (the default)")
 
     def logits_function(self, model, config, cache):
-        """Diffusion decoding of the drafts: each step re-drafts the block being denoised, its committed
-        tokens visible to it, from the clean tokens before it."""
-        if cache == "none":  # the training layout itself, the block's first draft input a mask as trained
-            def whole(ids, candidates, block):
-                noisy = ids.clone()
-                noisy[:, _block_start(block) - 1] = config.mask_token_id
-                drafts, _ = self.hidden(model, noisy, ids, candidates, shift=config.shift)
-                return output_logits(model, drafts)
-            return whole
-        prefix = CleanCache(model)
+        """Diffusion decoding of the drafts: each step re-drafts the block being denoised, from the clean
+        tokens before it (kept in the AR model's own KV cache, or with cache "none" run again every step)
+        and its own tokens committed so far; its first draft input is a mask, as the drafts were trained."""
+        kept = CleanCache(model)
 
-        def cached(ids, candidates, block):
+        def logits_for(ids, candidates, block):
+            prefix = kept if cache != "none" else CleanCache(model)
             start = _block_start(block)
             prefix.extend(ids, start)  # every token before the block is known
             drafts = torch.cat([torch.full_like(ids[:, :1], config.mask_token_id), ids[:, start:_block_end(block) - 1]],
                                dim=1)
             return output_logits(model, prefix.drafts(drafts, start - 1, candidates))
-        return cached
+        return logits_for
 
 
 def _check_shift(shift: bool) -> None:

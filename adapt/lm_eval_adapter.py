@@ -33,7 +33,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .evaluate.likelihood import continuation_scores, encode_pair
-from .evaluate.perplexity import evaluation_mode
+from .evaluate.perplexity import evaluation_mode, sampling_ratio
 from .sampling import SamplingOptions, anchor_id, generate
 from .settings import from_dict
 
@@ -137,8 +137,8 @@ class AdaptLM(LM):
                                           do_sample=temperature > 0, temperature=temperature or None,
                                           pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
             return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        with evaluation_mode(self.model, 1.0):
-            return generate(self.model, self.tokenizer, context or None, length=length, steps=self.steps or length,
+        with evaluation_mode(self.model, sampling_ratio(self.config)):
+            return generate(self.model, self.tokenizer, context or None, length=length, steps=self.steps,
                             options=self.sampling, temperature=temperature)[0]
 
 

@@ -28,6 +28,8 @@ class Mode:
     # Whether the model keeps an AR head on a causal clean stream (hybrid): its likelihood is exact and it
     # can verify drafts (speculative decoding); the others are scored by the ELBO and decode by diffusion.
     has_ar_head: ClassVar[bool] = False
+    # The recipe's training settings (`DiffusionTraining` fields) only this kind of model reads.
+    training_settings: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
         """What config.json records of the mode: its name and its fields."""

@@ -62,10 +62,12 @@ from .diffusion import DiffusionConfig
 from .draw import pick, shaped, without_mask_token
 from .errors import UserError, check_type
 from .limits import EXTRAPOLATION_FACTOR, check_context
+from .speculative import DRAFT_GROUPS, speculate
 from .settings import at_least, between, check_settings
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 CACHES = ("exact", "none", "prefix", "dual")  # see SamplingOptions.cache
+DECODINGS = ("auto", "verify", "diffusion")  # see SamplingOptions.decoding
 DEFAULT_SPAN_LENGTH = 8  # tokens a plain "[MASK]" stands for
 DEFAULT_MASK_MARKER = "[MASK]"
 MAX_NUM_SAMPLES = 1024  # samples are one batch: its memory grows with them, so one argument must not be unbounded
@@ -117,6 +119,19 @@ class SamplingOptions:
     # EOS anyway) and the forwards they would cost are saved.
     stop_at_eos: bool = field(default=True, metadata={
         "help": "decoding in blocks: stop after the first block at whose end every sample has produced EOS"})
+    # How a model with an AR head (hybrid) turns its drafts into tokens: "verify" checks them with the AR
+    # head (speculative decoding: exactly the AR head's output distribution, several tokens a forward);
+    # "diffusion" denoises them as any diffusion model; "auto" verifies where the model can, unless a
+    # threshold asks for diffusion decoding.
+    decoding: Literal[DECODINGS] = field(default="auto", metadata={
+        "help": "a model with an AR head (hybrid): verify its drafts with it (speculative decoding, the AR "
+                "head's exact distribution), or diffusion-decode them; auto: verify where the model can, "
+                "unless a threshold is given"})
+    # Verifying: one draft group a forward, which assumes every draft accepted ("one"), or one for each
+    # number of drafts accepted ("every", TiDAR's pre-drafting: D times the draft positions a forward).
+    draft_groups: Literal[DRAFT_GROUPS] = field(default="one", metadata={
+        "help": "verifying: draft the next tokens assuming every draft accepted (one), or for each number "
+                "accepted (every, TiDAR's pre-drafting, more positions a forward)"})
 
     def __post_init__(self):
         check_settings(self)
@@ -125,6 +140,9 @@ class SamplingOptions:
                             "draw them in several calls, each with its own seed")
         if self.threshold is not None and self.strategy != "confidence":
             raise UserError(f"threshold decoding commits by confidence; use strategy 'confidence', not {self.strategy!r}")
+        if self.threshold is not None and self.decoding == "verify":
+            raise UserError("a threshold commits drafts by the diffusion model's confidence, verification by the AR "
+                            "head's; drop the threshold or use decoding 'diffusion'")
 
     @classmethod
     def with_overrides(cls, options: SamplingOptions | None, overrides: dict) -> SamplingOptions:
@@ -168,11 +186,12 @@ def generate(
     prompt: str | None = None,
     *,
     length: int,
-    steps: int,
+    steps: int | None = None,
     options: SamplingOptions | None = None,
     **overrides,
 ) -> list[str]:
-    """Generate `length` tokens after `prompt` (or after BOS) in `steps` denoising steps.
+    """Generate `length` tokens after `prompt` (or after BOS) in `steps` denoising steps (None: one per
+    token), or, on a model that verifies its drafts with its AR head, in as many forwards as they take.
 
     Returns one continuation per sample, prompt excluded, ending before its first EOS. The sampling
     settings are `options` with any `SamplingOptions` field given as a keyword (`temperature=0.8`,
@@ -188,7 +207,7 @@ def generate_with_details(
     prompt: str | None = None,
     *,
     length: int,
-    steps: int,
+    steps: int | None = None,
     options: SamplingOptions | None = None,
     **overrides,
 ) -> Generation:
@@ -198,8 +217,12 @@ def generate_with_details(
     """
     options = SamplingOptions.with_overrides(options, overrides)
     _check_positive(length=length)
-    _check_steps(steps, length)
     config = _diffusion_config(model)
+    verifying = verifies(config, options)
+    if verifying and steps is not None:
+        raise UserError("a hybrid model verifying its drafts takes as many forwards as its drafts are accepted; "
+                        "drop the steps, or pass decoding 'diffusion' to denoise in that many steps")
+    _check_steps(steps or length, length)
     prompt_ids = context_ids(tokenizer, prompt, anchor=config.shift)
     check_context(model.config, len(prompt_ids) + length, f"the prompt and {length:,} new tokens",
                   allow_longer=options.allow_longer)
@@ -210,7 +233,10 @@ def generate_with_details(
     # EOS in the finished blocks; everything before that EOS is committed, and committed tokens never
     # change, so the text (which ends there) is final. Only the positions after it are left ungenerated.
     stop = tokenizer.eos_token_id if options.stop_at_eos else None
-    out = denoise(model, ids, fill, config, steps=steps, stop_token=stop, options=options)
+    if verifying:
+        out = _speculated(model, ids[:, :len(prompt_ids)], config, length, stop, options)
+    else:
+        out = denoise(model, ids, fill, config, steps=steps or length, stop_token=stop, options=options)
     rows = out.ids.tolist()
     start = len(prompt_ids)
     return Generation(
@@ -260,6 +286,9 @@ def infill_with_details(
 ) -> Infilling:
     """`infill` for `num_samples` samples, also returning the spans, token ids and commit steps."""
     options = SamplingOptions.with_overrides(options, overrides)
+    if options.decoding == "verify":
+        raise UserError("verification decodes left to right, and infilling fills spans between given texts; use "
+                        "decoding 'auto' or 'diffusion'")
     _check_positive(span_length=span_length)
     config = _diffusion_config(model)
     pieces = split_infill_text(text, mask_marker, span_length)
@@ -349,6 +378,28 @@ def split_infill_text(
     return pieces
 
 
+def verifies(config: DiffusionConfig, options: SamplingOptions) -> bool:
+    """Whether generating verifies the model's drafts with its AR head (`SamplingOptions.decoding`)."""
+    if options.decoding == "verify" and not config.mode.has_ar_head:
+        raise UserError(f"decoding 'verify' checks drafts with the model's AR head, and a {config.mode.name} model "
+                        "has none; use decoding 'auto' or 'diffusion'")
+    return config.mode.has_ar_head and options.decoding != "diffusion" and options.threshold is None
+
+
+def _speculated(model, prompt: torch.Tensor, config: DiffusionConfig, length: int, stop_token: int | None,
+                options: SamplingOptions) -> Denoised:
+    """`length` tokens after `prompt` (B, P) by speculative decoding (adapt/speculative.py), in eval mode."""
+    config.mode.check_sampling(model, options, prompt.shape[1] + length)
+    was_training = model.training
+    model.eval()
+    try:
+        ids, commit_step, forwards = speculate(model, config, prompt, length, options,
+                                               _generator(options.seed, prompt.device), stop_token)
+    finally:
+        model.train(was_training)
+    return Denoised(ids=ids, commit_step=commit_step, forwards=forwards)
+
+
 @torch.no_grad()
 def denoise(
     model,
@@ -378,12 +429,12 @@ def denoise(
     if config.shift and fill[:, 0].any():
         raise UserError("position 0 cannot be generated with the shift (it is never predicted); start with a "
                         "given token such as BOS")
+    config.mode.check_sampling(model, options, ids.shape[1])
     block_of = config.mode.decoding_blocks(fill, options)
     sizes = torch.bincount(block_of[0][fill[0]]).tolist()
     if steps < len(sizes):
         raise UserError(f"{steps} steps cannot cover {len(sizes)} blocks of {options.block_size} tokens; "
                         f"use at least {len(sizes)} steps or a larger block size")
-    config.mode.check_sampling(model, options, ids.shape[1])
 
     was_training = model.training
     model.eval()  # dropout would make even greedy samples random

@@ -57,7 +57,7 @@ def speculate(model, config, prompt: torch.Tensor, length: int, options, generat
         emitted = own if n == waiting else torch.where(accepted > n, drafts[:, n], own)
         tokens = torch.cat([tokens, drafts[:, :n], emitted[:, None]], dim=1)
         commit_step[:, known:tokens.shape[1]] = forwards
-        cache.crop(known + n)  # the accepted tokens stay; rejected drafts and every group go
+        cache.crop(known + n - cache.get_seq_length())  # the accepted tokens stay; rejected drafts and every group go
         forwards += 1
         drafts, draft_logits = _next_drafts(model, config, options, grouped, groups, n, end - tokens.shape[1],
                                             generator)

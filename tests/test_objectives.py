@@ -21,6 +21,7 @@ import adapt
 from adapt.bidirectional import BidirectionalMode
 from adapt.block import BlockMode
 from adapt.diffusion import DiffusionConfig, DiffusionTraining, diffusion_loss, draw_noise, elbo_nll, maskable_positions
+from adapt.hybrid import HybridMode
 from adapt.forward import predict_logits
 from adapt.objectives import CART, MaskedDiffusion, cart_weights, score_entropy
 from adapt.errors import UserError
@@ -260,7 +261,7 @@ def test_complementary_masks_score_every_maskable_token_once_per_pair(loss_norm)
     torch.testing.assert_close(weights, torch.where(rows < 3, 1 / micro.t[rows % 3], 1 / (1 - micro.t[rows % 3])))
     # Both copies are samples: the pair masks each maskable token once; "tokens" counts both copies.
     copies = 1 if loss_norm == "masked" else 2
-    assert micro.counts.tolist() == [float(maskable.sum()), float(copies * maskable.sum())]
+    assert micro.counts.tolist() == [float(maskable.sum()), float(copies * maskable.sum()), float(2 * maskable.sum())]
     assert micro.tokens == int(attention_mask.sum())  # the data's tokens, each pair's sequence once
 
 
@@ -274,7 +275,7 @@ def test_noise_levels_stay_in_the_band():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["diffusion.t_min=0.5", "diffusion.t_max=0.4"], "diffusion.t_min = 0.5 must be in (0, t_max = 0.4)"),
+    (["diffusion.t_min=0.5", "diffusion.t_max=0.4"], "diffusion.t_min = 0.5 must be in (0, t_max = 0.4]"),
     (["diffusion.t_max=0"], "diffusion.t_max = 0.0 is out of range"),
     (["diffusion.complementary_masks=true"], "diffusion.complementary_masks needs a noise band symmetric about 1/2"),
     # t + (1 - t) in the band only if it is symmetric: 0.2-0.4 would train the second copy at 0.6-0.8
@@ -322,7 +323,7 @@ def _sft_data(folder):
 
 
 @pytest.mark.parametrize("data", ["pretrain", "sft"])
-@pytest.mark.parametrize("mode", [BidirectionalMode(), BlockMode(4)], ids=["bidirectional", "block"])
+@pytest.mark.parametrize("mode", [BidirectionalMode(), BlockMode(4), HybridMode(4)], ids=["bidirectional", "block", "hybrid"])
 @pytest.mark.parametrize("objective", ["mdm", "score-entropy", "cart"])
 def test_every_objective_trains_in_every_mode_and_the_export_records_it(tmp_path, objective, mode, data):
     """One step of each objective x mode x data kind; the SFT runs also turn both variance levers on

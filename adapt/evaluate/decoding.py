@@ -25,7 +25,7 @@ from ..limits import check_context
 from ..sampling import context_ids, denoise
 from .choice import read_jsonl
 from .metrics import rouge_l, summary
-from .perplexity import evaluation_mode, model_device
+from .perplexity import evaluation_mode, model_device, sampling_ratio
 from .sandbox import run_program
 
 
@@ -56,7 +56,7 @@ def fill_span(model: nn.Module, tokenizer, span: Span, *, config: DiffusionConfi
     ids = torch.tensor([before + [config.mask_token_id] * length + after], device=device)
     fill = torch.zeros_like(ids, dtype=torch.bool)
     fill[0, len(before):len(before) + length] = True
-    with evaluation_mode(model, 1.0):
+    with evaluation_mode(model, sampling_ratio(config)):
         out = denoise(model, ids, fill, config, steps=length, strategy=strategy, temperature=0.0)
     return tokenizer.decode(out.ids[0, len(before):len(before) + length], skip_special_tokens=True)
 

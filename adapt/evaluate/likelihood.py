@@ -18,7 +18,7 @@ from ..diffusion import DiffusionConfig, elbo_nll, masked_logits
 from ..forward import predict_logits
 from ..errors import UserError
 from ..sampling import context_ids
-from .perplexity import evaluation_mode, model_device
+from .perplexity import evaluation_mode, model_device, sampling_ratio
 
 
 @dataclass
@@ -54,13 +54,16 @@ def continuation_scores(
 ) -> list[Score]:
     """Score tokens `sequences[i][starts[i]:]` given `sequences[i][:starts[i]]`, in batches.
 
-    `config=None`: exact AR log-likelihood at attention ratio 0. Otherwise the diffusion ELBO at ratio 1
-    with `n_samples` masks; each batch draws from a generator seeded with `seed`, so choices
-    scored in one batch share the levels that set their mask sizes (common random numbers make their comparison sharper).
+    `config=None`, or a model with an AR head (hybrid): the exact AR log-likelihood, at attention ratio 0.
+    Otherwise the diffusion ELBO, at the ratio the model samples at, with `n_samples` masks; each batch
+    draws from a generator seeded with `seed`, so choices scored in one batch share the levels that set
+    their mask sizes (common random numbers make their comparison sharper).
     Sequences longer than `max_length` lose context tokens from the left (after the first token).
     """
     scores = []
-    with evaluation_mode(model, 0.0 if config is None else 1.0):
+    if config is not None and config.mode.has_ar_head:
+        config = None  # its AR head's exact likelihood: no Monte Carlo, no cap on what it can score
+    with evaluation_mode(model, sampling_ratio(config)):
         for first in range(0, len(sequences), batch_size):
             rows = [_truncate(seq, start, max_length) for seq, start in
                     zip(sequences[first:first + batch_size], starts[first:first + batch_size])]

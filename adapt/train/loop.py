@@ -119,7 +119,7 @@ class MicroBatch:
     generator: torch.Generator  # draws its noise and its annealed attention mask
     t: torch.Tensor
     mask: torch.Tensor  # the corrupted positions
-    counts: torch.Tensor  # (masked tokens, loss denominator), float64
+    counts: torch.Tensor  # (masked tokens, loss denominator, maskable tokens: the AR loss's), float64
     tokens: int  # non-padding tokens read from the data (a complementary pair's sequence counts once)
 
 
@@ -130,20 +130,21 @@ def train_step(run: Run, micro_batches) -> dict:
     mode, ratio = run.layout_at(run.step)
     lr = scheduled_lr(run.scheduler, run.recipe)  # the rate this step's update uses, before multipliers
     micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
-    num_masked, denominator = all_reduce_sum(sum(m.counts for m in micros)).tolist()
+    num_masked, denominator, maskable = all_reduce_sum(sum(m.counts for m in micros)).tolist()
     if run.objective.needs_calibration():
         _calibrate(run, micros, mode, ratio)
     if run.alignment is not None and run.alignment.faded_out_at(run.step):
         run.alignment = None  # its weight is 0 from here on: free the source's weights
     align_weight = run.alignment.weight_at(run.step) if run.alignment is not None else 0.0
     aligned = _aligned_positions(micros) if align_weight > 0 else None  # None: no alignment term this step
-    # loss, masked CE sum, tokens, alignment distance sum
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    # loss, masked CE sum, tokens, alignment distance sum, AR CE sum (a hybrid model's)
+    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     finite, grad_norm = True, None
     for micro in micros:
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.wrapped), accelerator.autocast():
-            micro_loss, out, distance = _micro_objective(run, micro, denominator, mode, aligned, align_weight)
+            micro_loss, out, distance = _micro_objective(run, micro, (denominator, maskable), mode, aligned,
+                                                         align_weight)
             # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
             # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
             accelerator.backward(micro_loss * (accum * world))
@@ -152,13 +153,15 @@ def train_step(run: Run, micro_batches) -> dict:
             if finite or accelerator.scaler is not None:  # else skip: NaN/inf would poison the weights
                 run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        totals += torch.tensor([micro_loss.item(), out.unweighted.item() * out.num_masked, micro.tokens, distance],
-                               dtype=torch.float64, device=accelerator.device)
+        ar_sum = 0.0 if out.ar_ce is None else out.ar_ce.item() * float(micro.counts[2])
+        totals += torch.tensor([micro_loss.item(), out.unweighted.item() * out.num_masked, micro.tokens, distance,
+                                ar_sum], dtype=torch.float64, device=accelerator.device)
     run.scheduler.step()
-    loss, ce_sum, tokens, distance = all_reduce_sum(totals).tolist()
+    loss, ce_sum, tokens, distance, ar_sum = all_reduce_sum(totals).tolist()
     run.step += 1
     run.tokens_trained += int(tokens)
-    record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1), "ratio": ratio,
+    record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1),
+              **({"ar_ce": ar_sum / max(maskable, 1)} if mode.has_ar_head else {}), "ratio": ratio,
               **mode.fields(),
               **({"align_loss": distance / max(aligned, 1), "align_weight": align_weight}
                  if aligned is not None else {}), "lr": lr,
@@ -168,17 +171,18 @@ def train_step(run: Run, micro_batches) -> dict:
     return record
 
 
-def _micro_objective(run: Run, micro: MicroBatch, denominator: float, mode, aligned: float | None,
+def _micro_objective(run: Run, micro: MicroBatch, denominators: tuple[float, float], mode, aligned: float | None,
                      align_weight: float):
     """This micro-batch's share of the step's objective (differentiable), its diffusion loss, and the
     sum of its alignment distances (0.0 without alignment, `aligned` None). Both terms are divided by
-    counts of the whole step: the diffusion loss by `denominator`, the alignment by the step's `aligned`
+    counts of the whole step: the diffusion loss by `denominators` (its own, and a hybrid model's AR loss's),
+    the alignment by the step's `aligned`
     positions."""
     alignment = run.alignment if aligned is not None else None
     watching = alignment.watch(run.inner_model) if alignment is not None else contextlib.nullcontext([])
     with watching as states:
-        out = run.wrapped(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominator, mode=mode,
-                          generator=micro.generator)
+        out = run.wrapped(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominators[0],
+                          ar_denominator=denominators[1], mode=mode, generator=micro.generator)
     if alignment is None:
         return out.loss, out, 0.0
     distance = alignment.distance_sum(states, micro.batch)
@@ -221,7 +225,7 @@ def _draw_micro_batch(run: Run, batch: dict, micro: int) -> MicroBatch:
     tokens = int(batch["attention_mask"].sum())
     if training.complementary_masks:  # the denominator then counts both copies: each is one more sample
         batch, maskable, t, mask = complementary_pairs(batch, maskable, t, mask)
-    counts = torch.tensor([float(mask.sum()), float(loss_denominator(training, mask, maskable))],
+    counts = torch.tensor([float(mask.sum()), float(loss_denominator(training, mask, maskable)), float(maskable.sum())],
                           dtype=torch.float64, device=accelerator.device)
     return MicroBatch(batch, generator, t, mask, counts, tokens)
 
