@@ -333,9 +333,14 @@ def train_flops(model, shape: tuple[int, int], head_positions: float) -> float:
 
 # -------------------------------------------------------------------------------------------- sampling
 
-def sampling_methods(length: int, steps: list[int], thresholds: list[float], block_size: int, *,
+def sampling_methods(length: int, steps: list[int], thresholds: list[float], block_size: int, *, own=None,
                      explicit_masks: bool = True) -> dict[str, tuple]:
     """name -> (the model's mode, steps, `SamplingOptions`) of each way of sampling.
+
+    A model with an AR head (`own`, its mode: hybrid) is measured as it decodes,
+    `verify_{groups}_t{temperature}`: its drafts verified by its AR head, one draft group a forward or one
+    per acceptance count, greedy and at temperature 1 (its other rows would read it as another kind of
+    model, which its drafts were not trained as). Otherwise:
 
     `diffusion_s{S}`: S steps, one block. For each threshold T (`steps` = `length`, an upper bound):
     `threshold{T}_{cache}`, the bidirectional model in sampler blocks of `block_size` under each cache
@@ -345,6 +350,12 @@ def sampling_methods(length: int, steps: list[int], thresholds: list[float], blo
     """
     from .bidirectional import APPROXIMATE_CACHES
     from .sampling import CACHES, SamplingOptions
+    from .speculative import DRAFT_GROUPS
+
+    if own is not None and own.has_ar_head:
+        return {f"verify_{groups}_t{temperature:g}": (own, None, SamplingOptions(draft_groups=groups,
+                                                                               temperature=temperature, seed=0))
+                for groups in DRAFT_GROUPS for temperature in (0.0, 1.0)}
 
     # A bidirectional model has no exact cache: "exact" reuses nothing there, the computation of "none".
     bidirectional = ("none", *APPROXIMATE_CACHES) if explicit_masks else ("none",)
@@ -368,12 +379,12 @@ def bench_sampling(model, tokenizer, config: DiffusionConfig, *, length: int, st
     against the same model's KV-cached `generate` at the same length, batch and temperature (1, the
     sampler's default; exactly `length` tokens). No run stops early at EOS: every run does the same work."""
     from .evaluate.samples import ar_generate
-    from .sampling import SamplingOptions, context_ids, denoise, generate
+    from .sampling import SamplingOptions, context_ids, denoise, draft_and_verify, generate, verifies
 
     model.eval()
     device = model.device
     start = context_ids(tokenizer, None)  # BOS (or the anchor token) on both sides
-    methods = sampling_methods(length, steps, thresholds, block_size,
+    methods = sampling_methods(length, steps, thresholds, block_size, own=config.mode,
                                explicit_masks=model.config._attn_implementation in PARTIAL_MASK_IMPLEMENTATIONS)
     ar_options = SamplingOptions()
 
@@ -392,9 +403,14 @@ def bench_sampling(model, tokenizer, config: DiffusionConfig, *, length: int, st
         fill[:, len(start):] = True
         as_mode = dataclasses.replace(config, mode=mode)
 
+        def sample():
+            if verifies(as_mode, options):
+                return draft_and_verify(model, ids[:, :len(start)], as_mode, length, None, options)
+            return denoise(model, ids, fill, as_mode, steps=n_steps, options=options)
+
         def run():
             set_attention(model, mode.attention_ratio(1.0))  # the ratio a trained model of this mode samples at
-            return timed(device, lambda: denoise(model, ids, fill, as_mode, steps=n_steps, options=options))
+            return timed(device, sample)
         return run
 
     runs = {}
@@ -405,7 +421,7 @@ def bench_sampling(model, tokenizer, config: DiffusionConfig, *, length: int, st
     set_attention(model, 0.0)
     ar_generate(model, torch.tensor([start], device=device), length=4, options=ar_options, seed=0, tokenizer=tokenizer)
     set_attention(model, 1.0)
-    generate(model, tokenizer, length=8, steps=2, seed=0)
+    generate(model, tokenizer, length=8, steps=2, seed=0, decoding="diffusion")
     times = interleave(runs, repeats=repeats, warmup=0)
     set_attention(model, 0.0)
     rows = [_sampling_row(model, tokenizer, name, method, batch=b, start=start, length=length,

@@ -234,7 +234,7 @@ def generate_with_details(
     # change, so the text (which ends there) is final. Only the positions after it are left ungenerated.
     stop = tokenizer.eos_token_id if options.stop_at_eos else None
     if verifying:
-        out = _speculated(model, ids[:, :len(prompt_ids)], config, length, stop, options)
+        out = draft_and_verify(model, ids[:, :len(prompt_ids)], config, length, stop, options)
     else:
         out = denoise(model, ids, fill, config, steps=steps or length, stop_token=stop, options=options)
     rows = out.ids.tolist()
@@ -386,8 +386,8 @@ def verifies(config: DiffusionConfig, options: SamplingOptions) -> bool:
     return config.mode.has_ar_head and options.decoding != "diffusion" and options.threshold is None
 
 
-def _speculated(model, prompt: torch.Tensor, config: DiffusionConfig, length: int, stop_token: int | None,
-                options: SamplingOptions) -> Denoised:
+def draft_and_verify(model, prompt: torch.Tensor, config: DiffusionConfig, length: int, stop_token: int | None,
+                     options: SamplingOptions) -> Denoised:
     """`length` tokens after `prompt` (B, P) by speculative decoding (adapt/speculative.py), in eval mode."""
     config.mode.check_sampling(model, options, prompt.shape[1] + length)
     was_training = model.training

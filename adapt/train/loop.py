@@ -29,9 +29,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import get_attention_ratio, set_attention
 from ..diffusion import complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions, objective_of
+from ..forward import predict_logits
 from ..recipe import Recipe
 from .backends import open_backend
 from .alignment import load_alignment
@@ -286,7 +288,8 @@ def end_of_step(run: Run, record: dict) -> None:
 
 
 def validate(run: Run, ratio: float) -> dict:
-    """Held-out negative ELBO per token at the current attention ratio, summed over all processes.
+    """Held-out negative ELBO per token at the current attention ratio, summed over all processes; for a
+    model with an AR head (hybrid) also its AR head's exact NLL per token on the same tokens (`val_ar_*`).
 
     The validation split gives every process the same number of batches (ZeRO-3 and FSDP need all ranks
     in every forward); a fixed generator makes successive validations comparable.
@@ -298,16 +301,30 @@ def validate(run: Run, ratio: float) -> dict:
         train.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes), train.eval_batches))
     generator = micro_batch_generator(train.seed + 1, accelerator.process_index, accelerator.device)
     set_attention(inner, ratio, generator=generator)
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # ELBO, tokens, AR NLL
     with run.backend.full_weights(run.wrapped):
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            targets = ~batch["never_mask"] & maskable_positions(batch["input_ids"], batch["attention_mask"])
             with accelerator.autocast():
                 elbo = elbo_nll(inner, batch["input_ids"], run.diffusion, n_samples=train.eval_samples,
-                                target_mask=~batch["never_mask"], attention_mask=batch["attention_mask"],
+                                target_mask=targets, attention_mask=batch["attention_mask"],
                                 generator=generator, objective=run.objective)
-            totals += torch.stack([elbo.nll.sum(), elbo.num_tokens.sum().double()])
+                ar_nll = _ar_nll(run, inner, batch, targets)
+            totals += torch.stack([elbo.nll.sum(), elbo.num_tokens.sum().double(), ar_nll])
     totals = all_reduce_sum(totals)
     inner.train(was_training)
-    per_token = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"val_elbo_nll": per_token, "val_elbo_ppl": math.exp(min(per_token, 50.0)), "val_tokens": int(totals[1])}
+    per_token, ar_per_token = (totals[0] / totals[1].clamp(min=1)).item(), (totals[2] / totals[1].clamp(min=1)).item()
+    figures = {"val_elbo_nll": per_token, "val_elbo_ppl": math.exp(min(per_token, 50.0)), "val_tokens": int(totals[1])}
+    if run.diffusion.mode.has_ar_head:
+        figures.update({"val_ar_nll": ar_per_token, "val_ar_ppl": math.exp(min(ar_per_token, 50.0))})
+    return figures
+
+
+def _ar_nll(run: Run, model, batch: dict, targets: torch.Tensor) -> torch.Tensor:
+    """The AR head's summed NLL of `targets` (float64), from the clean stream alone (the model run
+    causally); 0 for a model without an AR head."""
+    if not run.diffusion.mode.has_ar_head:
+        return torch.zeros((), dtype=torch.float64, device=targets.device)
+    logits = predict_logits(model, batch["input_ids"], targets, attention_mask=batch["attention_mask"])
+    return F.cross_entropy(logits.float(), batch["input_ids"][targets], reduction="sum").double()
