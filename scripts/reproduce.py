@@ -62,7 +62,18 @@ RUNS = {
     "align": ("hidden states aligned to the frozen source", "source", ["align.weight=1.0"]),
     "align_fade": ("alignment fading out with the annealing", "source",
                    ["align.weight=1.0", "align.fade_with_annealing=true"]),
+    # The models that keep an AR head (--head-runs): scored through it, exactly, and timed as they decode.
+    "hybrid": ("hybrid (TiDAR), all-mask drafts of 4", "source",
+               ["diffusion.mode=hybrid", "diffusion.draft_size=4", "diffusion.t_min=1"]),
+    "hybrid_partial": ("hybrid, partly masked drafts of 4 (MDM)", "source",
+                       ["diffusion.mode=hybrid", "diffusion.draft_size=4"]),
+    # blocks of one token, every token masked: each predicted from its clean prefix, the AR loss exactly
+    "causal": ("causal fine-tune (what the data alone does)", "source",
+               ["diffusion.mode=block", "diffusion.block_size=1", "diffusion.t_min=1"]),
 }
+# How `adapt eval` reads each --head-runs model: a hybrid model through its own AR head, the causal
+# fine-tune as the causal LM it is.
+HEAD_RUNS = {"hybrid": [], "hybrid_partial": [], "causal": ["--ar"]}
 DEFAULT_RUNS = ("adapt", "scratch", "scratch_lr", "noshift", "noanneal", "block4", "block32")
 CHOICE_RUNS = ("adapt", "block4", "block32")  # the diffusion models scored on the multiple-choice tasks
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +110,10 @@ def main() -> None:
                         "--steps // N steps and the final one (1: the final model only, a screen of the levers)")
     parser.add_argument("--curve-tasks", nargs="+", default=["arc_easy", "piqa", "hellaswag"])
     parser.add_argument("--curve-limit", type=int, default=200, help="questions per task on the forgetting curve")
+    parser.add_argument("--head-runs", nargs="*", choices=list(HEAD_RUNS), default=[],
+                        help="runs (among --runs) that keep an AR head: exact perplexity and accuracy on the curve's "
+                             "tasks, and (hybrid) tokens per forward and speed against the AR model (adapt bench)")
+    parser.add_argument("--bench-length", type=int, default=256, help="tokens each timed sample of --head-runs has")
     args = parser.parse_args()
     args.choice_samples = args.choice_samples or args.samples
     check_inputs(args)
@@ -113,6 +128,7 @@ def main() -> None:
         train(name, models[start], overrides, args, out)
     evaluations = evaluate(args, out)
     evaluations.update(evaluate_curves(args, out))
+    evaluations.update(evaluate_heads(args, out))
     write_report(args, out, evaluations, tokens_per_step, time.time() - started)
 
 
@@ -129,11 +145,11 @@ def check_inputs(args) -> None:
         import matplotlib  # noqa: F401  (the plot is the last step: fail now, not after two hours)
     except ImportError:
         problems.append('matplotlib is not installed (the plot needs it); run: pip install -e ".[dev]"')
-    if not 1 <= args.curve_points <= args.steps:
+    if args.curve_runs and not 1 <= args.curve_points <= args.steps:
         problems.append(f"--curve-points {args.curve_points} must be between 1 and --steps ({args.steps})")
-    if set(args.curve_runs) - set(args.runs):
-        problems.append(f"--curve-runs {' '.join(sorted(set(args.curve_runs) - set(args.runs)))} not among --runs; "
-                        "add them to --runs")
+    for flag, runs in (("--curve-runs", args.curve_runs), ("--head-runs", args.head_runs)):
+        if set(runs) - set(args.runs):
+            problems.append(f"{flag} {' '.join(sorted(set(runs) - set(args.runs)))} not among --runs; add them to --runs")
     if problems:
         print(f"reproduce: {problems[0]}", file=sys.stderr)
         sys.exit(2)
@@ -205,7 +221,7 @@ def evaluate(args, out: Path) -> dict:
     """The final ELBO of each run and the AR perplexity on the same blocks; choice accuracies."""
     common = ["--data", f"{args.data}/validation.jsonl", "--seq-len", str(args.seq_len), "--limit",
               str(args.eval_blocks), "--samples", str(args.samples)]
-    jobs = {name: [str(out / name / "model"), "--task", "elbo", *common] for name in args.runs}
+    jobs = {name: [str(out / name / "model"), "--task", "elbo", *common] for name in _elbo_runs(args)}
     jobs["ar"] = [args.model, "--ar", "--task", "elbo", *common]
     choice = ["--task", *args.choice_tasks, "--limit", str(args.choice_limit), "--samples", str(args.choice_samples)]
     if args.choice_tasks:
@@ -214,6 +230,41 @@ def evaluate(args, out: Path) -> dict:
             if name in args.runs:
                 jobs[f"choice_{name}"] = [str(out / name / "model"), *choice]
     return run_evaluations(jobs, args, out)
+
+
+def _elbo_runs(args) -> list[str]:
+    """The runs compared by their held-out ELBO: all but those scored through an AR head."""
+    return [name for name in args.runs if name not in args.head_runs]
+
+
+def evaluate_heads(args, out: Path) -> dict:
+    """For each --head-runs model: its AR head's exact perplexity on the held-out blocks (a hybrid model's
+    drafts' ELBO beside it) and exact accuracy on the curve's tasks (the AR source's too); for a hybrid
+    model, `adapt bench` of its decoding against its AR head's own generate (bench_NAME)."""
+    if not args.head_runs:
+        return {}
+    elbo = ["--task", "elbo", "--data", f"{args.data}/validation.jsonl", "--seq-len", str(args.seq_len),
+            "--limit", str(args.eval_blocks), "--samples", str(args.samples)]
+    choice = ["--task", *args.curve_tasks, "--limit", str(args.curve_limit), "--samples", str(args.choice_samples)]
+    jobs = {"curve_ar": [args.model, "--ar", *choice]}
+    for name in args.head_runs:
+        model = [str(out / name / "model"), *HEAD_RUNS[name]]
+        jobs[f"head_{name}"], jobs[f"head_choice_{name}"] = [*model, *elbo], [*model, *choice]
+    results = run_evaluations(jobs, args, out)
+    for name in args.head_runs:
+        if not HEAD_RUNS[name]:  # a hybrid model: how it decodes
+            results[f"bench_{name}"] = bench(name, args, out)
+    return results
+
+
+def bench(name: str, args, out: Path) -> dict:
+    """`adapt bench` of a hybrid run's sampling at batch 1 (written once to bench_NAME.json)."""
+    path = out / f"bench_{name}.json"
+    if not path.is_file():
+        command = [sys.executable, "-m", "adapt", "bench", "--model", str(out / name / "model"), "--parts", "sampling",
+                   "--sample-batch", "1", "--sample-length", str(args.bench_length), "--json", str(path)]
+        _record_seconds(out, f"bench_{name}", run(command, out / "reproduce.log"))
+    return json.loads(path.read_text())
 
 
 def run_evaluations(jobs: dict[str, list[str]], args, out: Path) -> dict:
@@ -284,7 +335,7 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     ar = evaluations["ar"]["runs"][0]["results"]["elbo"]
-    final = {name: evaluations[name]["runs"][0]["results"]["elbo"] for name in args.runs}
+    final = {name: evaluations[name]["runs"][0]["results"]["elbo"] for name in _elbo_runs(args)}
     budget = args.steps * tokens_per_step
     times = _recorded_times(out)
     plot = _plot_elbo(args, out, ar, tokens_per_step)
@@ -305,7 +356,7 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
         "model at ratio 1 on more blocks.", "",
         "| run | held-out ELBO perplexity | nats per token | vs AR source | train time |", "|---|---|---|---|---|",
     ]
-    for name in args.runs:
+    for name in _elbo_runs(args):
         label = RUNS[name][0]
         time_text = f"{times[name] / 60:.1f} min" if name in times else "-"
         lines.append(f"| {name}: {label} | {_perplexity_cell(final[name])} | {_nats_cell(final[name])} | "
@@ -313,6 +364,7 @@ def write_report(args, out: Path, evaluations: dict, tokens_per_step: int, total
     lines.append(f"| AR source (exact perplexity) | {_perplexity_cell(ar)} | {_nats_cell(ar)} | x1.00 | - |")
     lines += _choice_table(args, evaluations)
     lines += _curve_section(args, out, evaluations, tokens_per_step)
+    lines += _head_section(args, out, evaluations, budget)
     lines += [
         "", "## Reading", "",
         f"Each line compares two runs at {budget:,} tokens: the difference in held-out",
@@ -339,7 +391,7 @@ def _plot_elbo(args, out: Path, ar: dict, tokens_per_step: int) -> Path:
 
     budget = args.steps * tokens_per_step
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name in args.runs:
+    for name in _elbo_runs(args):
         label = RUNS[name][0]
         points = curve(out / name, tokens_per_step)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}: {label}")
@@ -415,6 +467,57 @@ def _curve_section(args, out: Path, evaluations: dict, tokens_per_step: int) -> 
                          + ("-" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}") + " | "
                          + ("-" if paired_nats is None else f"{paired_nats[0]:+.3f} ± {paired_nats[1]:.3f}") + " |")
     _plot_curves(points, Path(args.docs) / "forgetting_curve.png")
+    return lines
+
+
+def _head_section(args, out: Path, evaluations: dict, budget: int) -> list[str]:
+    """The --head-runs models against the AR source: exact perplexity, accuracy and retention, paired with the
+    causal fine-tune where it ran; a hybrid model's tokens per forward and speed as it decodes."""
+    if not args.head_runs:
+        return []
+    ar = evaluations["curve_ar"]["runs"][0]["results"]
+    source = evaluations["ar"]["runs"][0]["results"]["elbo"]
+    chance = {task: _chance(task, args.curve_limit) for task in args.curve_tasks}
+    lines = ["", f"## Models that keep an AR head ({budget:,} tokens)", "",
+             f"Scored through the AR head, exactly: perplexity on the same held-out blocks as above, accuracy on the "
+             f"first {args.curve_limit} questions of each task, retention as in the forgetting curve. \"vs source\": "
+             "nats per token minus the AR source's on the same blocks; \"vs causal\": retention minus the causal "
+             "fine-tune's on the same questions; both with the standard error of that paired difference.", "",
+             "| run | AR-head perplexity | vs source | " + " | ".join(args.curve_tasks) + " | retention | vs causal | "
+             "drafts' ELBO perplexity |", "|---|---|---|" + "---|" * len(args.curve_tasks) + "---|---|---|",
+             f"| AR source | {_perplexity_cell(source)} | - | "
+             + " | ".join(f"{ar[t]['acc']:.3f} ± {ar[t]['acc_stderr']:.3f}" for t in args.curve_tasks) + " | 1.00 | - | - |"]
+    causal = evaluations.get("head_choice_causal")
+    for name in args.head_runs:
+        perplexity = evaluations[f"head_{name}"]["runs"][0]["results"]["elbo"]
+        accuracy = evaluations[f"head_choice_{name}"]["runs"][0]["results"]
+        kept, kept_stderr = _retention(accuracy, ar, chance)
+        paired = _paired_difference(accuracy, causal["runs"][0]["results"], ar, chance) \
+            if causal is not None and name != "causal" else None
+        nats = _paired_nats(perplexity, source)
+        drafts = f"{perplexity['draft_elbo_perplexity']:.1f}" if "draft_elbo_perplexity" in perplexity else "-"
+        lines.append(f"| {name}: {RUNS[name][0]} | {_perplexity_cell(perplexity)} | "
+                     + ("-" if nats is None else f"{nats[0]:+.3f} ± {nats[1]:.3f}") + " | "
+                     + " | ".join(f"{accuracy[t]['acc']:.3f} ± {accuracy[t]['acc_stderr']:.3f}" for t in args.curve_tasks)
+                     + f" | {kept:.2f} ± {kept_stderr:.2f} | "
+                     + ("-" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}") + f" | {drafts} |")
+    return lines + _decoding_table(args, evaluations)
+
+
+def _decoding_table(args, evaluations: dict) -> list[str]:
+    """Tokens per forward and tokens/s of each hybrid run's decoding rows against its AR head's generate."""
+    benches = {name: evaluations[f"bench_{name}"] for name in args.head_runs if f"bench_{name}" in evaluations}
+    if not benches:
+        return []
+    lines = ["", f"Decoding {args.bench_length} tokens at batch 1 (`adapt bench`: medians, in the dtype it chose), "
+             "against the same model's AR head decoding with its KV cache (`generate`):", "",
+             "| run | rows | tokens per forward | tokens/s | AR tokens/s | speedup |", "|---|---|---|---|---|---|"]
+    for name, results in benches.items():
+        for row in results["sampling"]:
+            if row["name"] != "ar":
+                lines.append(f"| {name} | {row['name']} | {row['tokens_per_forward']:.2f} | {row['tokens_per_s']:.1f} | "
+                             f"{row['ar_tokens_per_s']:.1f} | {row['speedup']:.2f}x |")
+        lines.append(f"| {name} | dtype, device | {results['dtype']} ({results['dtype_reason']}) | | | |")
     return lines
 
 

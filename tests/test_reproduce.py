@@ -154,3 +154,34 @@ def test_curve_points_beyond_the_budget_are_refused_before_any_work(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["reproduce: --curve-points 3 must be between 1 and --steps (2)"]
     assert not out.exists()
+
+
+def test_models_that_keep_an_ar_head_are_scored_through_it_and_timed_as_they_decode(tmp_path):
+    """--head-runs: the hybrid and the causal fine-tune leave the ELBO table; their AR head's exact
+    perplexity is paired with the source's on the same blocks (and equals what eval reports), their
+    retention with the causal fine-tune's on the same questions, and the hybrid's decoding is benched."""
+    import json
+
+    data, out, docs, model = tiny_reproduction(tmp_path)
+    result = reproduce("--model", str(model), "--data", str(data), "--out", str(out), "--docs", str(docs),
+                       "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2",
+                       "--samples", "2", "--runs", "adapt", "hybrid", "causal", "--head-runs", "hybrid", "causal",
+                       "--choice-tasks", "--curve-tasks", "arc_easy", "--curve-limit", "3", "--bench-length", "12",
+                       "--extra", "train.eval_batches=1", "train.eval_samples=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (docs / "results.md").read_text()
+    main_table = report.split("## Reading")[0].split("## Models that keep an AR head")[0]
+    assert "| adapt:" in main_table and "| hybrid:" not in main_table and "| causal:" not in main_table
+    section = report.split("## Models that keep an AR head")[1].split("## Reading")[0]
+    rows = {line.split("|")[1].split(":")[0].strip(): line.split("|") for line in section.split("Decoding")[0].splitlines()
+            if line.startswith("| ") and "|---" not in line}
+    for name in ("hybrid", "causal"):
+        exact = json.loads((out / f"eval_head_{name}.json").read_text())["runs"][0]["results"]["elbo"]
+        assert float(rows[name][2].split()[0]) == pytest.approx(exact["perplexity"], abs=0.06)
+    assert "draft_elbo_perplexity" in json.loads((out / "eval_head_hybrid.json").read_text())["runs"][0]["results"]["elbo"]
+    assert rows["causal"][-3].strip() == "-" and rows["AR source"][2].strip() != "-"
+    bench = json.loads((out / "bench_hybrid.json").read_text())
+    assert {row["name"] for row in bench["sampling"]} == {"ar", "verify_one_t0", "verify_one_t1", "verify_every_t0",
+                                                          "verify_every_t1"}
+    assert all(row["tokens_per_forward"] >= 1 for row in bench["sampling"])
+    assert "| hybrid | verify_one_t0 |" in section

@@ -111,7 +111,9 @@ def ar_generate(model, context: torch.Tensor, *, length: int, options: SamplingO
     temperature, top-k and top-p of `options` (greedy at temperature 0) from a generator seeded with `seed`.
 
     n = `length`, or fewer once every row has ended with EOS; `fixed_length` forbids EOS until `length`
-    tokens (the bench: the same work every time). Runs the model as it is: the caller sets ratio 0.
+    tokens (the bench: the same work every time). Runs the model as it is: the caller sets ratio 0. A
+    diffusion checkpoint's mask token and embedding padding rows are never drawn, as the sampler never
+    draws them (the padding rows' logits are no tokens' at all).
     """
     if options.temperature > 0:  # top_k=0 and top_p=1 switch off transformers' default filters
         draw = dict(do_sample=True, temperature=options.temperature, top_k=options.top_k or 0,
@@ -124,8 +126,19 @@ def ar_generate(model, context: torch.Tensor, *, length: int, options: SamplingO
         torch.manual_seed(seed)
         out = model.generate(input_ids=context, attention_mask=torch.ones_like(context), use_cache=True,
                              max_new_tokens=length, min_new_tokens=length if fixed_length else 0,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **draw)
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                             suppress_tokens=_never_drawn(model) or None, **draw)
     return out[:, context.shape[1]:]
+
+
+def _never_drawn(model) -> list[int]:
+    """The ids of a diffusion checkpoint that are no prediction: its mask token and the rows past its
+    vocabulary (`DiffusionConfig.vocab_size`); none for a causal model."""
+    diffusion = getattr(model.config, "diffusion", None) or {}
+    rows = model.get_output_embeddings().weight.shape[0]
+    vocab = diffusion.get("vocab_size") or rows
+    mask = [diffusion["mask_token_id"]] if diffusion.get("mask_token_id") is not None else []
+    return mask + list(range(vocab, rows))
 
 
 def _draw_sample(model, tokenizer, prompt: str | None, *, config, length: int, steps: int,
