@@ -293,7 +293,7 @@ def train_flops(model, shape: tuple[int, int], head_positions: float) -> float:
     for attention scores and values (counted in full, causal or not), plus 6 x d x V for each position
     the LM head actually runs on (all of them for causal training, the masked ones for diffusion).
     """
-    from .attention import decoder_backbone
+    from .structure import decoder_backbone
 
     batch, length = shape
     backbone = decoder_backbone(model)

@@ -28,7 +28,8 @@ import inspect
 import torch
 from torch import nn
 
-from .attention import decoder_backbone, mask_for_implementation, sliding_window
+from .attention import mask_for_implementation, sliding_window
+from .structure import decoder_backbone
 
 
 def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:

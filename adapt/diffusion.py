@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import decoder_backbone, unwrap_model
 from .errors import check_type
+from .structure import decoder_backbone, unwrap_model
 
 LOSS_NORMS = ("masked", "tokens")
 BLOCK_SCHEDULES = ("constant", "grow")

@@ -176,13 +176,12 @@ def read_config(path: str):
 
 
 def _shape(model, config, recipe) -> ModelShape:
-    from torch import nn
+    from .structure import decoder_layers
 
     unique = {id(p): p for p in model.parameters()}
     parameters = sum(p.numel() for p in unique.values())
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)),
-                 key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = decoder_layers(model)
     heads = config.num_attention_heads
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads

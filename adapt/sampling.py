@@ -54,11 +54,12 @@ from dataclasses import dataclass, fields, replace
 import torch
 from tqdm.auto import tqdm
 
-from .attention import PARTIAL_MASK_IMPLEMENTATIONS, decoder_backbone, get_attention_ratio, sliding_window, unwrap_model
+from .attention import PARTIAL_MASK_IMPLEMENTATIONS, get_attention_ratio, sliding_window
 from .block import BlockCache, cached_forward, forward_against
 from .diffusion import DiffusionConfig, output_logits, predict_logits
 from .errors import UserError, check_type
 from .limits import check_context
+from .structure import decoder_backbone, unwrap_model
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 CACHES = ("exact", "none", "prefix", "dual")  # see SamplingOptions.cache

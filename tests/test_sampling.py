@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import adapt
-from adapt.attention import decoder_backbone
 from adapt.errors import UserError
 from adapt.presets import tiny_model, tiny_tokenizer
 from adapt.sampling import (
@@ -17,6 +16,7 @@ from adapt.sampling import (
     infill_with_details,
     split_infill_text,
 )
+from adapt.structure import decoder_backbone
 
 from .tiny_runs import diffusion_model
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..recipe import Recipe
+from ..structure import decoder_layers
 from .report import log, warn
 
 
@@ -297,14 +298,6 @@ def _offloads_optimizer(recipe: Recipe) -> bool:
     config = json.loads(Path(recipe.distributed.deepspeed_config).read_text())
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
     return offload.get("device", "none") == "cpu"
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (the largest ModuleList in the model)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise UserError(f"{type(model).__name__} has no layer list to shard; use deepspeed or ddp")
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
 @contextlib.contextmanager

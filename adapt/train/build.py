@@ -136,7 +136,7 @@ def parameter_kinds(objective: nn.Module) -> dict[str, str]:
     the projection they adapt, and peft's trainable token rows under the embeddings or head they patch.
     A head tied to the embeddings is one tensor, listed once under the embeddings' name: embeddings.
     """
-    from .backends import decoder_layers
+    from ..structure import decoder_layers
 
     model = objective.model if isinstance(objective, DiffusionObjective) else objective
     roles = {}

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..attention import set_attention, unwrap_model
+from ..attention import set_attention
 from ..export import save_checkpoint
+from ..structure import unwrap_model
 from .backends import no_zero3_init
 from .checkpoint import EXPORT_DIR
 from .state import Run
