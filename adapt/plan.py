@@ -29,7 +29,7 @@ Per GPU, three kinds of memory:
   sequence twice; alignment (align.weight > 0) holds a whole frozen copy of the source's weights on
   every GPU and the outputs of its aligned layers. Measured against the prediction on CPU in tests/test_plan.py.
 
-Time: PaLM-style model FLOPs (`adapt.bench.train_flops`, the LM head counted on the expected masked
+Time: PaLM-style model FLOPs (`adapt.flops.train_flops`, the LM head counted on the expected masked
 half of the positions) over the GPUs' dense bf16 peak at an assumed model FLOPs utilisation, printed
 with the result and set with --mfu.
 """
@@ -333,7 +333,7 @@ def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
 
 
 def _step_flops(model, recipe, gpus: int) -> float:
-    from .bench import train_flops
+    from .flops import train_flops
 
     train = recipe.train
     rows, length, scored = forward_shape(recipe, train.batch_size)
