@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import UserError
 from ..recipe import Recipe
 from ..structure import decoder_backbone, decoder_layers
+from .partitioned import no_zero3_init
 
 
 class Alignment:
@@ -99,7 +100,6 @@ def load_alignment(recipe: Recipe, model: nn.Module, device) -> Alignment | None
     """The frozen source of `model` (loaded again from model.path, without the mask token: it only ever
     reads clean tokens), or None when align.weight is 0."""
     from ..modeling import load_model as load_pretrained
-    from .backends import no_zero3_init
 
     settings = recipe.align
     if settings.weight == 0:

@@ -12,8 +12,8 @@ from torch import nn
 from ..attention import set_attention
 from ..export import save_checkpoint
 from ..structure import unwrap_model
-from .backends import no_zero3_init
 from .checkpoint import EXPORT_DIR
+from .partitioned import no_zero3_init
 from .state import Run
 
 

@@ -88,8 +88,8 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
         log(backend.accelerator, f"nothing to resume in {output_dir} (no complete checkpoint); starting a fresh run")
 
     set_seed(recipe.train.seed)
-    # Under ZeRO-3 the model is built inside deepspeed.zero.Init, each process holding only its slice.
-    model, tokenizer, diffusion = load_model(recipe)
+    # As the backend holds it: a whole copy, ZeRO-3's slices, or FSDP2's meta device until prepare shards it.
+    model, tokenizer, diffusion = load_model(recipe, backend)
     alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
