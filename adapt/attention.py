@@ -20,33 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .structure import decoder_backbone, unwrap_model
+
 # Implementations that accept an arbitrary 4D mask. flash_attention_* take only a causal flag (and
 # padding through varlen), so they cannot honour a partial mask: refuse instead of ignoring it.
 PARTIAL_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
 
 _HOOK_ATTR = "_adapt_attention_hook"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside peft / DDP / DeepSpeed / compile wrappers."""
-    while True:
-        if hasattr(model, "get_base_model"):  # peft: LoRA layers are injected in place
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
-def decoder_backbone(model: nn.Module) -> nn.Module:
-    """The transformer stack without the LM head (`model.model`, `model.transformer`, ...)."""
-    model = unwrap_model(model)
-    backbone = getattr(model, "base_model", model)
-    if backbone is model:
-        raise TypeError(f"{type(model).__name__} has no separate decoder backbone; is it a causal LM?")
-    return backbone
 
 
 class AnnealedMask:

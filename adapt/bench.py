@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -46,7 +45,10 @@ from .block import BlockMode
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
 from .flags import shown
+from .flops import train_flops
 from .settings import at_least, check_settings
+from .strict_json import to_json
+from .timing import timed
 
 # Where `python scripts/prepare_smollm2.py --out data/smollm2` puts SmolLM2-135M.
 SMOLLM2_PATH = "data/smollm2"
@@ -309,28 +311,6 @@ def _optimizer_step(optimizer, loss_fn) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_flops(model, shape: tuple[int, int], head_positions: float) -> float:
-    """Model FLOPs of one training step (forward + backward = 3 x forward), PaLM-style.
-
-    6 x (matmul parameters of the decoder) per token, plus 12 x layers x attention width x L per token
-    for attention scores and values (counted in full, causal or not), plus 6 x d x V for each position
-    the LM head actually runs on (all of them for causal training, the masked ones for diffusion).
-    """
-    from .attention import decoder_backbone
-
-    batch, length = shape
-    backbone = decoder_backbone(model)
-    embedding_weights = {id(m.weight) for m in backbone.modules() if isinstance(m, torch.nn.Embedding)}
-    matmul_params = sum(p.numel() for p in backbone.parameters() if p.ndim >= 2 and id(p) not in embedding_weights)
-    config = model.config
-    layers = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention_width = config.num_attention_heads * head_dim
-    head = model.get_output_embeddings().weight.numel()
-    tokens = batch * length
-    return 6 * matmul_params * tokens + 12 * layers * attention_width * length * tokens + 6 * head * head_positions
-
-
 # -------------------------------------------------------------------------------------------- sampling
 
 def sampling_methods(length: int, steps: list[int], thresholds: list[float], block_size: int, *, own=None,
@@ -492,15 +472,6 @@ def interleave(runs: dict[str, Callable[[], tuple]], *, repeats: int, warmup: in
     return times
 
 
-def timed(device: torch.device, fn: Callable[[], object]) -> tuple[float, float, object]:
-    """(wall-clock seconds, CPU seconds of this process) that `fn` took, and what it returned."""
-    _synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    result = fn()
-    _synchronize(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start, result
-
-
 def _summary(timings: list[tuple]) -> dict:
     """Median and spread of the wall-clock times of `timings` (each as `timed` returns it), CPU times too."""
     wall = [t[0] for t in timings]
@@ -539,11 +510,6 @@ def _held_bytes(model, optimizer) -> int:
     for state in optimizer.state.values():
         tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _device(name: str) -> torch.device:
@@ -642,8 +608,6 @@ def _has_mfu(results: dict) -> bool:
 
 
 def write_report(results: dict, json_path: str | None) -> None:
-    from .evaluate.tasks import to_json  # strict JSON: an undefined figure (nan) as null
-
     table = format_table(results)
     if json_path == "-":
         print(table, file=sys.stderr)

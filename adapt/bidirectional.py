@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import PARTIAL_MASK_IMPLEMENTATIONS, decoder_backbone, get_attention_ratio, sliding_window, unwrap_model
+from .attention import PARTIAL_MASK_IMPLEMENTATIONS, get_attention_ratio, sliding_window
 from .errors import UserError
 from .forward import cached_forward, forward_against, output_logits, predict_logits, shifted_hidden
 from .mode import Mode
+from .structure import decoder_backbone, unwrap_model
 
 APPROXIMATE_CACHES = ("prefix", "dual")  # SamplingOptions.cache values only this mode takes
 

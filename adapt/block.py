@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import decoder_backbone, sliding_window
+from .attention import sliding_window
 from .errors import UserError
 from .forward import cached_forward, check_targets, forward_against, output_logits
 from .mode import Mode
 from .settings import at_least, check_settings
+from .structure import decoder_backbone
 
 
 def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:

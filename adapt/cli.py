@@ -404,11 +404,12 @@ def _run_eval(args) -> int:
     from dataclasses import asdict
 
     from .atomic import write_text_atomically
-    from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks, to_json
+    from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks
     from .export import load
     from .flags import settings_from
     from .modeling import check_device, load_model
     from .outputs import check_output
+    from .strict_json import to_json
 
     check_tasks(args.task)
     if args.output:

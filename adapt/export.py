@@ -27,17 +27,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import get_attention_ratio, set_attention, unwrap_model
+from .attention import get_attention_ratio, set_attention
 from .diffusion import DiffusionConfig
 from .errors import UserError
 from .outputs import check_output, tensor_bytes, writing
+from .structure import unwrap_model
 
 REMOTE_MODULE = "modeling_adapt_diffusion"
 # The remote module and every module it imports, relative to this package (checked by the tests: a
 # missing one makes the remote load fail).
 REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "draw.py", "speculative.py", "diffusion.py", "attention.py",
                      "mode.py", "bidirectional.py", "block.py", "hybrid.py", "forward.py", "objectives.py",
-                     "settings.py", "errors.py", "limits.py")
+                     "structure.py", "settings.py", "errors.py", "limits.py")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
 CARD_KEYS = ("license", "datasets", "tags", "evaluation", "description", "base_model")
 

@@ -15,7 +15,8 @@ import inspect
 import torch
 from torch import nn
 
-from .attention import decoder_backbone, mask_for_implementation, unwrap_model
+from .attention import mask_for_implementation
+from .structure import decoder_backbone, unwrap_model
 
 
 def check_targets(targets: torch.Tensor, shift: bool) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import unwrap_model
 from .diffusion import DiffusionConfig
 from .errors import UserError
+from .structure import unwrap_model
 
 MASK_TOKEN = "<|mdm_mask|>"
 EMBEDDING_ROW_MULTIPLE = 64  # an added mask token pads the embedding to a multiple of this

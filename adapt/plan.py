@@ -5,7 +5,8 @@ so a config.json is enough: no weights are downloaded or read.
 
 Per GPU, three kinds of memory:
 
-* Model states (weights, gradients, optimizer). Under DeepSpeed the total is DeepSpeed's own estimator
+* Model states (weights, gradients, optimizer): each backend's memory model, the `model_states` of its
+  class in adapt/train/backends.py. Under DeepSpeed the total is DeepSpeed's own estimator
   (`estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`, the figures its
   `..._all_cold` tables print) for the recipe's stage and offload settings; the rows beside it split the
   same bytes the way DeepSpeed counts them: 2 bytes per parameter of 16-bit weights, 2 + 4 of 16- and
@@ -29,18 +30,16 @@ Per GPU, three kinds of memory:
   sequence twice; alignment (align.weight > 0) holds a whole frozen copy of the source's weights on
   every GPU and the outputs of its aligned layers. Measured against the prediction on CPU in tests/test_plan.py.
 
-Time: PaLM-style model FLOPs (`adapt.bench.train_flops`, the LM head counted on the expected masked
+Time: PaLM-style model FLOPs (`adapt.flops.train_flops`, the LM head counted on the expected masked
 half of the positions) over the GPUs' dense bf16 peak at an assumed model FLOPs utilisation, printed
 with the result and set with --mfu.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from .diffusion import DiffusionConfig
@@ -179,13 +178,12 @@ def read_config(path: str):
 
 
 def _shape(model, config, recipe) -> ModelShape:
-    from torch import nn
+    from .structure import decoder_layers
 
     unique = {id(p): p for p in model.parameters()}
     parameters = sum(p.numel() for p in unique.values())
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)),
-                 key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = decoder_layers(model)
     heads = config.num_attention_heads
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -220,83 +218,15 @@ def _lora_parameters(model, lora) -> int:
 # -------------------------------------------------------------------------------------- model states
 
 def model_states(recipe, shape: ModelShape, gpus: int, per_node: int) -> dict:
-    """Per-GPU bytes of weights, gradients and optimizer states, and per-node CPU bytes, for the backend."""
-    backend = _backend(recipe, gpus)
-    states = _deepspeed_states(backend, shape, gpus, per_node) if backend["name"] == "deepspeed" else \
-        _torch_states(recipe, backend, shape, gpus, per_node)
+    """Per-GPU bytes of weights, gradients and optimizer states, and per-node CPU bytes: the memory model of
+    the backend that runs the recipe on `gpus` GPUs (adapt/train/backends.py), and alignment's copy."""
+    from .train.backends import choose_backend
+
+    backend = choose_backend(recipe, gpus)
+    states = backend.model_states(recipe, shape, gpus, per_node)
     if recipe.align.weight > 0:  # the frozen source of the alignment term: a whole copy on every GPU
-        states["gpu"]["alignment_source"] = _dtype_bytes(recipe.model.dtype) * shape.parameters
-    return {"backend": backend, **states}
-
-
-def _torch_states(recipe, backend: dict, shape: ModelShape, gpus: int, per_node: int) -> dict:
-    """Model states under one process, DDP or FSDP2 (torch's AdamW: moments in the weights' dtype)."""
-    weight = _dtype_bytes(recipe.model.dtype)
-    params, trainable = shape.parameters, shape.trainable
-    gpu = {"weights": weight * params, "gradients": weight * trainable, "optimizer": 2 * weight * trainable}
-    if recipe.train.mixed_precision != "no" and weight == 4:
-        gpu["weights"] += 2 * params  # the 16-bit copies autocast casts each weight to, kept for backward
-    if backend["name"] == "ddp":
-        gpu["gradients"] *= 2  # DDP all-reduces through bucket copies of the gradients
-    if backend["name"] == "fsdp":
-        gathered = shape.largest_block if recipe.distributed.fsdp_reshard_after_forward else params
-        compute = 2 if recipe.train.mixed_precision == "bf16" else weight
-        gpu = {key: value / gpus for key, value in gpu.items()}
-        gpu["weights"] += 2 * compute * gathered  # the layer being computed and the one prefetched
-    if backend["name"] == "fsdp":  # loads once (train/partitioned.py): each process reads the embedding and
-        # head for real (the mask row is their mean); rank 0 streams the rest in pieces of PIECE_BYTES
-        from .train.partitioned import PIECE_BYTES
-
-        embeddings = weight * shape.vocab * shape.hidden * (1 if shape.tied else 2)
-        return {"gpu": gpu, "cpu": {"loading": per_node * embeddings + PIECE_BYTES}}
-    # One process or DDP: each reads the whole checkpoint into CPU RAM once before moving it to its GPU.
-    return {"gpu": gpu, "cpu": {"loading": per_node * weight * params}}
-
-
-def _deepspeed_states(backend: dict, shape: ModelShape, gpus: int, per_node: int) -> dict:
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    params, nodes = shape.parameters, gpus // per_node
-    offload_optimizer, offload_params = backend["offload_optimizer"], backend["offload_params"]
-    if backend["stage"] == 3:
-        # zero_init: adapt builds a ZeRO-3 model inside deepspeed.zero.Init and streams the checkpoint in.
-        cpu, total, gathered = estimate_zero3_model_states_mem_needs(
-            params, shape.largest_layer, per_node, nodes, cpu_offload=offload_optimizer,
-            cpu_offload_params=offload_params, zero_init=True)
-        weights = gathered + (0 if offload_params else 2 * params / gpus)
-        gradients = 4 * params / gpus  # DeepSpeed counts 18 bytes a parameter in all: 2 of them are the weights'
-    else:
-        cpu, total = estimate_zero2_model_states_mem_needs(params, per_node, nodes, cpu_offload=offload_optimizer)
-        weights, gradients = 2 * params, 6 * params / gpus  # whole 16-bit weights; 16- and 32-bit gradient partitions
-    gpu = {"weights": weights, "gradients": 0 if offload_optimizer else gradients,
-           "optimizer": 0 if offload_optimizer else 12 * params / gpus}
-    assert abs(sum(gpu.values()) - total) <= 2, "the rows must split DeepSpeed's own estimate"
-    return {"gpu": gpu, "cpu": {"deepspeed": cpu}, "deepspeed_gpu_estimate": total}
-
-
-def _backend(recipe, gpus: int) -> dict:
-    dist = recipe.distributed
-    name = dist.backend
-    if name == "auto":
-        name = "deepspeed" if dist.deepspeed_config else ("ddp" if gpus > 1 else "single")
-    if name != "deepspeed":
-        return {"name": name}
-    zero = json.loads(Path(dist.deepspeed_config).read_text()).get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (2, 3):
-        raise UserError(f"{dist.deepspeed_config}: zero_optimization.stage {stage} cannot be planned; "
-                        "use stage 2 or 3 (recipes/deepspeed/zero2.json, zero3.json)")
-
-    def offloaded(key):
-        return zero.get(key, {}).get("device", "none") == "cpu"
-
-    return {"name": "deepspeed", "stage": stage, "offload_optimizer": offloaded("offload_optimizer"),
-            "offload_params": stage == 3 and offloaded("offload_param")}
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+        states["gpu"]["alignment_source"] = recipe.model.dtype_bytes() * shape.parameters
+    return {"backend": backend.plan_entry(recipe), **states}
 
 
 # ---------------------------------------------------------------------------------------- activations
@@ -336,7 +266,7 @@ def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
 
 
 def _step_flops(model, recipe, mode: Mode, gpus: int) -> float:
-    from .bench import train_flops
+    from .flops import train_flops
 
     train = recipe.train
     rows, length, scored = forward_shape(recipe, mode, train.batch_size)
@@ -363,13 +293,15 @@ ROW_NOTES = {
 
 
 def format_plan(result: dict, recipe_path: str) -> str:
+    from .train.backends import BACKENDS
+
     hw, shape, backend = result["hardware"], result["model"], result["backend"]
     gib = 2**30
     lines = [f"adapt plan: {recipe_path} on {hw['gpus']} x {hw['gpu']} ({hw['gpu_memory_bytes'] / gib:.1f} GiB), "
              f"{hw['nodes']} node(s) x {hw['gpus_per_node']}",
              f"model: {shape['model_type']}, {shape['parameters'] / 1e9:.2f}B parameters "
              f"({shape['trainable'] / 1e9:.3f}B trainable), largest layer {shape['largest_layer'] / 1e6:.0f}M",
-             f"backend: {_describe(backend)}", "", f"{'per GPU':<48}{'GiB':>8}"]
+             f"backend: {BACKENDS[backend['name']].describe(backend)}", "", f"{'per GPU':<48}{'GiB':>8}"]
     for key, value in result["per_gpu_bytes"].items():
         if key != "total":
             lines.append(f"  {ROW_NOTES[key]:<46}{value / gib:>8.2f}")
@@ -390,12 +322,3 @@ def format_plan(result: dict, recipe_path: str) -> str:
         lines.append("  parameters offloaded to CPU cross PCIe in every forward and backward: expect an MFU well "
                      "below a GPU-resident run's")
     return "\n".join(lines)
-
-
-def _describe(backend: dict) -> str:
-    if backend["name"] != "deepspeed":
-        return backend["name"]
-    offload = [name for name, on in (("optimizer", backend["offload_optimizer"]), ("parameters",
-                                                                                  backend["offload_params"])) if on]
-    return (f"DeepSpeed ZeRO-{backend['stage']}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else "")
-            + (", built in zero.Init" if backend["stage"] == 3 else ""))

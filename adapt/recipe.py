@@ -19,6 +19,7 @@ from typing import Literal
 
 import yaml
 
+from .backend_names import BACKEND_NAMES
 from .data import DataConfig
 from .diffusion import DiffusionTraining
 from .errors import UserError
@@ -38,6 +39,10 @@ class ModelSection:
     # model is already a diffusion checkpoint (its recorded mask token is kept).
     mask_token: Literal["add", "reuse"] = "add"
     mask_token_id: int | None = None  # the id to reuse (mask_token: reuse only)
+
+    def dtype_bytes(self) -> int:
+        """Bytes of one weight as loaded (`dtype`)."""
+        return 4 if self.dtype == "float32" else 2
 
 
 @dataclass
@@ -114,12 +119,18 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=list)  # module names; empty = every linear layer but the head
 
 
+# distributed.backend's choices: "auto" or a backend's name. Not "single": one process runs as single
+# whatever the recipe names (auto or ddp), and named under several processes it could only be wrong.
+BACKEND_CHOICES = ("auto", *(name for name in BACKEND_NAMES if name != "single"))
+
+
 @dataclass
 class DistributedSection:
     """How the processes share the work (the process count comes from the launcher)."""
 
-    # auto: deepspeed when deepspeed_config is set, else DDP for several processes, else one process.
-    backend: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
+    # auto (train/backends.py's choose_backend): deepspeed when deepspeed_config is set, else DDP for
+    # several processes, else one process.
+    backend: Literal[BACKEND_CHOICES] = "auto"
     deepspeed_config: str | None = None  # JSON path (recipes/deepspeed/*.json); "auto" values are filled in
     fsdp_reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3-like)
 

@@ -90,8 +90,9 @@ def test_causal_across_blocks_and_bidirectional_inside(family, impl):
 
 def _whole_layout_logits(model, noisy, clean, targets, block_size, padding):
     """The block model's predictions read off the whole [noisy ; clean] layout of 2L positions, shift on."""
-    from adapt.attention import decoder_backbone, mask_for_implementation
+    from adapt.attention import mask_for_implementation
     from adapt.block import training_mask
+    from adapt.structure import decoder_backbone
 
     length = noisy.shape[1]
     mask = training_mask(length, block_size, padding=padding)

@@ -14,6 +14,7 @@ from adapt.diffusion import DiffusionConfig, DiffusionTraining, corrupt, maskabl
 from adapt.errors import UserError
 from adapt.forward import predict_logits
 from adapt.presets import FAMILIES, VOCAB, tiny_model
+from adapt.structure import decoder_backbone
 
 from .conftest import FAMILY_IMPLS
 
@@ -32,7 +33,7 @@ def _tokens(batch=2, length=10, seed=0):
 def _capture_inputs(model):
     """Record the token ids the backbone actually sees."""
     seen = []
-    adapt.attention.decoder_backbone(model).register_forward_pre_hook(
+    decoder_backbone(model).register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
     )
     return seen

@@ -34,14 +34,15 @@ def _prepare(backend, model, diffusion):
     return objective, optimizer
 
 
-def _one_step(backend, recipe, rank: int) -> dict:
-    """Load by `recipe`, shard, train one step on fixed data and noise: what the two paths must agree on."""
+def _one_step(backend, loading, recipe, rank: int) -> dict:
+    """Load as the backend `loading` does, shard, train one step on fixed data and noise: what the two
+    paths must agree on."""
     import torch
 
     from adapt.train.build import load_model
     from adapt.train.partitioned import is_empty
 
-    model, _, diffusion = load_model(recipe)
+    model, _, diffusion = load_model(recipe, loading)
     empty = is_empty(model)
     objective, optimizer = _prepare(backend, model, diffusion)
     inner = objective.model
@@ -65,15 +66,15 @@ def _same(a: dict, b: dict) -> bool:
 def _compare(report: str, recipe_paths: list[str]) -> None:
     """For each recipe: the earlier whole-copy path (ddp's loader, then FSDP2) against the load-once path."""
     from adapt.recipe import load_recipe
-    from adapt.train.backends import open_backend
+    from adapt.train.backends import DDPBackend, open_backend
 
     results = {}
     for path in recipe_paths:
         recipe = load_recipe(path)
         backend = open_backend(recipe, Path(recipe.output_dir))
         rank = backend.accelerator.process_index
-        whole_recipe = load_recipe(path, ["distributed.backend=ddp"])  # load_model then loads a whole copy
-        results[Path(path).stem] = _agreement(_one_step(backend, whole_recipe, rank), _one_step(backend, recipe, rank))
+        results[Path(path).stem] = _agreement(_one_step(backend, DDPBackend, recipe, rank),
+                                              _one_step(backend, backend, recipe, rank))
     Path(f"{report}.{rank}").write_text(json.dumps(results))
 
 
@@ -110,7 +111,7 @@ def _load(report: str, recipe_path: str) -> None:
     backend = open_backend(recipe, Path(recipe.output_dir))
     before = memory_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
-    model, _, diffusion = load_model(recipe)
+    model, _, diffusion = load_model(recipe, backend)
     objective, _ = _prepare(backend, model, diffusion)
     peak = memory_status("VmHWM")
     inner = objective.model

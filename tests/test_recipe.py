@@ -118,13 +118,14 @@ def test_missing_or_malformed_recipe_file(tmp_path):
 
 
 def test_seq_len_beyond_the_model_is_a_user_error(tmp_path):
+    from adapt.train.backends import SingleBackend
     from adapt.train.build import load_model
     from .tiny_runs import causal_folder
 
     recipe = load_recipe(None, [f"model.path={causal_folder(tmp_path / 'causal')}", "data.path=d", "output_dir=o",
                                 "data.seq_len=4096"])
     with pytest.raises(UserError, match=r"data\.seq_len = 4096 exceeds the model's maximum positions \(256\)"):
-        load_model(recipe)
+        load_model(recipe, SingleBackend)
 
 
 def test_docs_list_every_key_with_its_default():

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import adapt
-from adapt.attention import decoder_backbone
 from adapt.diffusion import DiffusionConfig
 from adapt.errors import UserError
 from adapt.presets import tiny_model, tiny_tokenizer
@@ -18,6 +17,7 @@ from adapt.sampling import (
     infill_with_details,
     split_infill_text,
 )
+from adapt.structure import decoder_backbone
 
 from .tiny_runs import diffusion_model
 

@@ -174,12 +174,13 @@ def test_checkpoints_keep_the_newest_and_ignore_unfinished_ones(tmp_path, monkey
 
 def test_lora_trains_adapters_and_the_mask_row_only_and_merges_exactly(tmp_path):
     import adapt
+    from adapt.train.backends import SingleBackend
     from adapt.train.build import apply_lora, load_model
 
     recipe = recipe_for(tmp_path, "lora.r=4", "lora.alpha=8", "train.max_steps=3", "train.eval_batches=0")
     result = train(recipe)
 
-    original, _, diffusion = load_model(recipe)
+    original, _, diffusion = load_model(recipe, SingleBackend)
     original_state = {k: v.clone() for k, v in original.state_dict().items()}
     peft_model = apply_lora(original, recipe, diffusion)
     saved = load_file(str(complete_checkpoints(recipe.output_dir)[-1] / "model.safetensors"))

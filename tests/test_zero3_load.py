@@ -36,7 +36,7 @@ def _worker(recipe_path: str, report: str) -> None:
     backend = open_backend(recipe, Path(recipe.output_dir))  # registers the ZeRO-3 config with transformers
     before = memory_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
-    model, tokenizer, diffusion = load_model(recipe)
+    model, tokenizer, diffusion = load_model(recipe, backend)
     peak = memory_status("VmHWM")
     # transformers resizes the embeddings outside zero.Init (whole on every process, partitioned later
     # by deepspeed.initialize); the decoder's weights are partitioned from the start.

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import timed
 from ..errors import UserError
 from ..limits import check_context, max_positions
 from ..sampling import SamplingOptions, anchor_id, context_ids, generate_with_details, text_end
+from ..timing import timed
 from .choice import read_jsonl
 from .likelihood import continuation_scores
 from .metrics import summary

@@ -192,14 +192,3 @@ def _cell(value, stderr) -> str:
     if stderr is not None and not math.isnan(stderr):
         text += f" ± {stderr:.4f}"
     return text
-
-
-def to_json(value):
-    """`value` with NaN (an undefined standard error) as null, so the result file is strict JSON."""
-    if isinstance(value, dict):
-        return {k: to_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_json(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value

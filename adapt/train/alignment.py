@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import decoder_backbone
 from ..errors import UserError
 from ..recipe import Recipe
+from ..structure import decoder_backbone, decoder_layers
+from .partitioned import no_zero3_init
 
 
 class Alignment:
@@ -64,8 +65,6 @@ class Alignment:
         """Within the context, the outputs of the aligned layers of `model` land in the yielded list, in
         `layers` order. Hooks live only inside it, so a gradient checkpoint's recomputation in backward
         records nothing."""
-        from .backends import decoder_layers
-
         found = decoder_layers(model)
         outputs: dict[int, torch.Tensor] = {}
 
@@ -101,7 +100,6 @@ def load_alignment(recipe: Recipe, model: nn.Module, device) -> Alignment | None
     """The frozen source of `model` (loaded again from model.path, without the mask token: it only ever
     reads clean tokens), or None when align.weight is 0."""
     from ..modeling import load_model as load_pretrained
-    from .backends import decoder_layers, no_zero3_init
 
     settings = recipe.align
     if settings.weight == 0:

@@ -32,7 +32,7 @@ class ModelWithLoss(nn.Module):
                               denominator=denominator, ar_denominator=ar_denominator, generator=generator)
 
 
-def load_model(recipe: Recipe):
+def load_model(recipe: Recipe, backend):
     """The model with its mask token, and the DiffusionConfig this run trains under.
 
     A source that is already a diffusion checkpoint keeps its mask token (and, with `diffusion.mode:
@@ -42,7 +42,6 @@ def load_model(recipe: Recipe):
     """
     from ..limits import max_positions
     from ..modeling import ensure_mask_token, load_model as load_pretrained
-    from .partitioned import is_zero3, load_empty, load_partitioned
 
     settings = recipe.model
 
@@ -50,14 +49,9 @@ def load_model(recipe: Recipe):
         return load_pretrained(settings.path, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
                                trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle)
 
-    # No process holds a whole copy (partitioned.py): under ZeRO-3 each holds its slice of every weight
-    # from the start; under FSDP2 the weights wait on the meta device until the backend has sharded them.
-    if is_zero3():
-        model, tokenizer = load_partitioned(settings, load_whole)
-    elif recipe.distributed.backend == "fsdp":
-        model, tokenizer = load_empty(settings, load_whole)
-    else:
-        model, tokenizer = load_whole(settings)
+    # Each process holds the weights as `backend` (the run's Backend, or its class) wants them: a whole
+    # copy, ZeRO-3's slices, or FSDP2's meta device until the backend has sharded them (partitioned.py).
+    model, tokenizer = backend.load(settings, load_whole)
     limit = max_positions(model.config)
     if limit is not None and recipe.data.seq_len > limit:
         raise UserError(f"data.seq_len = {recipe.data.seq_len} exceeds the model's maximum positions ({limit}); "
@@ -88,8 +82,6 @@ def apply_lora(model, recipe: Recipe, diffusion: DiffusionConfig):
     """peft LoRA; with an added mask token its embedding row (and an untied head's row) trains too."""
     from peft import LoraConfig, get_peft_model
 
-    if recipe.distributed.backend == "fsdp":
-        raise UserError("lora with distributed.backend: fsdp is not supported; use deepspeed (ZeRO-2/3) or ddp for LoRA")
     settings = recipe.lora
     trainable_tokens = None
     if diffusion.mask_token_strategy == "add":
@@ -142,7 +134,7 @@ def parameter_kinds(objective: nn.Module) -> dict[str, str]:
     the projection they adapt, and peft's trainable token rows under the embeddings or head they patch.
     A head tied to the embeddings is one tensor, listed once under the embeddings' name: embeddings.
     """
-    from .backends import decoder_layers
+    from ..structure import decoder_layers
 
     model = objective.model if isinstance(objective, ModelWithLoss) else objective
     roles = {}

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..attention import set_attention, unwrap_model
+from ..attention import set_attention
 from ..export import save_checkpoint
-from .backends import no_zero3_init
+from ..structure import unwrap_model
 from .checkpoint import EXPORT_DIR
+from .partitioned import no_zero3_init
 from .state import Run
 
 

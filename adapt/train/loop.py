@@ -90,8 +90,8 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
         log(backend.accelerator, f"nothing to resume in {output_dir} (no complete checkpoint); starting a fresh run")
 
     set_seed(recipe.train.seed)
-    # Under ZeRO-3 the model is built inside deepspeed.zero.Init, each process holding only its slice.
-    model, tokenizer, diffusion = load_model(recipe)
+    # As the backend holds it: a whole copy, ZeRO-3's slices, or FSDP2's meta device until prepare shards it.
+    model, tokenizer, diffusion = load_model(recipe, backend)
     anneal_from = get_attention_ratio(model)  # the source's: a continued diffusion model stays bidirectional
     objective = objective_of(diffusion, recipe.diffusion)
     alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0

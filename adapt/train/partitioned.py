@@ -14,10 +14,13 @@ checkpoint a piece at a time and broadcasts it, each process keeps its shards (t
 
 Either way a checkpoint whose names (or, for FSDP2, shapes) do not match the model's parameters (a .gguf
 or pickle source, a layout transformers merges or splits) goes through transformers' loader.
+
+`no_zero3_init` is the way out of zero.Init where a process needs a whole copy after all.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -35,6 +38,23 @@ def is_zero3() -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def no_zero3_init():
+    """Build a model normally even while a ZeRO-3 config is registered with transformers: a whole copy in
+    every process (alignment's frozen source, the exported model)."""
+    import transformers.integrations.deepspeed as hf_ds
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref if is_zero3() else None
+    if saved is not None:
+        unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if saved is not None:
+            hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def load_partitioned(settings: ModelSection, load_whole):
