@@ -222,7 +222,8 @@ def generate_with_details(
     if verifying and steps is not None:
         raise UserError("a hybrid model verifying its drafts takes as many forwards as its drafts are accepted; "
                         "drop the steps, or pass decoding 'diffusion' to denoise in that many steps")
-    _check_steps(steps or length, length)
+    steps = length if steps is None else steps  # one per token; 0 stays 0 and is refused
+    _check_steps(steps, length)
     prompt_ids = context_ids(tokenizer, prompt, anchor=config.shift)
     check_context(model.config, len(prompt_ids) + length, f"the prompt and {length:,} new tokens",
                   allow_longer=options.allow_longer)
@@ -236,7 +237,7 @@ def generate_with_details(
     if verifying:
         out = draft_and_verify(model, ids[:, :len(prompt_ids)], config, length, stop, options)
     else:
-        out = denoise(model, ids, fill, config, steps=steps or length, stop_token=stop, options=options)
+        out = denoise(model, ids, fill, config, steps=steps, stop_token=stop, options=options)
     rows = out.ids.tolist()
     start = len(prompt_ids)
     return Generation(
