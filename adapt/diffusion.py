@@ -339,10 +339,7 @@ def diffusion_loss(
         denominator = loss_denominator(training, mask, maskable)
     loss, ar_ce = (terms * weights).sum() / max(denominator, 1), None
     if ar_logits is not None:
-        ar_sum = F.cross_entropy(ar_logits, input_ids[maskable], reduction="none").float().sum()
-        ar_ce = ar_sum.detach() / max(int(maskable.sum()), 1)
-        ar_loss = ar_sum / max(int(maskable.sum()) if ar_denominator is None else ar_denominator, 1)
-        loss = (loss + training.ar_weight * ar_loss) / (1 + training.ar_weight)
+        loss, ar_ce = _with_ar_loss(loss, ar_logits, input_ids[maskable], training.ar_weight, ar_denominator)
     return DiffusionLoss(
         loss=loss,
         unweighted=ce.detach().sum() / max(num_masked, 1),
@@ -352,6 +349,16 @@ def diffusion_loss(
                      if objective.needs_calibration() else None),
         ar_ce=ar_ce,
     )
+
+
+def _with_ar_loss(diffusion: torch.Tensor, ar_logits: torch.Tensor, targets: torch.Tensor, weight: float,
+                  denominator: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """((alpha L_AR + L_diff) / (1 + alpha), the AR cross-entropy per target for logging): L_AR is the AR
+    head's summed CE over `targets` divided by `denominator` (None: their count), alpha `weight`."""
+    ar_sum = F.cross_entropy(ar_logits, targets, reduction="none").float().sum()
+    count = max(targets.numel(), 1)
+    ar_loss = ar_sum / max(count if denominator is None else denominator, 1)
+    return (diffusion + weight * ar_loss) / (1 + weight), ar_sum.detach() / count
 
 
 def masked_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, config: DiffusionConfig, *,
