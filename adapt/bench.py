@@ -80,8 +80,9 @@ class BenchSettings:
         "help": "weights and compute dtype; auto: bf16 where the device computes it natively, else fp32 (the "
                 "choice and its reason are printed)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
-    attn: Literal["sdpa", "eager", "flash_attention_2"] = field(default="sdpa", metadata={
-        "help": "attention implementation (flash_attention_2 cannot run ratio 0.5; that row is skipped)"})
+    attn: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = field(default="sdpa", metadata={
+        "help": "attention implementation, printed with the results (flex_attention takes the explicit masks as "
+                "block-sparse FlexAttention masks; flash_attention_2 cannot run ratio 0.5, that row is skipped)"})
     batch: int = field(default=4, metadata={"help": "training and ELBO batch size", **at_least(1)})
     seq_len: int = field(default=256, metadata={"help": "training and ELBO sequence length", **at_least(1)})
     repeats: int | None = field(default=None, metadata=_by_run_length(

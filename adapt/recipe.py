@@ -32,7 +32,9 @@ class ModelSection:
 
     path: str = ""  # local HF folder, .gguf file or Hub id (required)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights as loaded
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # both can carry the annealed mask
+    # sdpa and eager carry the annealed and the block masks as bool or float tensors, flex_attention as
+    # block-sparse FlexAttention masks (compiled on first use of each shape)
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     trust_remote_code: bool = False  # run the checkpoint's own Python code (only for sources you trust)
     allow_pickle: bool = False  # accept .bin/.pt weights when there are no safetensors (read with weights_only=True)
     # "add": a new token, embeddings resized; "reuse": the existing id `mask_token_id`. Ignored when the

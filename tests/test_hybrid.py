@@ -278,3 +278,27 @@ def test_convert_makes_a_hybrid_model_that_info_describes(tmp_path, capsys):
                  "--json"]) == 0
     generated = json.loads(capsys.readouterr().out)
     assert len(generated["samples"][0]["token_ids"]) == 6 and generated["forwards"] <= 6
+
+
+@pytest.mark.parametrize("mode", [HybridMode(4), "block"], ids=["hybrid", "block"])
+def test_flex_attention_takes_the_layouts_as_block_masks_with_the_same_logits(mode):
+    """The explicit masks become FlexAttention BlockMasks under attn_implementation='flex_attention'
+    (compiled on first use of a shape): the training layout's logits equal SDPA's. Each layout compiles
+    afresh: torch 2.13's CPU FlexAttention kernel recompiled for a second shape (dynamic shapes) fails to
+    compile, an upstream inductor bug (SDPA is the CPU's kernel anyway)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from adapt.block import BlockMode
+
+    torch._dynamo.reset()  # each layout compiles its own kernel, as a fresh process would
+    mode = BlockMode(8) if mode == "block" else mode
+    ids = _ids(length=24)
+    targets = torch.ones_like(ids, dtype=torch.bool)
+    targets[:, 0] = False
+    logits = {}
+    for impl in ("sdpa", "flex_attention"):
+        model, _, config = hybrid_model("llama", impl)
+        noisy = ids.masked_fill(targets & (torch.arange(24) % 3 == 0), config.mask_token_id)
+        with torch.no_grad():
+            hidden, _ = mode.hidden(model, noisy, ids, targets, shift=True)
+        logits[impl] = output_logits(model, hidden)
+    torch.testing.assert_close(logits["flex_attention"], logits["sdpa"], rtol=1e-4, atol=1e-4)
