@@ -302,3 +302,48 @@ def test_flex_attention_takes_the_layouts_as_block_masks_with_the_same_logits(mo
             hidden, _ = mode.hidden(model, noisy, ids, targets, shift=True)
         logits[impl] = output_logits(model, hidden)
     torch.testing.assert_close(logits["flex_attention"], logits["sdpa"], rtol=1e-4, atol=1e-4)
+
+
+def test_the_lm_eval_adapter_scores_and_generates_through_the_ar_head():
+    """A hybrid model in the harness: log-likelihoods are its AR head's exact ones (the adapter's `ar=True`
+    figures), and greedy generation is the AR model's."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'adapt[eval]'")
+    from lm_eval.api.instance import Instance
+
+    from adapt.lm_eval_adapter import AdaptLM
+
+    model, tokenizer, config = hybrid_model()
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=("w5 w6", " w7 w8"), idx=0)]
+    hybrid = AdaptLM.from_model(model, tokenizer, config).loglikelihood(requests, True)
+    causal = AdaptLM.from_model(model, tokenizer, None).loglikelihood(requests, True)
+    assert hybrid == causal
+    until = [Instance(request_type="generate_until", doc={}, idx=0,
+                      arguments=("w5 w6", {"until": [], "max_gen_toks": 6, "do_sample": False}))]
+    drafted = AdaptLM.from_model(model, tokenizer, config).generate_until(until, True)
+    expected = AdaptLM.from_model(model, tokenizer, None).generate_until(until, True)
+    assert [text.strip() for text in drafted] == [text.strip() for text in expected]  # the AR path drops the space
+
+
+@pytest.mark.slow  # a minute or two each on 2 busy cores
+@pytest.mark.parametrize("backend", ["zero2", "fsdp"])
+def test_two_processes_train_a_hybrid_as_one_process_does(tmp_path, backend):
+    """The AR loss's denominator is summed over the processes like the diffusion loss's: ZeRO-2 and FSDP2
+    over two processes give one process's losses and weights."""
+    from pathlib import Path
+
+    from .tiny_runs import assert_close_tensors, tensors, train_two_processes
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    options = {"zero2": [f"distributed.deepspeed_config={recipes / 'deepspeed/zero2.json'}"],
+               "fsdp": ["distributed.backend=fsdp"]}[backend]
+    common = ("diffusion.mode=hybrid", "diffusion.draft_size=4", "diffusion.t_min=1", "diffusion.ar_weight=2",
+              "train.max_steps=2", "train.eval_batches=0")
+    reference = adapt.train.train(recipe_for(tmp_path, "train.grad_accum=2", "train.batch_size=2", *common,
+                                             output="single"))
+    recipe = recipe_for(tmp_path, "train.batch_size=2", *common, *options, output=backend)
+    run = train_two_processes(recipe, tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for a, b in zip(step_records(tmp_path / "single"), step_records(recipe.output_dir), strict=True):
+        for key in ("loss", "ar_ce", "masked_ce", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (backend, key)
+    assert_close_tensors(tensors(reference.model_dir), tensors(Path(recipe.output_dir) / "model"), f"{backend}: ")
