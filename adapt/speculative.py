@@ -47,9 +47,10 @@ def speculate(model, config, prompt: torch.Tensor, length: int, options, generat
     while tokens.shape[1] < end:
         known, cached, waiting = tokens.shape[1], cache.get_seq_length(), drafts.shape[1]
         groups = list(range(waiting + 1)) if options.draft_groups == "every" else [waiting]
+        # no group reaches past the last position asked for (the model's positions were checked up to it)
+        width = min(config.mode.draft_size, end - (known - 1 + waiting))
         clean, grouped = verify_and_draft(model, cache, torch.cat([tokens[:, cached:], drafts], dim=1), cached,
-                                          [known - 1 + n for n in groups], config.mode.draft_size,
-                                          config.mask_token_id)
+                                          [known - 1 + n for n in groups], width, config.mask_token_id)
         verifier = shaped(without_mask_token(output_logits(model, clean[:, known - 1 - cached:]),
                                              config.mask_token_id), options)
         accepted, own = verify(verifier, drafts, draft_logits, options, generator)

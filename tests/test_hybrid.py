@@ -347,3 +347,18 @@ def test_two_processes_train_a_hybrid_as_one_process_does(tmp_path, backend):
         for key in ("loss", "ar_ce", "masked_ce", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (backend, key)
     assert_close_tensors(tensors(reference.model_dir), tensors(Path(recipe.output_dir) / "model"), f"{backend}: ")
+
+
+def test_decoding_up_to_the_last_position_drafts_nothing_past_it():
+    """GPT-2's positions are learned embeddings: a draft group reaching past the last position would have
+    none. Generating up to the model's limit, the groups shrink and the output is still the AR model's."""
+    from adapt.limits import max_positions
+
+    model, tokenizer, _ = hybrid_model("gpt2")
+    limit = max_positions(model.config)
+    out = generate_with_details(model, tokenizer, "w5 w6", length=limit - 2, temperature=0, stop_at_eos=False,
+                                draft_groups="every")
+    prompt = torch.tensor([out.prompt_ids])
+    expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=limit - 2,
+                              do_sample=False, pad_token_id=0)[0, 2:].tolist()
+    assert len(out.prompt_ids) == 2 and out.token_ids[0] == expected
