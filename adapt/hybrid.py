@@ -80,6 +80,9 @@ class HybridMode(Mode):
     def forward_positions(self, length):
         return 2 * length  # the draft and the clean stream side by side
 
+    def head_positions(self, length, masked_share):
+        return length * masked_share + length  # the masked drafts, and the AR head on every clean position
+
     def attention_mask_bytes(self, rows, length):
         return rows * self.forward_positions(length) ** 2  # the bool mask, built once per forward
 

@@ -76,6 +76,11 @@ class Mode:
         """Positions one training forward runs over a sequence of `length` tokens (for `adapt plan`)."""
         raise NotImplementedError
 
+    def head_positions(self, length: int, masked_share: float) -> float:
+        """Positions of a sequence of `length` tokens the LM head runs on in training when a share
+        `masked_share` of them is masked (for `adapt plan`): the masked ones."""
+        return length * masked_share
+
     def attention_mask_bytes(self, rows: int, length: int) -> int:
         """Bytes of the attention mask a training forward builds for `rows` sequences of `length` tokens
         (its explicit mask, or the annealed one while annealing), for `adapt plan`."""

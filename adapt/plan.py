@@ -232,9 +232,9 @@ def model_states(recipe, shape: ModelShape, gpus: int, per_node: int) -> dict:
 # ---------------------------------------------------------------------------------------- activations
 
 def forward_shape(recipe, mode: Mode, batch: int) -> tuple[int, int, int]:
-    """(rows, positions, scored positions per row) of one micro-batch's forward: complementary masks run
-    each sequence twice; the mode says how many positions a sequence's forward runs (block diffusion:
-    the noisy and the clean copy side by side, 2L, the noisy half scored)."""
+    """(rows, positions, tokens per row) of one micro-batch's forward: complementary masks run each
+    sequence twice; the mode says how many positions a sequence's forward runs (block diffusion and
+    hybrid: two copies side by side, 2L)."""
     rows = batch * (2 if recipe.diffusion.complementary_masks else 1)
     return rows, mode.forward_positions(recipe.data.seq_len), recipe.data.seq_len
 
@@ -242,14 +242,14 @@ def forward_shape(recipe, mode: Mode, batch: int) -> tuple[int, int, int]:
 def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
     """Bytes of activations, LM head, attention mask and alignment of one micro-batch of `batch` sequences."""
     train = recipe.train
-    rows, length, scored = forward_shape(recipe, shape.mode, batch)
+    rows, length, tokens_per_row = forward_shape(recipe, shape.mode, batch)
     element = 2 if train.mixed_precision != "no" or recipe.model.dtype != "float32" else 4
     h, i = shape.hidden, shape.intermediate
     per_layer = 4 * h + 2 * shape.kv_width + (4 * i if shape.gated_mlp else 2 * i) + 2 * h
     if recipe.model.attn_implementation == "eager":
         per_layer += shape.heads * length  # the attention probabilities
     tokens = rows * length
-    lm_head = 3 * rows * scored * shape.vocab
+    lm_head = int(3 * rows * shape.mode.head_positions(tokens_per_row, 1.0) * shape.vocab)  # every position masked
     if train.gradient_checkpointing:
         # A layer is recomputed only after the head's backward has freed the logits, so the two peaks
         # never add up: the layer needs only what it uses beyond the head's share. Its backward adds the
@@ -261,7 +261,7 @@ def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
     mask = shape.mode.attention_mask_bytes(rows, recipe.data.seq_len)
     result = {"activations": element * saved, "lm_head": element * lm_head, "attention_mask": mask}
     if recipe.align.weight > 0:  # the aligned layers' outputs of the frozen source's no-grad forward
-        result["alignment_states"] = element * rows * scored * h * len(recipe.align.layers)
+        result["alignment_states"] = element * rows * tokens_per_row * h * len(recipe.align.layers)
     return result
 
 
@@ -269,12 +269,12 @@ def _step_flops(model, recipe, mode: Mode, gpus: int) -> float:
     from .flops import train_flops
 
     train = recipe.train
-    rows, length, scored = forward_shape(recipe, mode, train.batch_size)
+    rows, length, tokens_per_row = forward_shape(recipe, mode, train.batch_size)
     low, high = recipe.diffusion.noise_band
     expected_masked = (low + high) / 2  # t ~ U(t_min, t_max) masks each position with probability t
-    micro = train_flops(model, (rows, length), rows * scored * expected_masked)
+    micro = train_flops(model, (rows, length), rows * mode.head_positions(tokens_per_row, expected_masked))
     if recipe.align.weight > 0:  # the frozen source's forward on the clean input: a third of a train step
-        micro += train_flops(model, (train.batch_size, scored), train.batch_size * scored) / 3
+        micro += train_flops(model, (train.batch_size, tokens_per_row), train.batch_size * tokens_per_row) / 3
     return micro * train.grad_accum * gpus
 
 

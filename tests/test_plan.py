@@ -189,3 +189,15 @@ def test_block_mode_complementary_masks_and_alignment_scale_what_they_should(tmp
     assert paired["activations"] == 2 * plain["activations"] and paired["lm_head"] == 2 * plain["lm_head"]
     assert aligned["alignment_source"] == 2 * P_7B  # bf16 weights, not sharded
     assert aligned["alignment_states"] > 0 and not {"alignment_source", "alignment_states"} & set(plain)
+
+
+def test_a_hybrid_run_doubles_the_positions_and_runs_the_head_on_drafts_and_clean_stream():
+    """By hand: a hybrid model's forward runs drafts and clean stream side by side (2L), and its LM head
+    runs on the masked drafts and on every clean position (the AR loss): twice a bidirectional run's."""
+    base = [str(ROOT / "recipes/llama2-7b.yaml"), *LLAMA2_7B, "train.gradient_checkpointing=false"]
+    plain = plan(load_recipe(base[0], base[1:]), PlanSettings(gpus=8))
+    hybrid = plan(load_recipe(base[0], [*base[1:], "diffusion.mode=hybrid", "diffusion.draft_size=16"]),
+                  PlanSettings(gpus=8))
+    assert hybrid["per_gpu_bytes"]["activations"] == 2 * plain["per_gpu_bytes"]["activations"]
+    assert hybrid["per_gpu_bytes"]["lm_head"] == 2 * plain["per_gpu_bytes"]["lm_head"]
+    assert hybrid["model"]["mode"] == {"mode": "hybrid", "draft_size": 16}
