@@ -21,7 +21,7 @@ import yaml
 
 from .backend_names import BACKEND_NAMES
 from .data import DataConfig
-from .diffusion import DiffusionTraining
+from .diffusion import MODES, DiffusionTraining
 from .errors import UserError
 from .settings import at_least, between, default_of, from_dict
 
@@ -310,8 +310,20 @@ def validate(recipe: Recipe) -> None:
                         f"({recipe.train.max_steps}); lower it")
     if recipe.align.weight > 0 and not recipe.align.layers:
         raise UserError("align.weight > 0 but align.layers is empty; list the layers to align, e.g. [-1] (the last)")
+    _check_mode_sizes(recipe)
     if recipe.train.mixed_precision == "fp16" and recipe.model.dtype == "float16":
         raise UserError("train.mixed_precision: fp16 needs float32 master weights; set model.dtype: float32")
+
+
+def _check_mode_sizes(recipe: Recipe) -> None:
+    """A block or a draft block longer than the sequence it cuts is refused: nothing would be left to cut."""
+    if recipe.diffusion.mode is None:
+        return
+    for f in dataclasses.fields(MODES[recipe.diffusion.mode]):
+        size = getattr(recipe.diffusion, f.name)
+        if size > recipe.data.seq_len:
+            raise UserError(f"diffusion.{f.name} = {size} exceeds data.seq_len = {recipe.data.seq_len}; set it to at "
+                            f"most {recipe.data.seq_len}")
 
 
 def fields_doc() -> list[tuple[str, str, str]]:

@@ -63,7 +63,7 @@ from .draw import pick, shaped, without_mask_token
 from .errors import UserError, check_type
 from .limits import EXTRAPOLATION_FACTOR, check_context
 from .speculative import DRAFT_GROUPS, speculate
-from .settings import at_least, between, check_settings
+from .settings import at_least, between, check_settings, default_of
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 CACHES = ("exact", "none", "prefix", "dual")  # see SamplingOptions.cache
@@ -384,7 +384,11 @@ def verifies(config: DiffusionConfig, options: SamplingOptions) -> bool:
     if options.decoding == "verify" and not config.mode.has_ar_head:
         raise UserError(f"decoding 'verify' checks drafts with the model's AR head, and a {config.mode.name} model "
                         "has none; use decoding 'auto' or 'diffusion'")
-    return config.mode.has_ar_head and options.decoding != "diffusion" and options.threshold is None
+    verifying = config.mode.has_ar_head and options.decoding != "diffusion" and options.threshold is None
+    if not verifying and options.draft_groups != default_of(SamplingOptions, "draft_groups"):
+        raise UserError(f"draft groups are how a hybrid model drafts while its AR head verifies, and this "
+                        f"{config.mode.name} model decodes by diffusion here; drop draft_groups")
+    return verifying
 
 
 def draft_and_verify(model, prompt: torch.Tensor, config: DiffusionConfig, length: int, stop_token: int | None,

@@ -226,11 +226,14 @@ def test_verification_is_refused_on_a_model_without_an_ar_head():
     model, tokenizer = diffusion_model()
     with pytest.raises(UserError, match="decoding 'verify' checks drafts with the model's AR head"):
         generate_with_details(model, tokenizer, "w5", length=8, decoding="verify")
+    with pytest.raises(UserError, match="this bidirectional model decodes by diffusion here; drop draft_groups"):
+        generate_with_details(model, tokenizer, "w5", length=8, draft_groups="every")
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["diffusion.mode=hybrid"], "diffusion.mode: hybrid needs diffusion.draft_size"),
     (["diffusion.mode=hybrid", "diffusion.draft_size=0"], "diffusion.draft_size = 0 is out of range"),
+    (["diffusion.mode=hybrid", "diffusion.draft_size=33"], "diffusion.draft_size = 33 exceeds data.seq_len = 32"),
     (["diffusion.draft_size=4"], "diffusion.draft_size is a setting of mode 'hybrid'"),
     (["diffusion.mode=block", "diffusion.block_size=4", "diffusion.ar_weight=2"],
      "diffusion.ar_weight is a setting of mode 'hybrid' and this run makes a block model"),
