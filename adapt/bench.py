@@ -42,6 +42,7 @@ from .atomic import write_text_atomically
 from .attention import PARTIAL_MASK_IMPLEMENTATIONS, set_attention
 from .bidirectional import BidirectionalMode
 from .block import BlockMode
+from .hybrid import HybridMode
 from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
 from .flags import shown
@@ -255,7 +256,9 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
 
         def loss():
             out = diffusion_loss(model, ids, run_config, generator=noise)
-            scored.setdefault(name, []).append(out.num_masked)
+            # a hybrid's AR head also runs on every clean position but a row's first (no padding here)
+            ar_positions = 0 if out.ar_ce is None else out.num_tokens - ids.shape[0]
+            scored.setdefault(name, []).append(out.num_masked + ar_positions)
             return out.loss
         return loss
 
@@ -265,9 +268,10 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
             continue  # flash attention takes no partial mask; set_attention refuses it
         losses[f"diffusion_r{ratio:g}"] = (ratio, diffusion(f"diffusion_r{ratio:g}", BidirectionalMode()))
     if model.config._attn_implementation in PARTIAL_MASK_IMPLEMENTATIONS:  # the block mask is an explicit one
-        for block_size in block_sizes:
-            mode = BlockMode(block_size)
-            losses[f"block_b{block_size}"] = (mode.attention_ratio(1.0), diffusion(f"block_b{block_size}", mode))
+        for block_size in block_sizes:  # as a block model, and as a hybrid drafting blocks of that size
+            for name, mode in ((f"block_b{block_size}", BlockMode(block_size)),
+                               (f"hybrid_d{block_size}", HybridMode(block_size))):
+                losses[name] = (mode.attention_ratio(1.0), diffusion(name, mode))
 
     def timed_step(ratio, loss_fn):
         def step():
@@ -326,8 +330,11 @@ def sampling_methods(length: int, steps: list[int], thresholds: list[float], blo
     `diffusion_s{S}`: S steps, one block. For each threshold T (`steps` = `length`, an upper bound):
     `threshold{T}_{cache}`, the bidirectional model in sampler blocks of `block_size` under each cache
     that applies to it, and `block{B}_threshold{T}_{cache}`, the same model sampled as a block model with
-    blocks of B = `block_size` under each of its caches. The approximate caches and the block model pass
-    explicit attention masks: without `explicit_masks` (flash attention) their rows are left out.
+    blocks of B = `block_size` under each of its caches. `hybrid{B}_verify_{groups}`: the same weights
+    read as a hybrid model with drafts of B, its drafts verified by its AR head (untrained drafts are
+    rarely accepted: what a verifying forward costs beside an AR step). The approximate caches, the
+    block and the hybrid model pass explicit attention masks: without `explicit_masks` (flash attention)
+    their rows are left out.
     """
     from .bidirectional import APPROXIMATE_CACHES
     from .sampling import CACHES, SamplingOptions
@@ -350,6 +357,10 @@ def sampling_methods(length: int, steps: list[int], thresholds: list[float], blo
         for cache in blockwise:
             methods[f"block{block_size}_threshold{threshold:g}_{cache}"] = (
                 blocks, length, SamplingOptions(threshold=threshold, cache=cache, seed=0))
+    if explicit_masks:
+        methods.update({f"hybrid{block_size}_verify_{groups}": (HybridMode(block_size), None,
+                                                               SamplingOptions(draft_groups=groups, seed=0))
+                        for groups in DRAFT_GROUPS})
     return methods
 
 

@@ -26,7 +26,7 @@ def test_quick_run_reports_every_figure(tmp_path):
     results = json.loads(out.read_text())
 
     train = results["train"]
-    assert set(train) == {"causal", "diffusion_r1", "diffusion_r0.5", "block_b32"}
+    assert set(train) == {"causal", "diffusion_r1", "diffusion_r0.5", "block_b32", "hybrid_d32"}
     for name, row in train.items():
         assert len(row["times_s"]) == results["repeats"] == 2
         assert row["median_s"] > 0 and row["peak_bytes"] > row["step_peak_bytes"] > 0
@@ -38,12 +38,15 @@ def test_quick_run_reports_every_figure(tmp_path):
     # Every ratio draws the same noise levels and masks, so only the attention differs between them.
     assert train["diffusion_r1"]["head_positions"] == train["diffusion_r0.5"]["head_positions"]
     assert train["block_b32"]["head_positions"] == train["diffusion_r1"]["head_positions"]  # the same masks
+    # a hybrid's head also runs on every clean position but the first of each row, for the AR loss
+    assert train["hybrid_d32"]["head_positions"] == train["diffusion_r1"]["head_positions"] + 2 * 63
 
     rows = {(row["name"], row["batch"]): row for row in results["sampling"]}
     methods = {"ar", "diffusion_s4", "diffusion_s8"} | {
         f"{kind}{threshold}_{cache}" for threshold in ("0.9", "0.7")
         for kind, cache in [("threshold", "none"), ("threshold", "prefix"), ("threshold", "dual"),
-                            ("block8_threshold", "exact"), ("block8_threshold", "none")]}
+                            ("block8_threshold", "exact"), ("block8_threshold", "none")]} | {
+        "hybrid8_verify_one", "hybrid8_verify_every"}
     assert set(rows) == {(name, batch) for name in methods for batch in (1, 8)}
     for (name, batch), row in rows.items():
         assert row["tokens_per_s"] > 0 and row["ar_tokens_per_s"] > 0 and row["length"] == 16

@@ -227,7 +227,7 @@ def test_verification_is_refused_on_a_model_without_an_ar_head():
     with pytest.raises(UserError, match="decoding 'verify' checks drafts with the model's AR head"):
         generate_with_details(model, tokenizer, "w5", length=8, decoding="verify")
     with pytest.raises(UserError, match="this bidirectional model decodes by diffusion here; drop draft_groups"):
-        generate_with_details(model, tokenizer, "w5", length=8, draft_groups="every")
+        generate_with_details(model, tokenizer, "w5", length=8, draft_groups="one")
 
 
 @pytest.mark.parametrize("overrides,message", [

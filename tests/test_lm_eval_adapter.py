@@ -93,7 +93,7 @@ def test_sampler_model_arguments_become_the_sampling_options(trained):
 # seed (the adapter's `seed` is the sampler's), num_samples (one sample per request), temperature (the
 # task's) and progress (the harness shows its own).
 SAMPLING_ARGUMENTS = dict(strategy="margin", top_k=5, top_p=0.9, block_size=4, allow_longer=True, cache="none",
-                          threshold=0.7, stop_at_eos=False, decoding="diffusion", draft_groups="every")
+                          threshold=0.7, stop_at_eos=False, decoding="diffusion", draft_groups="one")
 
 
 def test_every_sampling_option_is_a_model_argument(trained):
