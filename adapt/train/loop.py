@@ -177,9 +177,8 @@ def _micro_objective(run: Run, micro: MicroBatch, denominators: tuple[float, flo
                      align_weight: float):
     """This micro-batch's share of the step's objective (differentiable), its diffusion loss, and the
     sum of its alignment distances (0.0 without alignment, `aligned` None). Both terms are divided by
-    counts of the whole step: the diffusion loss by `denominators` (its own, and a hybrid model's AR loss's),
-    the alignment by the step's `aligned`
-    positions."""
+    counts of the whole step: the diffusion loss by `denominators` (its own, and a hybrid model's AR
+    loss's), the alignment by the step's `aligned` positions."""
     alignment = run.alignment if aligned is not None else None
     watching = alignment.watch(run.inner_model) if alignment is not None else contextlib.nullcontext([])
     with watching as states:
