@@ -27,9 +27,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _prepare(backend, model, diffusion):
     """The sharded objective and its AdamW, as the loop prepares them (the schedule plays no part here)."""
-    from adapt.train.build import DiffusionObjective
+    from adapt.diffusion import DiffusionTraining, objective_of
+    from adapt.train.build import ModelWithLoss
 
-    objective, optimizer, _ = backend.prepare(DiffusionObjective(model, diffusion),
+    training = DiffusionTraining()
+    objective, optimizer, _ = backend.prepare(ModelWithLoss(model, diffusion, training, objective_of(diffusion, training)),
                                               lambda objective: list(objective.parameters()), lambda optimizer: None)
     return objective, optimizer
 
