@@ -32,7 +32,7 @@ from .hybrid import HybridMode
 from .errors import UserError, check_type
 from .forward import output_logits
 from .mode import Mode
-from .objectives import OBJECTIVES, Objective
+from .objectives import OBJECTIVES, Objective, teacher_kl
 from .settings import Range, at_least, between, check_settings, default_of, from_dict
 
 MODES = {mode.name: mode for mode in (BidirectionalMode, BlockMode, HybridMode)}
@@ -213,6 +213,18 @@ def objective_of(config: DiffusionConfig, training: DiffusionTraining | None = N
 
 
 @dataclass
+class TeacherTerm:
+    """A frozen teacher's logits at a batch's masked positions (row-major, like the student's) and how its
+    KL term joins the loss: `weight`, `temperature`, and what the summed KL is divided by (None: this
+    batch's masked tokens; the training loop passes its whole step's)."""
+
+    logits: torch.Tensor
+    weight: float
+    temperature: float
+    denominator: float | None = None
+
+
+@dataclass
 class DiffusionLoss:
     loss: torch.Tensor  # scalar, differentiable: the weighted masked terms (the objective's), normalised per `loss_norm`
     unweighted: torch.Tensor  # scalar: plain CE averaged over masked tokens (no 1/t), for logging
@@ -221,6 +233,7 @@ class DiffusionLoss:
     # Sums the objective needs before its first step (`Objective.calibration_statistics`); None when it does not.
     calibration: torch.Tensor | None = None
     ar_ce: torch.Tensor | None = None  # scalar: a hybrid model's AR cross-entropy per maskable position, for logging
+    distill_kl: torch.Tensor | None = None  # scalar: the teacher KL per masked token (unweighted), for logging
 
 
 def sample_t(batch: int, low: float, high: float = 1.0, *, device=None,
@@ -306,6 +319,7 @@ def diffusion_loss(
     mask: torch.Tensor | None = None,
     denominator: float | None = None,
     ar_denominator: float | None = None,
+    teacher: TeacherTerm | None = None,
     generator: torch.Generator | None = None,
 ) -> DiffusionLoss:
     """One Monte Carlo sample of the diffusion loss for a batch of token ids (B, L), laid out as the
@@ -321,7 +335,8 @@ def diffusion_loss(
 
     A mode with an AR stream (hybrid) adds the AR cross-entropy of every maskable position, read off its
     clean stream in the same forward and divided by `ar_denominator` (by default this batch's maskable
-    positions); the loss is then (alpha L_AR + L_diff) / (1 + alpha), alpha = `training.ar_weight`.
+    positions); the loss is then (alpha L_AR + L_diff) / (1 + alpha), alpha = `training.ar_weight`. A
+    `teacher` adds its weighted KL at the masked positions (adapt/train/distill.py).
     """
     check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if config.mask_token_id is None:
@@ -340,6 +355,12 @@ def diffusion_loss(
     loss, ar_ce = (terms * weights).sum() / max(denominator, 1), None
     if ar_logits is not None:
         loss, ar_ce = _with_ar_loss(loss, ar_logits, input_ids[maskable], training.ar_weight, ar_denominator)
+    distill_kl = None
+    if teacher is not None:
+        kl = teacher_kl(logits, teacher.logits, teacher.temperature)
+        kl_denominator = num_masked if teacher.denominator is None else teacher.denominator
+        loss = loss + teacher.weight * kl.sum() / max(kl_denominator, 1)
+        distill_kl = kl.detach().sum() / max(num_masked, 1)
     return DiffusionLoss(
         loss=loss,
         unweighted=ce.detach().sum() / max(num_masked, 1),
@@ -348,6 +369,7 @@ def diffusion_loss(
         calibration=(objective.calibration_statistics(logits, config.mask_token_id)
                      if objective.needs_calibration() else None),
         ar_ce=ar_ce,
+        distill_kl=distill_kl,
     )
 
 

@@ -138,6 +138,14 @@ def score_entropy(outputs: torch.Tensor, targets: torch.Tensor, mask_token_id: i
     return total - (outputs.gather(-1, targets[:, None]).squeeze(-1).to(precise) - offset) - 1.0
 
 
+def teacher_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)) per row (N,), over the teacher's vocabulary (the
+    student's logits past it, its added mask token, are left out: the student never predicts it)."""
+    student = (student[:, :teacher.shape[-1]].float() / temperature).log_softmax(dim=-1)
+    teacher = (teacher.float() / temperature).log_softmax(dim=-1)
+    return temperature ** 2 * (teacher.exp() * (teacher - student)).sum(dim=-1)
+
+
 def log_partition(outputs: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """log Z (N,), Z = sum over the tokens but the mask of exp(outputs[y]): 0 for normalised scores."""
     others = outputs.index_fill(-1, torch.tensor([mask_token_id], device=outputs.device), -torch.inf)

@@ -219,14 +219,30 @@ def _lora_parameters(model, lora) -> int:
 
 def model_states(recipe, shape: ModelShape, gpus: int, per_node: int) -> dict:
     """Per-GPU bytes of weights, gradients and optimizer states, and per-node CPU bytes: the memory model of
-    the backend that runs the recipe on `gpus` GPUs (adapt/train/backends.py), and alignment's copy."""
+    the backend that runs the recipe on `gpus` GPUs (adapt/train/backends.py), and the frozen copies of
+    alignment's source and distillation's teacher (whole on every GPU)."""
     from .train.backends import choose_backend
 
     backend = choose_backend(recipe, gpus)
     states = backend.model_states(recipe, shape, gpus, per_node)
     if recipe.align.weight > 0:  # the frozen source of the alignment term: a whole copy on every GPU
         states["gpu"]["alignment_source"] = recipe.model.dtype_bytes() * shape.parameters
+    if recipe.distill.weight > 0:
+        states["gpu"]["distill_teacher"] = recipe.model.dtype_bytes() * _teacher_parameters(recipe, shape)
     return {"backend": backend.plan_entry(recipe), **states}
+
+
+def _teacher_parameters(recipe, shape: ModelShape) -> int:
+    """The teacher's parameters: the source's, or those of distill.teacher's config (no weights read)."""
+    if recipe.distill.teacher is None:
+        return shape.parameters
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        teacher = AutoModelForCausalLM.from_config(read_config(recipe.distill.teacher), dtype=torch.float32)
+    return sum(p.numel() for p in {id(p): p for p in teacher.parameters()}.values())
 
 
 # ---------------------------------------------------------------------------------------- activations
@@ -262,6 +278,8 @@ def activation_bytes(recipe, shape: ModelShape, batch: int) -> dict:
     result = {"activations": element * saved, "lm_head": element * lm_head, "attention_mask": mask}
     if recipe.align.weight > 0:  # the aligned layers' outputs of the frozen source's no-grad forward
         result["alignment_states"] = element * rows * tokens_per_row * h * len(recipe.align.layers)
+    if recipe.distill.weight > 0:  # the teacher's logits at every masked position, and their float32 softmax
+        result["teacher_logits"] = (element + 4) * rows * tokens_per_row * shape.vocab
     return result
 
 
@@ -289,6 +307,8 @@ ROW_NOTES = {
     "attention_mask": "attention mask (annealing or block)",
     "alignment_states": "aligned layers' outputs of the frozen source",
     "alignment_source": "frozen source weights (align.weight > 0)",
+    "distill_teacher": "frozen teacher weights (distill.weight > 0)",
+    "teacher_logits": "teacher logits at the masked positions",
 }
 
 

@@ -23,7 +23,7 @@ from .backend_names import BACKEND_NAMES
 from .data import DataConfig
 from .diffusion import MODES, DiffusionTraining
 from .errors import UserError
-from .settings import at_least, between, default_of, from_dict
+from .settings import above, at_least, between, default_of, from_dict
 
 
 @dataclass
@@ -112,6 +112,17 @@ class AlignSection:
 
 
 @dataclass
+class DistillSection:
+    """Teacher KL: at every position the diffusion loss scores, the student's prediction is pulled towards a
+    frozen causal teacher's next-token distribution given the clean prefix (docs/method.md). Costs a
+    frozen copy of the teacher's weights on every process and one no-grad forward of it per micro-batch."""
+
+    weight: float = field(default=0.0, metadata=at_least(0))  # of the KL term beside the diffusion loss; 0 = off
+    temperature: float = field(default=1.0, metadata=above(0))  # both distributions at this temperature (KL x T^2)
+    teacher: str | None = None  # a causal LM with the source's tokenizer; null: the source itself (model.path)
+
+
+@dataclass
 class LoraSection:
     """Low-rank adapters through peft; r: 0 trains all weights."""
 
@@ -169,6 +180,7 @@ class Recipe:
     diffusion: DiffusionTraining = field(default_factory=DiffusionTraining)
     optim: OptimSection = field(default_factory=OptimSection)
     align: AlignSection = field(default_factory=AlignSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     lora: LoraSection = field(default_factory=LoraSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

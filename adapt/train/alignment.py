@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import UserError
 from ..recipe import Recipe
 from ..structure import decoder_backbone, decoder_layers
-from .partitioned import no_zero3_init
+from .frozen import load_frozen
 
 
 class Alignment:
@@ -99,8 +99,6 @@ class Alignment:
 def load_alignment(recipe: Recipe, model: nn.Module, device) -> Alignment | None:
     """The frozen source of `model` (loaded again from model.path, without the mask token: it only ever
     reads clean tokens), or None when align.weight is 0."""
-    from ..modeling import load_model as load_pretrained
-
     settings = recipe.align
     if settings.weight == 0:
         return None
@@ -109,12 +107,7 @@ def load_alignment(recipe: Recipe, model: nn.Module, device) -> Alignment | None
     if wrong:
         raise UserError(f"align.layers: {wrong[0]} is not a layer of this {count}-layer model; "
                         f"use indices from {-count} to {count - 1} (-1 = the last)")
-    with no_zero3_init():  # a whole copy on each process, even under ZeRO-3
-        source, _ = load_pretrained(recipe.model.path, dtype=recipe.model.dtype,
-                                    attn_implementation=recipe.model.attn_implementation,
-                                    trust_remote_code=recipe.model.trust_remote_code,
-                                    allow_pickle=recipe.model.allow_pickle)
-    source.requires_grad_(False)
+    source, _ = load_frozen(recipe.model.path, recipe.model, device)
     fade_steps = recipe.train.anneal_steps if settings.fade_with_annealing else None
     layers = [index % count for index in settings.layers]
-    return Alignment(source.eval().to(device), layers, settings.weight, fade_steps)
+    return Alignment(source, layers, settings.weight, fade_steps)

@@ -23,13 +23,14 @@ class ModelWithLoss(nn.Module):
         self.config, self.settings, self.objective = config, settings, objective
 
     def forward(self, input_ids, attention_mask=None, never_mask=None, t=None, mask=None, denominator=None,
-                ar_denominator=None, mode=None, generator=None):
+                ar_denominator=None, teacher=None, mode=None, generator=None):
         """The loss of a micro-batch under its noise (`t`, `mask`), laid out as `mode` (a step of a growing
         schedule; None: the model's own mode)."""
         config = self.config if mode is None else dataclasses.replace(self.config, mode=mode)
         return diffusion_loss(self.model, input_ids, config, self.settings, objective=self.objective,
                               attention_mask=attention_mask, never_mask=never_mask, t=t, mask=mask,
-                              denominator=denominator, ar_denominator=ar_denominator, generator=generator)
+                              denominator=denominator, ar_denominator=ar_denominator, teacher=teacher,
+                              generator=generator)
 
 
 def load_model(recipe: Recipe, backend):

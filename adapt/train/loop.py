@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import get_attention_ratio, set_attention
-from ..diffusion import complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions, objective_of
+from ..diffusion import (TeacherTerm, complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions,
+                         objective_of)
 from ..forward import predict_logits
 from ..recipe import Recipe
 from .backends import open_backend
 from .alignment import load_alignment
+from .distill import load_teacher
 from .build import ModelWithLoss, apply_lora, load_model, make_scheduler, param_groups, scheduled_lr
 from .checkpoint import (PROGRESS_EXPORTS, clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint,
                          save_checkpoint)
@@ -95,6 +97,7 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
     anneal_from = get_attention_ratio(model)  # the source's: a continued diffusion model stays bidirectional
     objective = objective_of(diffusion, recipe.diffusion)
     alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0
+    teacher = load_teacher(recipe, tokenizer, backend.accelerator.device)  # None unless distill.weight > 0
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
@@ -106,7 +109,8 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
     train_blocks = open_dataset(recipe.data, tokenizer, split="train")  # first: it names an empty corpus
     validation_blocks = open_dataset(recipe.data, tokenizer, split="validation") if recipe.train.eval_batches else None
     run = Run(recipe, backend, wrapped, objective, optimizer, scheduler, tokenizer, diffusion, train_blocks,
-              validation_blocks, shapes, anneal_from, tokens_trained=diffusion.tokens_trained, alignment=alignment)
+              validation_blocks, shapes, anneal_from, tokens_trained=diffusion.tokens_trained, alignment=alignment,
+              teacher=teacher)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
         log(run.accelerator, f"resumed from {resume_from} at step {run.step}")
@@ -139,14 +143,14 @@ def train_step(run: Run, micro_batches) -> dict:
         run.alignment = None  # its weight is 0 from here on: free the source's weights
     align_weight = run.alignment.weight_at(run.step) if run.alignment is not None else 0.0
     aligned = _aligned_positions(micros) if align_weight > 0 else None  # None: no alignment term this step
-    # loss, masked CE sum, tokens, alignment distance sum, AR CE sum (a hybrid model's)
-    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+    # loss, masked CE sum, tokens, alignment distance sum, AR CE sum (a hybrid model's), teacher KL sum
+    totals = torch.zeros(6, dtype=torch.float64, device=accelerator.device)
     finite, grad_norm = True, None
     for micro in micros:
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.wrapped), accelerator.autocast():
-            micro_loss, out, distance = _micro_objective(run, micro, (denominator, maskable), mode, aligned,
-                                                         align_weight)
+            micro_loss, out, distance = _micro_objective(run, micro, (denominator, maskable, num_masked), mode,
+                                                         aligned, align_weight)
             # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
             # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
             accelerator.backward(micro_loss * (accum * world))
@@ -156,14 +160,16 @@ def train_step(run: Run, micro_batches) -> dict:
                 run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         ar_sum = 0.0 if out.ar_ce is None else out.ar_ce.item() * float(micro.counts[2])
+        kl_sum = 0.0 if out.distill_kl is None else out.distill_kl.item() * out.num_masked
         totals += torch.tensor([micro_loss.item(), out.unweighted.item() * out.num_masked, micro.tokens, distance,
-                                ar_sum], dtype=torch.float64, device=accelerator.device)
+                                ar_sum, kl_sum], dtype=torch.float64, device=accelerator.device)
     run.scheduler.step()
-    loss, ce_sum, tokens, distance, ar_sum = all_reduce_sum(totals).tolist()
+    loss, ce_sum, tokens, distance, ar_sum, kl_sum = all_reduce_sum(totals).tolist()
     run.step += 1
     run.tokens_trained += int(tokens)
     record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1),
-              **({"ar_ce": ar_sum / max(maskable, 1)} if mode.has_ar_head else {}), "ratio": ratio,
+              **({"ar_ce": ar_sum / max(maskable, 1)} if mode.has_ar_head else {}),
+              **({"distill_kl": kl_sum / max(num_masked, 1)} if run.teacher is not None else {}), "ratio": ratio,
               **mode.fields(),
               **({"align_loss": distance / max(aligned, 1), "align_weight": align_weight}
                  if aligned is not None else {}), "lr": lr,
@@ -173,21 +179,31 @@ def train_step(run: Run, micro_batches) -> dict:
     return record
 
 
-def _micro_objective(run: Run, micro: MicroBatch, denominators: tuple[float, float], mode, aligned: float | None,
-                     align_weight: float):
+def _micro_objective(run: Run, micro: MicroBatch, denominators: tuple[float, float, float], mode,
+                     aligned: float | None, align_weight: float):
     """This micro-batch's share of the step's objective (differentiable), its diffusion loss, and the
-    sum of its alignment distances (0.0 without alignment, `aligned` None). Both terms are divided by
-    counts of the whole step: the diffusion loss by `denominators` (its own, and a hybrid model's AR
-    loss's), the alignment by the step's `aligned` positions."""
+    sum of its alignment distances (0.0 without alignment, `aligned` None). Every term is divided by a
+    count of the whole step: the diffusion loss, a hybrid model's AR loss and the teacher KL by
+    `denominators` (the loss's, the maskable and the masked tokens), the alignment by `aligned`."""
     alignment = run.alignment if aligned is not None else None
     watching = alignment.watch(run.inner_model) if alignment is not None else contextlib.nullcontext([])
     with watching as states:
         out = run.wrapped(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominators[0],
-                          ar_denominator=denominators[1], mode=mode, generator=micro.generator)
+                          ar_denominator=denominators[1], teacher=_teacher_term(run, micro, denominators[2]),
+                          mode=mode, generator=micro.generator)
     if alignment is None:
         return out.loss, out, 0.0
     distance = alignment.distance_sum(states, micro.batch)
     return out.loss + align_weight * distance / max(aligned, 1), out, distance.item()
+
+
+def _teacher_term(run: Run, micro: MicroBatch, masked: float) -> TeacherTerm | None:
+    """The teacher's logits at this micro-batch's masked positions and how they join the loss (None
+    without a teacher): divided by the step's masked tokens, like the diffusion loss of `loss_norm: masked`."""
+    if run.teacher is None:
+        return None
+    settings = run.recipe.distill
+    return TeacherTerm(run.teacher.logits_at(micro.batch, micro.mask), settings.weight, settings.temperature, masked)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ class Run:
     model_shapes: dict  # fingerprint of the parameters, checked on resume
     anneal_from: float  # the attention ratio of the source: where the annealing starts
     alignment: object | None = None  # the frozen source for align.weight > 0 (alignment.py)
+    teacher: object | None = None  # the frozen teacher for distill.weight > 0 (distill.py)
     # Progress: restored from a checkpoint on resume.
     step: int = 0
     tokens_trained: int = 0  # counting those the source checkpoint had already been trained on

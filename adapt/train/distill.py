@@ -1,0 +1,50 @@
+"""Teacher KL: the diffusion model learns the frozen causal teacher's distributions, not only the corpus's tokens.
+
+At every position the diffusion loss scores (a masked token i), the teacher gives its next-token
+distribution for token i given the clean prefix x_<i (its output at position i - 1, the AR way, causal),
+and the student's prediction for token i is pulled towards it: T^2 KL(teacher_T || student_T) at
+temperature T (Hinton et al.), summed over the step's masked tokens and divided by their count. The
+teacher is the source (model.path) unless `distill.teacher` names another causal LM with the same
+tokenizer; a diffusion checkpoint given as teacher is run causally. docs/method.md says which
+conditional each side has.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import set_attention
+from ..errors import UserError
+from ..forward import predict_logits
+from ..recipe import Recipe
+from .frozen import load_frozen
+
+
+class Teacher:
+    """The frozen teacher; not an nn.Module, so no backend sees (or shards) its weights."""
+
+    def __init__(self, model, vocab: int):
+        self.model, self.vocab = model, vocab  # its logits past `vocab` (padding rows) are no tokens
+
+    @torch.no_grad()
+    def logits_at(self, batch: dict, targets: torch.Tensor) -> torch.Tensor:
+        """Its logits (N, vocab) for the N `targets` (bool (B, L)) of `batch`'s clean ids, row-major, each
+        read at the position before it: its next-token distribution given the clean prefix."""
+        logits = predict_logits(self.model, batch["input_ids"], targets, attention_mask=batch["attention_mask"])
+        return logits[:, :self.vocab]
+
+
+def load_teacher(recipe: Recipe, tokenizer, device) -> Teacher | None:
+    """The recipe's teacher (None when distill.weight is 0), checked to share the student's tokenizer."""
+    settings = recipe.distill
+    if settings.weight == 0:
+        return None
+    path = settings.teacher or recipe.model.path
+    model, teacher_tokenizer = load_frozen(path, recipe.model, device)
+    set_attention(model, 0.0)  # the next-token distribution given the clean prefix: causal, whatever it was saved at
+    student = tokenizer.get_vocab()
+    differing = [token for token, index in teacher_tokenizer.get_vocab().items() if student.get(token) != index]
+    if differing:
+        raise UserError(f"distill.teacher {path}: its tokenizer differs from the student's ({len(differing)} tokens "
+                        f"with other ids, e.g. {differing[0]!r}); give a teacher with the source's tokenizer")
+    return Teacher(model, len(teacher_tokenizer))
