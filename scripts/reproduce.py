@@ -62,18 +62,21 @@ RUNS = {
     "align": ("hidden states aligned to the frozen source", "source", ["align.weight=1.0"]),
     "align_fade": ("alignment fading out with the annealing", "source",
                    ["align.weight=1.0", "align.fade_with_annealing=true"]),
+    "distill": ("teacher KL from the source, weight 1", "source", ["distill.weight=1"]),
     # The models that keep an AR head (--head-runs): scored through it, exactly, and timed as they decode.
     "hybrid": ("hybrid (TiDAR), all-mask drafts of 4", "source",
                ["diffusion.mode=hybrid", "diffusion.draft_size=4", "diffusion.t_min=1"]),
     "hybrid_partial": ("hybrid, partly masked drafts of 4 (MDM)", "source",
                        ["diffusion.mode=hybrid", "diffusion.draft_size=4"]),
+    "hybrid_distill": ("hybrid, all-mask drafts of 4, teacher KL from the source, weight 1", "source",
+                       ["diffusion.mode=hybrid", "diffusion.draft_size=4", "diffusion.t_min=1", "distill.weight=1"]),
     # blocks of one token, every token masked: each predicted from its clean prefix, the AR loss exactly
     "causal": ("causal fine-tune (what the data alone does)", "source",
                ["diffusion.mode=block", "diffusion.block_size=1", "diffusion.t_min=1"]),
 }
 # How `adapt eval` reads each --head-runs model: a hybrid model through its own AR head, the causal
 # fine-tune as the causal LM it is.
-HEAD_RUNS = {"hybrid": [], "hybrid_partial": [], "causal": ["--ar"]}
+HEAD_RUNS = {"hybrid": [], "hybrid_partial": [], "hybrid_distill": [], "causal": ["--ar"]}
 DEFAULT_RUNS = ("adapt", "scratch", "scratch_lr", "noshift", "noanneal", "block4", "block32")
 CHOICE_RUNS = ("adapt", "block4", "block32")  # the diffusion models scored on the multiple-choice tasks
 ROOT = Path(__file__).resolve().parent.parent
@@ -617,6 +620,7 @@ COMPARISONS = [  # (what, the adapted run, the other run)
     ("one learning rate vs MLPs at a tenth", "adapt", "slow_mlp"),
     ("without vs with alignment to the source", "adapt", "align"),
     ("without vs with an alignment that fades out", "adapt", "align_fade"),
+    ("without vs with teacher KL", "adapt", "distill"),
 ]
 
 
