@@ -243,6 +243,37 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     mask_generator = torch.Generator(device=ids.device).manual_seed(0)  # the annealed attention masks
     scored: dict[str, list[int]] = {}  # positions the LM head ran on, per configuration
+    losses = _train_losses(model, config, ids, block_sizes, scored)
+
+    def timed_step(ratio, loss_fn):
+        def step():
+            set_attention(model, ratio, generator=mask_generator)
+            return timed(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
+        return step
+
+    times = interleave({name: timed_step(*spec) for name, spec in losses.items()}, repeats=repeats, warmup=1)
+    held = _held_bytes(model, optimizer)
+    results = {}
+    for name, (ratio, loss_fn) in losses.items():
+        set_attention(model, ratio, generator=mask_generator)
+        step_peak = peak_step_memory(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
+        results[name] = {
+            "ratio": ratio,
+            **_summary(times[name]),
+            "peak_bytes": held + step_peak,
+            "step_peak_bytes": step_peak,
+            "head_positions": statistics.mean(scored[name]),
+        }
+        if peak_tflops:
+            flops = train_flops(model, ids.shape, statistics.mean(scored[name]))
+            results[name]["mfu"] = flops / results[name]["median_s"] / (peak_tflops * 1e12)
+    set_attention(model, 0.0)
+    return _against_causal(results)
+
+
+def _train_losses(model, config: DiffusionConfig, ids: torch.Tensor, block_sizes: list[int], scored: dict) -> dict:
+    """name -> (attention ratio, loss function) of each training configuration; each call of a loss
+    function appends to `scored[name]` the positions the LM head ran on."""
 
     def causal_loss():
         scored.setdefault("causal", []).append(ids.numel())
@@ -272,31 +303,7 @@ def bench_train(model, config: DiffusionConfig, ids: torch.Tensor, *, repeats: i
             for name, mode in ((f"block_b{block_size}", BlockMode(block_size)),
                                (f"hybrid_d{block_size}", HybridMode(block_size))):
                 losses[name] = (mode.attention_ratio(1.0), diffusion(name, mode))
-
-    def timed_step(ratio, loss_fn):
-        def step():
-            set_attention(model, ratio, generator=mask_generator)
-            return timed(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
-        return step
-
-    times = interleave({name: timed_step(*spec) for name, spec in losses.items()}, repeats=repeats, warmup=1)
-    held = _held_bytes(model, optimizer)
-    results = {}
-    for name, (ratio, loss_fn) in losses.items():
-        set_attention(model, ratio, generator=mask_generator)
-        step_peak = peak_step_memory(ids.device, lambda: _optimizer_step(optimizer, loss_fn))
-        results[name] = {
-            "ratio": ratio,
-            **_summary(times[name]),
-            "peak_bytes": held + step_peak,
-            "step_peak_bytes": step_peak,
-            "head_positions": statistics.mean(scored[name]),
-        }
-        if peak_tflops:
-            flops = train_flops(model, ids.shape, statistics.mean(scored[name]))
-            results[name]["mfu"] = flops / results[name]["median_s"] / (peak_tflops * 1e12)
-    set_attention(model, 0.0)
-    return _against_causal(results)
+    return losses
 
 
 def _against_causal(results: dict) -> dict:

@@ -352,15 +352,11 @@ def diffusion_loss(
     num_masked = int(mask.sum())
     if denominator is None:
         denominator = loss_denominator(training, mask, maskable)
-    loss, ar_ce = (terms * weights).sum() / max(denominator, 1), None
+    loss, ar_ce, distill_kl = (terms * weights).sum() / max(denominator, 1), None, None
     if ar_logits is not None:
         loss, ar_ce = _with_ar_loss(loss, ar_logits, input_ids[maskable], training.ar_weight, ar_denominator)
-    distill_kl = None
     if teacher is not None:
-        kl = teacher_kl(logits, teacher.logits, teacher.temperature)
-        kl_denominator = num_masked if teacher.denominator is None else teacher.denominator
-        loss = loss + teacher.weight * kl.sum() / max(kl_denominator, 1)
-        distill_kl = kl.detach().sum() / max(num_masked, 1)
+        loss, distill_kl = _with_teacher_kl(loss, logits, teacher, num_masked)
     return DiffusionLoss(
         loss=loss,
         unweighted=ce.detach().sum() / max(num_masked, 1),
@@ -381,6 +377,15 @@ def _with_ar_loss(diffusion: torch.Tensor, ar_logits: torch.Tensor, targets: tor
     count = max(targets.numel(), 1)
     ar_loss = ar_sum / max(count if denominator is None else denominator, 1)
     return (diffusion + weight * ar_loss) / (1 + weight), ar_sum.detach() / count
+
+
+def _with_teacher_kl(loss: torch.Tensor, logits: torch.Tensor, teacher: TeacherTerm,
+                     num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss with the teacher's weighted KL added, divided by its denominator, and the KL per masked
+    token for logging)."""
+    kl = teacher_kl(logits, teacher.logits, teacher.temperature)
+    denominator = num_masked if teacher.denominator is None else teacher.denominator
+    return loss + teacher.weight * kl.sum() / max(denominator, 1), kl.detach().sum() / max(num_masked, 1)
 
 
 def masked_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, config: DiffusionConfig, *,
