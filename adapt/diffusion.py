@@ -335,9 +335,8 @@ def diffusion_loss(
 
     A mode with an AR stream (hybrid) adds the AR cross-entropy of every maskable position, read off its
     clean stream in the same forward and divided by `ar_denominator` (by default this batch's maskable
-    positions); the loss is then (alpha L_AR + L_diff) / (1 + alpha), alpha = `training.ar_weight`. A
-    `teacher` adds its weighted KL at the masked positions (adapt/train/distill.py).
-    """
+    positions): (alpha L_AR + L_diff) / (1 + alpha), alpha = `training.ar_weight`. A `teacher` adds its
+    weighted KL at the masked positions (adapt/train/distill.py)."""
     check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if config.mask_token_id is None:
         raise ValueError("DiffusionConfig.mask_token_id is not set; call adapt.ensure_mask_token first")
