@@ -135,7 +135,7 @@ def _train_and_report(recipe, overwrite: bool = False) -> int:
     if _is_main_process():
         print(f"adapt: diffusion model written to {result.model_dir} ({result.steps} steps, "
               f"{result.tokens_trained:,} tokens)")
-        print(f"adapt: sample from it with:  adapt generate {result.model_dir} --length 64 --steps 64")
+        print(f"adapt: sample from it with:  adapt generate {result.model_dir} --length 64")
     return 0
 
 
