@@ -211,10 +211,10 @@ def model_card(model: nn.Module, diffusion: DiffusionConfig, card: dict) -> str:
         "path = \"path/or/repo-id\"",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
         "tokenizer = AutoTokenizer.from_pretrained(path)",
-        'print(model.diffusion_generate(tokenizer, "Once upon a time", length=64, steps=64)[0])',
+        'print(model.diffusion_generate(tokenizer, "Once upon a time", length=64)[0])',
         'print(model.diffusion_infill(tokenizer, "The capital of France is [MASK:2]."))',
         "```", "",
-        "With adapt: `adapt generate path --prompt \"Once upon a time\" --length 64 --steps 64`.", "",
+        "With adapt: `adapt generate path --prompt \"Once upon a time\" --length 64`.", "",
         "## Diffusion settings", "",
         "| setting | value |", "|---|---|",
     ]
