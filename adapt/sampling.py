@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -158,6 +158,12 @@ class SamplingOptions:
         return replace(options if options is not None else cls(), **overrides)
 
 
+# Called after every step that commits tokens, with the sequences so far (B, L: the mask id where nothing
+# is committed yet) and each position's commit step (-1: given or not yet committed). It may raise to
+# stop the decoding (a chat's Ctrl-C, a server whose client has gone); it must not change the tensors.
+OnStep = Callable[[torch.Tensor, torch.Tensor], None]
+
+
 @dataclass
 class Denoised:
     ids: torch.Tensor  # (B, L) the sequences with every masked position filled
@@ -212,11 +218,13 @@ def generate_with_details(
     length: int,
     steps: int | None = None,
     options: SamplingOptions | None = None,
+    on_step: OnStep | None = None,
     **overrides,
 ) -> Generation:
     """`generate`, also returning the token ids, the step each token was committed at, and the forwards.
 
     The ids and commit steps cover all `length` positions; only the texts end at the first EOS.
+    `on_step` watches the decoding (see `OnStep`).
     """
     options = SamplingOptions.with_overrides(options, overrides)
     _check_positive(length=length)
@@ -238,9 +246,9 @@ def generate_with_details(
     # change, so the text (which ends there) is final. Only the positions after it are left ungenerated.
     stop = tokenizer.eos_token_id if options.stop_at_eos else None
     if verifying:
-        out = draft_and_verify(model, ids[:, :len(prompt_ids)], config, length, stop, options)
+        out = draft_and_verify(model, ids[:, :len(prompt_ids)], config, length, stop, options, on_step=on_step)
     else:
-        out = denoise(model, ids, fill, config, steps=steps, stop_token=stop, options=options)
+        out = denoise(model, ids, fill, config, steps=steps, stop_token=stop, options=options, on_step=on_step)
     rows = out.ids.tolist()
     start = len(prompt_ids)
     return Generation(
@@ -286,9 +294,11 @@ def infill_with_details(
     span_length: int = DEFAULT_SPAN_LENGTH,
     steps: int | None = None,
     options: SamplingOptions | None = None,
+    on_step: OnStep | None = None,
     **overrides,
 ) -> Infilling:
-    """`infill` for `num_samples` samples, also returning the spans, token ids and commit steps."""
+    """`infill` for `num_samples` samples, also returning the spans, token ids and commit steps; `on_step`
+    watches the decoding (see `OnStep`)."""
     options = SamplingOptions.with_overrides(options, overrides)
     if options.decoding == "verify":
         raise UserError("verification decodes left to right, and infilling fills spans between given texts; use "
@@ -313,7 +323,7 @@ def infill_with_details(
     fill = torch.zeros_like(ids, dtype=torch.bool)
     for start, end in spans:
         fill[:, start:end] = True
-    out = denoise(model, ids, fill, config, steps=steps, options=options)
+    out = denoise(model, ids, fill, config, steps=steps, options=options, on_step=on_step)
     rows = out.ids.tolist()
     # Splice the decoded spans into the original pieces, so every given character is kept as written;
     # a span's leading space is dropped where the given text already ends with one.
@@ -395,14 +405,14 @@ def verifies(config: DiffusionConfig, options: SamplingOptions) -> bool:
 
 
 def draft_and_verify(model, prompt: torch.Tensor, config: DiffusionConfig, length: int, stop_token: int | None,
-                     options: SamplingOptions) -> Denoised:
+                     options: SamplingOptions, on_step: OnStep | None = None) -> Denoised:
     """`length` tokens after `prompt` (B, P) by speculative decoding (adapt/speculative.py), in eval mode."""
     config.mode.check_sampling(model, options, prompt.shape[1] + length)
     was_training = model.training
     model.eval()
     try:
         ids, commit_step, forwards = speculate(model, config, prompt, length, options,
-                                               _generator(options.seed, prompt.device), stop_token)
+                                               _generator(options.seed, prompt.device), stop_token, on_step)
     finally:
         model.train(was_training)
     return Denoised(ids=ids, commit_step=commit_step, forwards=forwards)
@@ -418,6 +428,7 @@ def denoise(
     steps: int,
     stop_token: int | None = None,
     options: SamplingOptions | None = None,
+    on_step: OnStep | None = None,
     **overrides,
 ) -> Denoised:
     """Fill the positions where `fill` (bool (B, L)) is True; every other token is held fixed.
@@ -428,6 +439,7 @@ def denoise(
     cache (a block model: its own blocks, each given the finished ones before it through its exact KV
     cache unless `cache="none"`). With `stop_token`, the loop ends after the first block at whose end
     every row has generated that token; the positions still to fill get it, with commit step -1.
+    `on_step` watches the decoding (see `OnStep`).
     """
     options = SamplingOptions.with_overrides(options, overrides)
     counts = fill.sum(dim=1)
@@ -450,12 +462,13 @@ def denoise(
         logits_for = config.mode.logits_function(model, config, options.cache)
         return _denoise_blocks(logits_for, ids.masked_fill(fill, config.mask_token_id), block_of, sizes,
                                mask_token_id=config.mask_token_id, steps=steps, stop_token=stop_token,
-                               options=options)
+                               options=options, on_step=on_step)
     finally:
         model.train(was_training)
 
 
-def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, stop_token, options) -> Denoised:
+def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, stop_token, options,
+                    on_step) -> Denoised:
     """The loop of `denoise`: block after block (`block_of` (B, L): -1 = given), each in its share of steps."""
     generator = _generator(options.seed, ids.device)
     commit_step = torch.full_like(ids, -1)
@@ -486,6 +499,8 @@ def _denoise_blocks(logits_for, ids, block_of, sizes, *, mask_token_id, steps, s
             masked &= ~commit
             if commit.any():
                 logits = None
+                if on_step is not None:
+                    on_step(ids, commit_step)
             step += 1
             bar.update(1)
         generated = (block_of >= 0) & ~masked

@@ -33,10 +33,11 @@ DRAFT_GROUPS = ("one", "every")  # SamplingOptions.draft_groups
 
 @torch.no_grad()
 def speculate(model, config, prompt: torch.Tensor, length: int, options, generator: torch.Generator,
-              stop_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+              stop_token: int | None = None, on_step=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(ids (B, P + length), commit step of each position (-1: given), forwards) for `length` tokens after
     `prompt` (B, P). With `stop_token`, decoding ends once every row has produced it; the positions left
-    hold it, with commit step -1."""
+    hold it, with commit step -1. `on_step`: as `adapt.sampling.OnStep`, the positions not yet decoded
+    shown as the mask id."""
     from transformers import DynamicCache
 
     cache, tokens, end = DynamicCache(), prompt, prompt.shape[1] + length
@@ -60,6 +61,9 @@ def speculate(model, config, prompt: torch.Tensor, length: int, options, generat
         commit_step[:, known:tokens.shape[1]] = forwards
         cache.crop(known + n - cache.get_seq_length())  # the accepted tokens stay; rejected drafts and every group go
         forwards += 1
+        if on_step is not None:
+            on_step(torch.cat([tokens, tokens.new_full((tokens.shape[0], max(end - tokens.shape[1], 0)),
+                                                       config.mask_token_id)], dim=1)[:, :end], commit_step)
         drafts, draft_logits = _next_drafts(model, config, options, grouped, groups, n, end - tokens.shape[1],
                                             generator)
         if stop_token is not None and (tokens[:, prompt.shape[1]:] == stop_token).any(dim=1).all():

@@ -369,3 +369,15 @@ def test_decoding_up_to_the_last_position_drafts_nothing_past_it():
     expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=limit - 2,
                               do_sample=False, pad_token_id=0)[0, 2:].tolist()
     assert len(out.prompt_ids) == 2 and out.token_ids[0] == expected
+
+
+def test_on_step_shows_the_accepted_tokens_of_each_verifying_forward():
+    model, tokenizer, config = hybrid_model()
+    _agreeing(model)
+    seen = []
+    out = generate_with_details(model, tokenizer, "w5", length=9, temperature=0, stop_at_eos=False,
+                                on_step=lambda ids, steps: seen.append(ids.clone()))
+    start = len(out.prompt_ids)
+    assert len(seen) == out.forwards == 3  # 1, then 4, then 4 tokens
+    assert [int((ids[0, start:] != config.mask_token_id).sum()) for ids in seen] == [1, 5, 9]
+    assert seen[-1][0, start:].tolist() == out.token_ids[0]

@@ -264,3 +264,42 @@ def test_generated_text_ends_at_the_first_eos(monkeypatch):
     assert tokenizer.decode(generated[3:], skip_special_tokens=True).strip()  # there was text after EOS
     assert out.texts[0].split() == tokenizer.convert_ids_to_tokens(generated[:2])
     assert adapt.generate(model, tokenizer, "w5", length=6, steps=6, temperature=0) == out.texts
+
+
+class _Watcher:
+    """Records what `on_step` shows: the ids and commit steps after each committing step."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.seen, self.stop_after = [], stop_after
+
+    def __call__(self, ids, commit_step):
+        self.seen.append((ids.clone(), commit_step.clone()))
+        if self.stop_after is not None and len(self.seen) >= self.stop_after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_on_step_shows_each_commit_and_ends_at_the_result(block_size):
+    model, tokenizer = diffusion_model()
+    mask = DiffusionConfig.from_model_config(model.config).mask_token_id
+    watch = _Watcher()
+    out = generate_with_details(model, tokenizer, "w5 w6", length=8, steps=8, block_size=block_size, seed=0,
+                                stop_at_eos=False, on_step=watch)
+    assert len(watch.seen) == out.forwards == 8
+    start = len(out.prompt_ids)
+    for step, (ids, commit_step) in enumerate(watch.seen):
+        # exactly the tokens committed up to this step are shown; the rest are still the mask token
+        committed = (commit_step[:, start:] >= 0) & (commit_step[:, start:] <= step)
+        assert committed.sum() == step + 1 and (commit_step[:, start:] <= step).all()
+        assert (ids[:, start:][~committed] == mask).all()
+        assert ids[:, start:][committed].tolist() == torch.tensor(out.token_ids)[committed].tolist()
+    assert watch.seen[-1][0][:, start:].tolist() == out.token_ids
+
+
+def test_an_exception_from_on_step_stops_the_decoding_and_restores_the_training_flag():
+    model, tokenizer = diffusion_model()
+    model.train()
+    watch = _Watcher(stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        generate_with_details(model, tokenizer, "w5", length=8, steps=8, on_step=watch)
+    assert len(watch.seen) == 2 and model.training
