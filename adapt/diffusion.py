@@ -32,8 +32,8 @@ from .hybrid import HybridMode
 from .errors import UserError, check_type
 from .forward import output_logits
 from .mode import Mode
-from .objectives import OBJECTIVES, Objective, teacher_kl
-from .settings import Range, at_least, between, check_settings, default_of, from_dict
+from .objectives import OBJECTIVES, Objective, certainty_entropy, teacher_kl
+from .settings import Range, above, at_least, between, check_settings, default_of, from_dict
 
 MODES = {mode.name: mode for mode in (BidirectionalMode, BlockMode, HybridMode)}
 # Keys of config.json's `diffusion` section that checkpoints written before the split recorded: the
@@ -144,6 +144,12 @@ class DiffusionTraining:
     # Each sequence twice per micro-batch, at t on positions m and at 1 - t on the others, so every
     # maskable token is a target exactly once per pair (LLaDA, DiffuCoder); needs t_min + t_max = 1.
     complementary_masks: bool = False
+    # dParallel's certainty forcing: beside the CE, the entropy (at certainty_temperature) of the
+    # predictions of masked tokens the model already gets right (argmax = target), times this weight,
+    # summed and divided as the CE terms are (loss_norm); 0 = off. It makes right predictions confident, so that more of them pass
+    # a confidence threshold in one step (`adapt distill`; dParallel: weight 2, temperature 0.5).
+    certainty_weight: float = field(default=0.0, metadata=at_least(0))
+    certainty_temperature: float = field(default=0.5, metadata=above(0))
 
     def __post_init__(self):
         check_settings(self, "diffusion.")
@@ -215,13 +221,15 @@ def objective_of(config: DiffusionConfig, training: DiffusionTraining | None = N
 @dataclass
 class TeacherTerm:
     """A frozen teacher's logits at a batch's masked positions (row-major, like the student's) and how its
-    KL term joins the loss: `weight`, `temperature`, and what the summed KL is divided by (None: this
-    batch's masked tokens; the training loop passes its whole step's)."""
+    KL term joins the loss: `weight`, `temperature`, what the summed KL is divided by (None: this batch's
+    masked tokens; the training loop passes its whole step's), and whether it is the whole loss (`alone`:
+    on-policy distillation, where the tokens are the student's own and their CE would teach nothing)."""
 
     logits: torch.Tensor
     weight: float
     temperature: float
     denominator: float | None = None
+    alone: bool = False
 
 
 @dataclass
@@ -354,8 +362,12 @@ def diffusion_loss(
     loss, ar_ce, distill_kl = (terms * weights).sum() / max(denominator, 1), None, None
     if ar_logits is not None:
         loss, ar_ce = _with_ar_loss(loss, ar_logits, input_ids[maskable], training.ar_weight, ar_denominator)
+    if training.certainty_weight > 0:
+        entropy = certainty_entropy(logits, input_ids[mask], training.certainty_temperature, config.mask_token_id)
+        loss = loss + training.certainty_weight * entropy.sum() / max(denominator, 1)
     if teacher is not None:
-        loss, distill_kl = _with_teacher_kl(loss, logits, teacher, num_masked)
+        loss, distill_kl = _with_teacher_kl(torch.zeros_like(loss) if teacher.alone else loss, logits, teacher,
+                                            num_masked)
     return DiffusionLoss(
         loss=loss,
         unweighted=ce.detach().sum() / max(num_masked, 1),

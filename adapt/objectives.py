@@ -146,6 +146,16 @@ def teacher_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
     return temperature ** 2 * (teacher.exp() * (teacher - student)).sum(dim=-1)
 
 
+def certainty_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float, mask_token_id: int) -> torch.Tensor:
+    """dParallel's certainty term (N,): the entropy of softmax(logits / T) over the tokens (never the mask
+    token) where the prediction is already right (argmax = target), 0 elsewhere. Its gradient sharpens
+    right predictions only; a wrong one is left to the CE."""
+    logits = logits.float().index_fill(-1, torch.tensor([mask_token_id], device=logits.device), -torch.inf)
+    log_p = (logits / temperature).log_softmax(dim=-1)
+    entropy = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(dim=-1)
+    return entropy * (logits.argmax(dim=-1) == targets)
+
+
 def log_partition(outputs: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """log Z (N,), Z = sum over the tokens but the mask of exp(outputs[y]): 0 for normalised scores."""
     others = outputs.index_fill(-1, torch.tensor([mask_token_id], device=outputs.device), -torch.inf)

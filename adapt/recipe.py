@@ -120,6 +120,17 @@ class DistillSection:
     weight: float = field(default=0.0, metadata=at_least(0))  # of the KL term beside the diffusion loss; 0 = off
     temperature: float = field(default=1.0, metadata=above(0))  # both distributions at this temperature (KL x T^2)
     teacher: str | None = None  # a causal LM with the source's tokenizer; null: the source itself (model.path)
+    # On-policy distillation (OPDLM): every Nth optimizer step the student writes the last
+    # on_policy_tokens of each block itself (the sampler at temperature 1, in on_policy_steps steps; a
+    # hybrid model's drafts diffusion-decode), the teacher scores that continuation, and the step's loss
+    # is the teacher KL alone on its masked tokens. 0 = never. Costs on_policy_steps no-grad forwards.
+    on_policy_every: int = field(default=0, metadata=at_least(0))
+    on_policy_tokens: int = field(default=32, metadata=at_least(1))
+    on_policy_steps: int = field(default=32, metadata=at_least(1))
+
+    def on_policy_at(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) draws its continuations from the student."""
+        return self.on_policy_every > 0 and (step + 1) % self.on_policy_every == 0
 
 
 @dataclass
@@ -323,8 +334,27 @@ def validate(recipe: Recipe) -> None:
     if recipe.align.weight > 0 and not recipe.align.layers:
         raise UserError("align.weight > 0 but align.layers is empty; list the layers to align, e.g. [-1] (the last)")
     _check_mode_sizes(recipe)
+    _check_on_policy(recipe)
     if recipe.train.mixed_precision == "fp16" and recipe.model.dtype == "float16":
         raise UserError("train.mixed_precision: fp16 needs float32 master weights; set model.dtype: float32")
+
+
+def _check_on_policy(recipe: Recipe) -> None:
+    distill = recipe.distill
+    if distill.on_policy_every == 0:
+        return
+    if distill.weight == 0:
+        raise UserError("distill.on_policy_every needs a teacher to score the student's continuations; set "
+                        "distill.weight > 0")
+    if recipe.data.format == "sft":
+        raise UserError("distill.on_policy_every continues packed blocks of text, and data.format is sft; "
+                        "use adapt distill to learn from a model's answers to prompts")
+    if distill.on_policy_tokens >= recipe.data.seq_len:
+        raise UserError(f"distill.on_policy_tokens = {distill.on_policy_tokens} leaves no prompt in blocks of "
+                        f"data.seq_len = {recipe.data.seq_len}; set it below {recipe.data.seq_len}")
+    if distill.on_policy_steps > distill.on_policy_tokens:
+        raise UserError(f"distill.on_policy_steps = {distill.on_policy_steps} is more than the "
+                        f"{distill.on_policy_tokens} tokens it generates; set it to at most {distill.on_policy_tokens}")
 
 
 def _check_mode_sizes(recipe: Recipe) -> None:

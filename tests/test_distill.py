@@ -2,6 +2,7 @@
 exactly the teacher's context, the same objective however a step is split (micro-batches, processes),
 every mode, and the refusals."""
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -154,3 +155,70 @@ def test_two_processes_give_one_processes_loss(tmp_path):
         for key in ("loss", "distill_kl", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert_close_tensors(weights(reference.model_dir), weights(Path(recipe.output_dir) / "model"))
+
+
+ON_POLICY = ("distill.weight=0.5", "distill.on_policy_every=2", "distill.on_policy_tokens=8",
+             "distill.on_policy_steps=4")
+
+
+def test_an_on_policy_step_learns_the_teachers_kl_alone_on_the_students_continuation(tmp_path):
+    adapt.train.train(recipe_for(tmp_path, "train.max_steps=4", "train.eval_batches=0", *ON_POLICY))
+    records = step_records(tmp_path / "run")
+    assert [r["on_policy"] for r in records] == [False, True, False, True]
+    for r in records:
+        assert r["distill_kl"] > 0
+        if r["on_policy"]:  # the loss is the weighted KL alone: no CE on the student's own tokens
+            assert r["loss"] == pytest.approx(0.5 * r["distill_kl"], rel=1e-5)
+        else:
+            assert r["loss"] > 0.5 * r["distill_kl"] * 1.01
+
+
+@pytest.mark.parametrize("mode", [[], ["diffusion.mode=block", "diffusion.block_size=4"],
+                                  ["diffusion.mode=hybrid", "diffusion.draft_size=4"]],
+                         ids=["bidirectional", "block", "hybrid"])
+def test_the_student_writes_only_the_continuation_and_only_it_is_scored(mode):
+    from adapt.recipe import DistillSection
+    from adapt.train.distill import student_continuations
+
+    from .test_hybrid import hybrid_model
+
+    if mode and mode[0].endswith("hybrid"):
+        model, _, config = hybrid_model()
+    else:
+        model, _, config = _converted()
+        if mode:
+            from adapt.block import BlockMode
+            config = dataclasses.replace(config, mode=BlockMode(4))
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "never_mask": torch.zeros_like(ids, dtype=torch.bool)}
+    settings = DistillSection(weight=1.0, on_policy_every=1, on_policy_tokens=8, on_policy_steps=8)
+    out = student_continuations(model, config, batch, settings, seed=7)
+    assert torch.equal(out["input_ids"][:, :8], ids[:, :8])
+    assert (out["input_ids"] != config.mask_token_id).all() and not torch.equal(out["input_ids"][:, 8:], ids[:, 8:])
+    assert out["never_mask"][:, :8].all() and not out["never_mask"][:, 8:].any()
+    again = student_continuations(model, config, batch, settings, seed=7)
+    assert torch.equal(again["input_ids"], out["input_ids"])  # seeded: a resumed run writes the same tokens
+
+
+def test_a_resumed_on_policy_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
+    """Killed before the last step's checkpoint (an on-policy step): resuming writes the same continuations."""
+    import shutil
+
+    common = ("train.max_steps=4", "train.eval_batches=0", "checkpoint.every=1", *ON_POLICY)
+    run = adapt.train.train(recipe_for(tmp_path, *common))
+    straight = weights(run.model_dir)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    shutil.rmtree(run.model_dir)
+    resumed = weights(adapt.train.train(recipe_for(tmp_path, *common, "resume=auto")).model_dir)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[n], resumed[n]) for n in straight)
+
+
+@pytest.mark.parametrize("override,message", [
+    (("distill.on_policy_every=2",), "distill.on_policy_every needs a teacher"),
+    (("distill.weight=1", "distill.on_policy_every=2", "distill.on_policy_tokens=32"), "leaves no prompt"),
+    (("distill.weight=1", "distill.on_policy_every=2", "distill.on_policy_tokens=8", "distill.on_policy_steps=9"),
+     "distill.on_policy_steps = 9 is more than the 8 tokens"),
+])
+def test_bad_on_policy_settings_name_the_key(tmp_path, override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        recipe_for(tmp_path, *override)

@@ -7,6 +7,10 @@ temperature T (Hinton et al.), summed over the step's masked tokens and divided 
 teacher is the source (model.path) unless `distill.teacher` names another causal LM with the same
 tokenizer; a diffusion checkpoint given as teacher is run causally. docs/method.md says which
 conditional each side has.
+
+On-policy (OPDLM, `distill.on_policy_every`): on some steps the tokens scored are the student's own
+continuation of each block's start (`student_continuations`), so it learns the teacher's distributions
+where its own samples go, not only where the corpus goes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,22 @@ class Teacher:
         read at the position before it: its next-token distribution given the clean prefix."""
         logits = predict_logits(self.model, batch["input_ids"], targets, attention_mask=batch["attention_mask"])
         return logits[:, :self.vocab]
+
+
+@torch.no_grad()
+def student_continuations(model, config, batch: dict, settings, seed: int) -> dict:
+    """`batch` with the last `settings.on_policy_tokens` of each block written by the student (the sampler
+    at temperature 1 in `settings.on_policy_steps` steps, seeded by `seed`; a hybrid model's drafts
+    diffusion-decode, the student being its diffusion side) and its first tokens never masked: only the
+    continuation is scored."""
+    from ..sampling import SamplingOptions, denoise
+
+    ids = batch["input_ids"]
+    fill = torch.zeros_like(ids, dtype=torch.bool)
+    fill[:, ids.shape[1] - settings.on_policy_tokens:] = True
+    options = SamplingOptions(temperature=1.0, decoding="diffusion", seed=seed)
+    written = denoise(model, ids, fill, config, steps=settings.on_policy_steps, options=options).ids
+    return {**batch, "input_ids": written, "never_mask": batch["never_mask"] | ~fill}
 
 
 def load_teacher(recipe: Recipe, tokenizer, device) -> Teacher | None:

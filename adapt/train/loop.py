@@ -21,6 +21,7 @@ Layout of output_dir:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -38,7 +39,7 @@ from ..forward import predict_logits
 from ..recipe import Recipe
 from .backends import open_backend
 from .alignment import load_alignment
-from .distill import load_teacher
+from .distill import load_teacher, student_continuations
 from .build import ModelWithLoss, apply_lora, load_model, make_scheduler, param_groups, scheduled_lr
 from .checkpoint import (PROGRESS_EXPORTS, clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint,
                          save_checkpoint)
@@ -135,7 +136,8 @@ def train_step(run: Run, micro_batches) -> dict:
     started = time.perf_counter()
     mode, ratio = run.layout_at(run.step)
     lr = scheduled_lr(run.scheduler, run.recipe)  # the rate this step's update uses, before multipliers
-    micros = [_draw_micro_batch(run, next(micro_batches), micro) for micro in range(accum)]
+    on_policy = run.teacher is not None and run.recipe.distill.on_policy_at(run.step)
+    micros = [_draw_micro_batch(run, next(micro_batches), micro, on_policy) for micro in range(accum)]
     num_masked, denominator, maskable = all_reduce_sum(sum(m.counts for m in micros)).tolist()
     if run.objective.needs_calibration():
         _calibrate(run, micros, mode, ratio)
@@ -150,7 +152,7 @@ def train_step(run: Run, micro_batches) -> dict:
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.wrapped), accelerator.autocast():
             micro_loss, out, distance = _micro_objective(run, micro, (denominator, maskable, num_masked), mode,
-                                                         aligned, align_weight)
+                                                         aligned, align_weight, on_policy)
             # The loss is already normalised over every micro-batch and process; accelerate (or DeepSpeed)
             # divides by grad_accum and the gradient all-reduce averages over processes: undo both.
             accelerator.backward(micro_loss * (accum * world))
@@ -169,7 +171,8 @@ def train_step(run: Run, micro_batches) -> dict:
     run.tokens_trained += int(tokens)
     record = {"step": run.step, "loss": loss, "masked_ce": ce_sum / max(num_masked, 1),
               **({"ar_ce": ar_sum / max(maskable, 1)} if mode.has_ar_head else {}),
-              **({"distill_kl": kl_sum / max(num_masked, 1)} if run.teacher is not None else {}), "ratio": ratio,
+              **({"distill_kl": kl_sum / max(num_masked, 1), "on_policy": on_policy} if run.teacher is not None else {}),
+              "ratio": ratio,
               **mode.fields(),
               **({"align_loss": distance / max(aligned, 1), "align_weight": align_weight}
                  if aligned is not None else {}), "lr": lr,
@@ -180,7 +183,7 @@ def train_step(run: Run, micro_batches) -> dict:
 
 
 def _micro_objective(run: Run, micro: MicroBatch, denominators: tuple[float, float, float], mode,
-                     aligned: float | None, align_weight: float):
+                     aligned: float | None, align_weight: float, on_policy: bool = False):
     """This micro-batch's share of the step's objective (differentiable), its diffusion loss, and the
     sum of its alignment distances (0.0 without alignment, `aligned` None). Every term is divided by a
     count of the whole step: the diffusion loss, a hybrid model's AR loss and the teacher KL by
@@ -189,7 +192,8 @@ def _micro_objective(run: Run, micro: MicroBatch, denominators: tuple[float, flo
     watching = alignment.watch(run.inner_model) if alignment is not None else contextlib.nullcontext([])
     with watching as states:
         out = run.wrapped(**micro.batch, t=micro.t, mask=micro.mask, denominator=denominators[0],
-                          ar_denominator=denominators[1], teacher=_teacher_term(run, micro, denominators[2]),
+                          ar_denominator=denominators[1],
+                          teacher=_teacher_term(run, micro, denominators[2], on_policy),
                           mode=mode, generator=micro.generator)
     if alignment is None:
         return out.loss, out, 0.0
@@ -197,13 +201,15 @@ def _micro_objective(run: Run, micro: MicroBatch, denominators: tuple[float, flo
     return out.loss + align_weight * distance / max(aligned, 1), out, distance.item()
 
 
-def _teacher_term(run: Run, micro: MicroBatch, masked: float) -> TeacherTerm | None:
+def _teacher_term(run: Run, micro: MicroBatch, masked: float, on_policy: bool) -> TeacherTerm | None:
     """The teacher's logits at this micro-batch's masked positions and how they join the loss (None
-    without a teacher): divided by the step's masked tokens, like the diffusion loss of `loss_norm: masked`."""
+    without a teacher): divided by the step's masked tokens, like the diffusion loss of `loss_norm: masked`;
+    the whole loss on an on-policy step."""
     if run.teacher is None:
         return None
     settings = run.recipe.distill
-    return TeacherTerm(run.teacher.logits_at(micro.batch, micro.mask), settings.weight, settings.temperature, masked)
+    return TeacherTerm(run.teacher.logits_at(micro.batch, micro.mask), settings.weight, settings.temperature, masked,
+                       alone=on_policy)
 
 
 @torch.no_grad()
@@ -231,12 +237,15 @@ def _aligned_positions(micros: list[MicroBatch]) -> float:
     return all_reduce_sum(local).item()
 
 
-def _draw_micro_batch(run: Run, batch: dict, micro: int) -> MicroBatch:
-    """The next micro-batch with its noise drawn, so the whole step's counts are known before any forward."""
+def _draw_micro_batch(run: Run, batch: dict, micro: int, on_policy: bool = False) -> MicroBatch:
+    """The next micro-batch with its noise drawn, so the whole step's counts are known before any forward;
+    `on_policy`: its continuations written by the student first."""
     accelerator, config, training = run.accelerator, run.diffusion, run.recipe.diffusion
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     index = (run.step * run.recipe.train.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
     generator = micro_batch_generator(run.recipe.train.seed, index, accelerator.device)
+    if on_policy:
+        batch = _on_policy_batch(run, batch, generator)
     maskable = maskable_positions(batch["input_ids"], batch["attention_mask"], batch["never_mask"])
     t, mask = draw_noise(batch["input_ids"], config, training, maskable, generator=generator)
     tokens = int(batch["attention_mask"].sum())
@@ -245,6 +254,18 @@ def _draw_micro_batch(run: Run, batch: dict, micro: int) -> MicroBatch:
     counts = torch.tensor([float(mask.sum()), float(loss_denominator(training, mask, maskable)), float(maskable.sum())],
                           dtype=torch.float64, device=accelerator.device)
     return MicroBatch(batch, generator, t, mask, counts, tokens)
+
+
+def _on_policy_batch(run: Run, batch: dict, generator: torch.Generator) -> dict:
+    """`batch` continued by the student as the step trains it (its layout and attention ratio), with the
+    whole weights (ZeRO-3 and FSDP2 gather them, as for validation); seeded from the micro-batch's
+    generator, so a resumed run writes the same continuations."""
+    mode, ratio = run.layout_at(run.step)
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    set_attention(run.inner_model, ratio, generator=generator)
+    with run.backend.full_weights(run.wrapped), run.accelerator.autocast():
+        return student_continuations(run.inner_model, dataclasses.replace(run.diffusion, mode=mode), batch,
+                                     run.recipe.distill, seed)
 
 
 def micro_batch_generator(seed: int, index: int, device) -> torch.Generator:
