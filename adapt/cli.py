@@ -505,5 +505,61 @@ def _run_plan(args) -> int:
     return 0
 
 
+def _add_distill(subparsers) -> None:
+    from .flags import add_flags
+    from .sampling import SamplingOptions
+    from .self_distill import TARGETS
+
+    parser = subparsers.add_parser(
+        "distill", help="fewer decoding steps: train a diffusion model on its own answers (dParallel, d3LLM)",
+        description="Writes the model's answers to --data's prompts into OUT/targets.jsonl (resumable), then "
+                    "trains on them with LoRA, complementary masks and certainty forcing "
+                    "(recipes/self-distill.yaml, saved as OUT/recipe.yaml); the model lands in OUT/model. "
+                    "Run it again to continue a stopped run.")
+    parser.add_argument("model", help="a diffusion checkpoint folder (adapt export / adapt train output)")
+    parser.add_argument("--data", required=True, help="prompts: .txt (one a line) or .jsonl (a 'prompt' field a row)")
+    parser.add_argument("--out", required=True, help="output folder: targets, checkpoints, OUT/model")
+    parser.add_argument("--targets", choices=TARGETS, default=TARGETS[0],
+                        help="who answers the prompts: the model itself with the sampler options below, or its AR "
+                             "source (--source) with their temperature, top-k and top-p")
+    parser.add_argument("--source", help="the AR source for --targets source (default: the model's base_model)")
+    parser.add_argument("--length", type=int, required=True, help="tokens of each answer")
+    parser.add_argument("--steps", type=int, help="denoising steps per answer (default: one per token)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any recipe setting of the training (docs/recipes.md), e.g. --set train.max_steps=400")
+    add_flags(parser, SamplingOptions, exclude=("progress", "num_samples"))  # one answer a prompt
+    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype while answering (default: saved)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... while answering (default: cpu)")
+    _add_loading_options(parser)
+    parser.set_defaults(handler=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from pathlib import Path
+
+    from .convert import RECIPE_FILE, write_recipe
+    from .export import load
+    from .self_distill import (check_distill_output, distill_recipe, read_prompts, source_answerer,
+                               write_targets)
+
+    out = Path(args.out)
+    options = _sampling_options(args, num_samples=1)
+    check_distill_output(out, args.model, args.data)
+    prompts = read_prompts(args.data)
+    recipe = distill_recipe(args.model, out / "targets.jsonl", out, _loading_overrides(args) + list(args.overrides))
+    model, tokenizer, config = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
+    answer = None
+    if args.targets == "source":
+        answer = source_answerer(args.source or config.base_model, tokenizer, length=args.length, options=options,
+                                 dtype=args.dtype, device=args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = write_targets(model, tokenizer, prompts, out, length=args.length, steps=args.steps, options=options,
+                            answer=answer)
+    print(f"adapt distill: {len(prompts)} answers in {targets}")
+    del model, answer
+    write_recipe(recipe, out / RECIPE_FILE)
+    return _train_and_report(recipe)
+
+
 _COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import,
-             _add_eval, _add_bench, _add_plan]
+             _add_eval, _add_bench, _add_plan, _add_distill]
