@@ -63,6 +63,9 @@ RUNS = {
     "align_fade": ("alignment fading out with the annealing", "source",
                    ["align.weight=1.0", "align.fade_with_annealing=true"]),
     "distill": ("teacher KL from the source, weight 1", "source", ["distill.weight=1"]),
+    "distill_strong": ("teacher KL from the source, weight 4", "source", ["distill.weight=4"]),
+    "block4_distill": ("block diffusion, blocks of 4, teacher KL weight 1", "source",
+                       ["diffusion.mode=block", "diffusion.block_size=4", "distill.weight=1"]),
     # The models that keep an AR head (--head-runs): scored through it, exactly, and timed as they decode.
     "hybrid": ("hybrid (TiDAR), all-mask drafts of 4", "source",
                ["diffusion.mode=hybrid", "diffusion.draft_size=4", "diffusion.t_min=1"]),
@@ -621,6 +624,8 @@ COMPARISONS = [  # (what, the adapted run, the other run)
     ("without vs with alignment to the source", "adapt", "align"),
     ("without vs with an alignment that fades out", "adapt", "align_fade"),
     ("without vs with teacher KL", "adapt", "distill"),
+    ("without vs with teacher KL at weight 4", "adapt", "distill_strong"),
+    ("blocks of 4 without vs with teacher KL", "block4", "block4_distill"),
 ]
 
 
