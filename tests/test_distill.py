@@ -139,12 +139,15 @@ def test_plan_counts_the_teacher_and_its_logits():
 
 
 @pytest.mark.slow  # a minute or two on 2 busy cores
-def test_two_processes_give_one_processes_loss(tmp_path):
+@pytest.mark.parametrize("on_policy", [(), ("distill.on_policy_every=2", "distill.on_policy_tokens=8",
+                                            "distill.on_policy_steps=4")], ids=["off-policy", "on-policy"])
+def test_two_processes_give_one_processes_loss(tmp_path, on_policy):
     """The teacher runs whole on each process, on that process's micro-batches; the KL is divided by the
-    masked tokens of the whole step, over both processes: ZeRO-2 with two processes = one process."""
+    masked tokens of the whole step, over both processes: ZeRO-2 with two processes = one process. An
+    on-policy step's continuations are seeded by the global micro-batch, so they too are the same."""
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     common = ("train.max_steps=2", "train.eval_batches=0", "distill.weight=0.7", "diffusion.t_min=0.4",
-              "diffusion.t_max=0.4")  # one fixed level: the same noise whatever the split
+              "diffusion.t_max=0.4", *on_policy)  # one fixed level: the same noise whatever the split
     reference = adapt.train.train(recipe_for(tmp_path, "train.grad_accum=2", "train.batch_size=2", *common,
                                              output="single"))
     recipe = recipe_for(tmp_path, "train.batch_size=2", *common,
