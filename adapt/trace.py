@@ -33,6 +33,7 @@ from .outputs import check_output
 MASK = "░"  # a position still masked
 KINDS = (".html", ".png")
 DPI = 100
+MAX_LABELS = 160  # tokens named along the still's bottom, at 7 points each
 MASKED_GREY, NEVER_WHITE = "#d9d9d9", "#ffffff"
 
 
@@ -96,8 +97,9 @@ def check_trace_path(path: str) -> None:
     """Refuse a trace file name that is not .html or .png, or cannot be written, before any work."""
     kind = Path(path).suffix.lower()
     if kind not in KINDS:
-        raise UserError(f"--trace writes a page (.html) or a picture (.png), not {kind or 'a file without an extension'}"
-                        f"; name it like trace.html or trace.png")
+        named = kind or "a file without an extension"
+        raise UserError(f"--trace writes a page (.html) or a picture (.png), not {named}; name it like trace.html "
+                        "or trace.png")
     if kind == ".png" and importlib.util.find_spec("matplotlib") is None:
         raise UserError("a .png trace is drawn with matplotlib, which is not installed; pip install 'adapt[plot]' "
                         "(or matplotlib), or write a trace.html")
@@ -235,7 +237,9 @@ def trace_png(trace: Trace) -> bytes:
     # row r is the state after r + 1 steps, as the page's "step r + 1 of N"
     axes.imshow(grid + 2, cmap=colours, vmin=0, vmax=trace.steps + 1, aspect="auto", interpolation="nearest",
                 extent=(-0.5, grid.shape[1] - 0.5, grid.shape[0] + 0.5, 0.5))
-    axes.set_xticks(range(len(labels)), [repr(label)[1:-1] for label in labels], rotation=90, fontsize=7)
+    every = -(-len(labels) // MAX_LABELS)  # beyond MAX_LABELS positions, every few are named
+    axes.set_xticks(range(0, len(labels), every), [repr(label)[1:-1] for label in labels[::every]], rotation=90,
+                    fontsize=7)
     axes.set_ylabel("steps done")
     axes.set_title(trace.title, fontsize=9)
     out = io.BytesIO()

@@ -27,12 +27,12 @@ TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
 PAD_TEMPLATE = TEMPLATE.replace("</s>", "<pad>")
 
 
-def _chat(positions=256, template=TEMPLATE, max_tokens=4, model=None, **options):
+def _chat(positions=256, template=TEMPLATE, max_tokens=4, model=None, steps=None, **options):
     model, tokenizer = model or diffusion_model()
     model.config.max_position_embeddings = positions
     config = DiffusionConfig.from_model_config(model.config)
     return Chat(model, tokenizer, config, options=SamplingOptions(seed=0, **options), max_tokens=max_tokens,
-                template=template)
+                steps=steps, template=template)
 
 
 def _words(first, count):
@@ -191,3 +191,11 @@ def test_a_piped_session_answers_each_line_and_reset_clears_the_history(tmp_path
     assert second["prompt_ids"][:len(turn)] == turn and len(second["prompt_ids"]) > len(turn)
     assert after_reset["prompt_ids"] == first["prompt_ids"] and after_reset["answer"] == first["answer"]
     assert "history cleared" in result.stderr
+
+
+
+def test_steps_that_cannot_apply_are_refused_when_the_chat_starts():
+    with pytest.raises(UserError, match="a hybrid model verifying its drafts takes no steps"):
+        _chat(model=_hybrid(), steps=4)
+    with pytest.raises(UserError, match="steps between 1 and max tokens; got 8 and 9"):
+        _chat(max_tokens=8, steps=9)
