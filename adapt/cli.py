@@ -231,6 +231,11 @@ def _sampling_options(args, **fixed):
     return settings_from(args, SamplingOptions, **{"progress": None, **fixed})
 
 
+def _add_trace_option(parser) -> None:
+    parser.add_argument("--trace", metavar="FILE", help="also write how the first sample was denoised: a page that "
+                                                        "replays it (.html) or a picture (.png)")
+
+
 def _add_generate(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="sample text from a diffusion checkpoint")
     parser.add_argument("model", help="a diffusion checkpoint folder (adapt export / adapt train output)")
@@ -239,6 +244,7 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps = model forwards (<= length; default: one per "
                                                   "token); a hybrid model verifying its drafts takes none")
     _add_sampling_options(parser)
+    _add_trace_option(parser)
     parser.set_defaults(handler=_run_generate)
 
 
@@ -247,10 +253,15 @@ def _run_generate(args) -> int:
 
     from .export import load
     from .sampling import generate_with_details
+    from .trace import check_trace_path, generation_trace, write_trace
 
     options = _sampling_options(args)  # bad flags fail before the model loads
+    if args.trace:
+        check_trace_path(args.trace)
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     out = generate_with_details(model, tokenizer, args.prompt, length=args.length, steps=args.steps, options=options)
+    if args.trace:
+        write_trace(args.trace, generation_trace(tokenizer, out, f"adapt {args.command} {args.model}"))
     if args.json:
         print(json.dumps({
             "prompt": args.prompt, "prompt_ids": out.prompt_ids, "forwards": out.forwards,
@@ -274,6 +285,7 @@ def _add_infill(subparsers) -> None:
                         help="tokens a plain marker stands for (default %(default)s)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: one per masked token)")
     _add_sampling_options(parser)
+    _add_trace_option(parser)
     parser.set_defaults(handler=_run_infill)
 
 
@@ -282,11 +294,16 @@ def _run_infill(args) -> int:
 
     from .export import load
     from .sampling import infill_with_details
+    from .trace import check_trace_path, infilling_trace, write_trace
 
     options = _sampling_options(args)  # bad flags fail before the model loads
+    if args.trace:
+        check_trace_path(args.trace)
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     out = infill_with_details(model, tokenizer, args.text, mask_marker=args.mask_marker,
                               span_length=args.span_length, steps=args.steps, options=options)
+    if args.trace:
+        write_trace(args.trace, infilling_trace(tokenizer, out, f"adapt {args.command} {args.model}"))
     if args.json:
         print(json.dumps({
             "text": args.text, "forwards": out.forwards,
@@ -296,6 +313,40 @@ def _run_infill(args) -> int:
     else:
         print("\n\n".join(out.texts))
     return 0
+
+
+def _add_chat(subparsers) -> None:
+    from .chat import DEFAULT_MAX_TOKENS
+
+    parser = subparsers.add_parser(
+        "chat", help="talk with a diffusion checkpoint in the terminal, watching each answer denoise",
+        description="Type a message, read the answer as it denoises. /reset clears the history, /exit or Ctrl-D "
+                    "ends the chat, Ctrl-C stops an answer (which is then not kept). With stdin not a terminal: "
+                    "one message per input line, one answer per output line.")
+    parser.add_argument("model", help="a diffusion checkpoint folder whose tokenizer has a chat template")
+    parser.add_argument("--system", help="a system prompt, first in every conversation")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help="tokens each answer may take (fewer where the model's positions end; default %(default)s)")
+    parser.add_argument("--steps", type=int, help="denoising steps per answer (<= max tokens; default: one per token); "
+                                                  "a hybrid model verifying its drafts takes none")
+    parser.add_argument("--template", metavar="FILE", help="a Jinja chat template, for a tokenizer without one")
+    parser.add_argument("--no-live", action="store_true", help="print each answer whole, not as it denoises")
+    _add_sampling_options(parser)
+    parser.set_defaults(handler=_run_chat)
+
+
+def _run_chat(args) -> int:
+    from .chat import Chat, converse, display_for, read_template
+    from .export import load
+
+    if args.num_samples != 1:
+        raise UserError("a chat answers each message once; drop --num-samples")
+    options = _sampling_options(args, progress=False)  # the live view shows the progress
+    template = read_template(args.template) if args.template else None
+    model, tokenizer, config = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
+    chat = Chat(model, tokenizer, config, options=options, system=args.system, max_tokens=args.max_tokens,
+                steps=args.steps, template=template)
+    return converse(chat, display_for(as_json=args.json, live=not args.no_live))
 
 
 def _add_export(subparsers) -> None:
@@ -562,4 +613,4 @@ def _run_distill(args) -> int:
 
 
 _COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import,
-             _add_eval, _add_bench, _add_plan, _add_distill]
+             _add_eval, _add_bench, _add_plan, _add_distill, _add_chat]

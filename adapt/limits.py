@@ -36,6 +36,15 @@ def uses_rope(config) -> bool:
     return bool(getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None))
 
 
+def usable_positions(config, allow_longer: bool = False) -> int | None:
+    """The most positions `check_context` lets through: the model's limit, or with `allow_longer` a RoPE
+    model's EXTRAPOLATION_FACTOR times it; None if the config states no limit."""
+    limit = max_positions(config)
+    if limit is not None and allow_longer and uses_rope(config):
+        return EXTRAPOLATION_FACTOR * limit
+    return limit
+
+
 def check_context(config, tokens: int, what: str, *, allow_longer: bool = False, overridable: bool = True) -> None:
     """Refuse `tokens` positions beyond the model's limit; `what` names them ("the prompt and 64 new tokens").
 
@@ -46,7 +55,7 @@ def check_context(config, tokens: int, what: str, *, allow_longer: bool = False,
     if limit is None or tokens <= limit:
         return
     rope = uses_rope(config)
-    if allow_longer and rope and tokens <= EXTRAPOLATION_FACTOR * limit:
+    if tokens <= usable_positions(config, allow_longer):
         logger.warning("warning: %s: %s tokens, past the %s positions the model was trained on; "
                        "RoPE runs there, but the output may degrade", what, f"{tokens:,}", f"{limit:,}")
         return
