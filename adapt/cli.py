@@ -527,10 +527,11 @@ def _add_serve(subparsers) -> None:
 def _run_serve(args) -> int:
     from .export import load
     from .flags import settings_from
-    from .serve.app import ServeSettings, serve
+    from .serve.app import ServeSettings, check_address, serve
 
     settings = settings_from(args, ServeSettings)  # bad flags fail before the model loads
     defaults = _sampling_options(args, num_samples=1, progress=False)
+    check_address(settings)
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     serve(model, tokenizer, args.model, settings, defaults)
     return 0

@@ -11,6 +11,7 @@ a client that goes away stops its decoding.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from adapt.serve.api import ApiError, ChatRequest, prompt_ids
 from adapt.sampling import generate_with_details, text_end
 from adapt.serve.text import ChoiceText, cut_at_stop, settled
 
-from .tiny_runs import ENV, diffusion_folder, free_port, hybrid_model
+from .tiny_runs import ENV, diffusion_folder, free_port, hybrid_model, run_cli
 
 TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}w3"  # words the tiny vocabulary has
 MAX_TOKENS, MAX_QUEUE, MAX_BATCH = 250, 3, 4
@@ -147,6 +148,15 @@ def test_a_chat_without_a_template_is_refused_with_the_fix():
     assert refusal.value.status == 400 and refusal.value.param == "messages"
 
 
+def test_messages_the_chat_template_refuses_are_a_400_in_its_words():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    body = ChatRequest(model="m", messages=[{"role": "user", "content": "w5"}])
+    with pytest.raises(ApiError, match="refuses these messages: roles must alternate") as refusal:
+        prompt_ids(body, tokenizer, shift=True)
+    assert refusal.value.status == 400 and refusal.value.param == "messages"
+
+
 @pytest.mark.parametrize("path, body", [
     ("completions", {"prompt": "w5 w6", "max_tokens": 40, "temperature": 0}),
     ("completions", {"prompt": "w5 w6", "max_tokens": 40, "temperature": 0, "block_size": 8}),
@@ -262,12 +272,22 @@ def test_a_full_queue_is_a_429_and_the_queued_requests_are_answered(server):
     assert refused.json()["error"]["type"] == "rate_limit_error" and "queue is full" in refused.json()["error"]["message"]
 
 
-def test_a_client_that_goes_away_stops_its_decoding(server):
-    before = _health(server)
+def _leave_a_stream(server) -> None:
     body = {"model": server[1], "prompt": "w5", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server[0]}/v1/completions", json=body) as reply:
         next(line for line in reply.iter_lines() if line.startswith("data: "))  # decoding has started
-    _wait_until(lambda: _health(server)["running"] == 0, "the decoding to stop")
+
+
+def _leave_a_plain_request(server) -> None:
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up before the answer
+        httpx.post(f"{server[0]}/v1/completions", json={"model": server[1], **LONG}, timeout=0.3)
+
+
+@pytest.mark.parametrize("leave", [_leave_a_stream, _leave_a_plain_request])
+def test_a_client_that_goes_away_stops_its_decoding(server, leave):
+    before = _health(server)
+    leave(server)
+    _wait_until(lambda: _health(server)["running"] == 0 and _health(server)["waiting"] == 0, "the decoding to stop")
     after = _health(server)
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["stopped_batches"] == before["stopped_batches"] + 1  # stopped mid-way, not run to the end
@@ -329,3 +349,13 @@ def test_a_failure_inside_the_model_is_a_500_without_its_traceback(local, monkey
     assert reply.status_code == 500
     assert reply.json()["error"] == {"message": "internal error (RuntimeError); see the server's log",
                                      "type": "server_error", "param": None, "code": None}
+
+
+def test_bad_flags_and_a_taken_port_are_refused_before_the_model_loads(tmp_path):
+    missing = tmp_path / "no-model"  # loading it would fail with another message
+    refused = run_cli("serve", missing, "--max-batch", "0")
+    assert refused.returncode == 2 and "max_batch = 0 is out of range" in refused.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        refused = run_cli("serve", missing, "--port", taken.getsockname()[1])
+    assert refused.returncode == 2 and "cannot listen on 127.0.0.1" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -38,7 +38,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
+class OpenAIRequest(BaseModel):
     """The fields both endpoints share; any other field is a diffusion setting (see the module's doc)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
@@ -54,7 +54,7 @@ class _Request(BaseModel):
     steps: int | None = None  # denoising steps (None: one per token)
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(OpenAIRequest):
     prompt: str
 
 
@@ -64,11 +64,11 @@ class Message(BaseModel):
     content: str
 
 
-class ChatRequest(_Request):
+class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
 
 
-def sampling_options(request: _Request, defaults: SamplingOptions) -> SamplingOptions:
+def sampling_options(request: OpenAIRequest, defaults: SamplingOptions) -> SamplingOptions:
     """The request's sampling options: the server's defaults, with what the request sets."""
     names = [field.name for field in fields(SamplingOptions) if field.name not in NOT_IN_BODY]
     extra = dict(request.model_extra or {})
@@ -83,26 +83,31 @@ def sampling_options(request: _Request, defaults: SamplingOptions) -> SamplingOp
     return replace(defaults, **{name: getattr(given, name) for name in extra}, num_samples=request.n)
 
 
-def stop_strings(request: _Request) -> list[str]:
+def stop_strings(request: OpenAIRequest) -> list[str]:
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOPS or "" in stops:
         raise ApiError(400, f"stop takes up to {MAX_STOPS} non-empty strings, got {stops!r}", param="stop")
     return stops
 
 
-def prompt_ids(request: _Request, tokenizer, shift: bool) -> list[int]:
+def prompt_ids(request: OpenAIRequest, tokenizer, shift: bool) -> list[int]:
     """The ids the answer continues: the prompt's, or the chat rendered by the tokenizer's chat template."""
     if isinstance(request, CompletionRequest):
         return context_ids(tokenizer, request.prompt, anchor=shift)
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions, or give the "
                             "checkpoint one (chat_template in its tokenizer_config.json)", param="messages")
-    text = tokenizer.apply_chat_template([message.model_dump() for message in request.messages],
-                                         add_generation_prompt=True, tokenize=False)
+    from jinja2 import TemplateError  # what a chat template raises for messages it does not take
+
+    try:
+        text = tokenizer.apply_chat_template([message.model_dump() for message in request.messages],
+                                             add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        raise ApiError(400, f"the model's chat template refuses these messages: {err}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
 
 
-def answer_length(request: _Request, max_tokens: int) -> int:
+def answer_length(request: OpenAIRequest, max_tokens: int) -> int:
     """Tokens to generate: the request's max_tokens, at most the server's cap (also the default)."""
     if request.max_tokens is not None and request.max_tokens > max_tokens:
         raise ApiError(400, f"max_tokens = {request.max_tokens} is more than this server allows ({max_tokens}); "

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import UserError
 from ..sampling import MAX_NUM_SAMPLES, SamplingOptions, text_end
-from ..settings import between
+from ..settings import between, check_settings
 from . import api
 from .batcher import Batcher, Done, Failed, Job, Progress, QueueFull
 from .text import ChoiceText
@@ -48,6 +48,9 @@ class ServeSettings:
     max_tokens: int = field(default=256, metadata={
         "help": "the most tokens a request may generate (max_tokens), and the length when it names none",
         **between(1, 1_000_000)})
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass(frozen=True)
@@ -80,19 +83,7 @@ def create_app(model, tokenizer, name: str, settings: ServeSettings, defaults: S
     app = FastAPI(title="adapt serve", docs_url=None, redoc_url=None)
     shift = DiffusionConfig.from_model_config(model.config).shift
     app.state.batcher = batcher = Batcher(model, tokenizer, max_queue=settings.max_queue, max_batch=settings.max_batch)
-
-    @app.exception_handler(api.ApiError)
-    async def refused(request: Request, error: api.ApiError):
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError):
-        return JSONResponse(_invalid_body(error).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, error: Exception):  # no traceback for the client; uvicorn logs it
-        body = api.ApiError(500, f"internal error ({type(error).__name__}); see the server's log", kind="server_error")
-        return JSONResponse(body.body(), status_code=500)
+    _answer_errors(app)
 
     @app.get("/health")
     async def health():
@@ -103,17 +94,18 @@ def create_app(model, tokenizer, name: str, settings: ServeSettings, defaults: S
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "adapt"}]}
 
-    async def answer(request: Request, body: api._Request, kind: _Kind):
+    async def answer(request: Request, body: api.OpenAIRequest, kind: _Kind):
         if body.model != name:
             raise api.ApiError(400, f"unknown model {body.model!r}; this server serves {name!r} (see /v1/models)",
                                param="model", code="model_not_found")
-        job = _job(body, tokenizer, model.config, shift, settings, defaults)
+        stops = api.stop_strings(body)
+        job = _job(body, tokenizer, model.config, shift, settings, defaults)  # the last check: then it is queued
         try:
             batcher.submit(job)
         except QueueFull:
             raise api.ApiError(429, f"the queue is full ({settings.max_queue} requests wait); retry later",
                                kind="rate_limit_error", code="queue_full") from None
-        reply = _Reply(kind, name, tokenizer, job, api.stop_strings(body))
+        reply = _Reply(kind, name, tokenizer, job, stops)
         first = await _first_event(job, request)
         if first is None:
             return Response(status_code=499)  # nginx's "client closed request": there is no one to read it
@@ -135,17 +127,33 @@ def create_app(model, tokenizer, name: str, settings: ServeSettings, defaults: S
     return app
 
 
-def _job(body: api._Request, tokenizer, model_config, shift: bool, settings: ServeSettings,
+def _answer_errors(app: FastAPI) -> None:
+    """Every refusal and failure as OpenAI's error body."""
+
+    @app.exception_handler(api.ApiError)
+    async def refused(request: Request, error: api.ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(UserError)  # the library's refusal of bad input, in its words
+    async def bad_input(request: Request, error: UserError):
+        return JSONResponse(_refusal(error).body(), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        return JSONResponse(_invalid_body(error).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, error: Exception):  # no traceback for the client; uvicorn logs it
+        return JSONResponse(_refusal(error).body(), status_code=500)
+
+
+def _job(body: api.OpenAIRequest, tokenizer, model_config, shift: bool, settings: ServeSettings,
          defaults: SamplingOptions) -> Job:
     """The request as a job, every check that needs no model forward done."""
-    try:
-        options = api.sampling_options(body, defaults)
-    except UserError as err:
-        raise api.ApiError(400, str(err)) from None
+    options = api.sampling_options(body, defaults)
     if body.n > settings.max_batch:
         raise api.ApiError(400, f"n = {body.n} is more than one batch holds on this server ({settings.max_batch}); "
                                 "ask for fewer, or start it with a larger --max-batch", param="n")
-    api.stop_strings(body)
     length = api.answer_length(body, settings.max_tokens)
     ids = api.prompt_ids(body, tokenizer, shift)
     api.check_fits(model_config, len(ids), length, options)
@@ -242,6 +250,18 @@ class _Reply:
 
 def _sse(payload: dict) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def check_address(settings: ServeSettings) -> None:
+    """Refuse an address the server could not listen on, before minutes of loading the model."""
+    import socket
+
+    try:
+        with socket.create_server((settings.host, settings.port)):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot listen on {settings.host}:{settings.port} ({err.strerror or err}); pass another "
+                        "--port, or a --host of this machine") from None
 
 
 def serve(model, tokenizer, name: str, settings: ServeSettings, defaults: SamplingOptions) -> None:
