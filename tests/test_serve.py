@@ -211,6 +211,8 @@ def test_a_stop_string_ends_the_answer_before_it(server):
     ({"prompt": "w5", "max_tokens": "8"}, "max_tokens", "valid integer"),
     ({"prompt": ["w5", "w6"]}, "prompt", "valid string"),
     ({"prompt": "w5", "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+    ({"prompt": "w5", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"prompt": "w5", "logit_bias": {"5": 100}}, "logit_bias", "not supported"),
     ({"prompt": "w5", "max_tokens": 4, "steps": 9}, None, "use at most 4 steps"),  # refused by the sampler itself
     ({"prompt": "w5", "max_tokens": 4, "steps": 9, "stream": True}, None, "use at most 4 steps"),  # not a 200
 ])
@@ -220,6 +222,17 @@ def test_a_bad_request_is_a_400_naming_the_problem(server, body, param, words):
     error = reply.json()["error"]
     assert words in error["message"] and error["param"] == param
     assert error["type"] == "invalid_request_error" and "Traceback" not in reply.text
+
+
+def test_the_fields_clients_always_send_are_taken_at_their_neutral_values(server):
+    body = {"messages": [{"role": "user", "content": "w5"}], "max_completion_tokens": 6, "temperature": 0,
+            "user": "someone", "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
+    neutral = _post(server, "chat/completions", body)
+    plain = _post(server, "chat/completions", {"messages": body["messages"], "max_tokens": 6, "temperature": 0})
+    assert neutral.status_code == 200 and neutral.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    assert neutral.json()["choices"][0]["forwards"] == 6
+    both = _post(server, "chat/completions", {**body, "max_tokens": 6})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "max_completion_tokens"
 
 
 def test_bad_json_is_a_400(server):

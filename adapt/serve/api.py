@@ -52,6 +52,18 @@ class OpenAIRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     steps: int | None = None  # denoising steps (None: one per token)
+    # Accepted so that clients which always send them work: `user` only labels the request, and the
+    # penalties and logit bias only at the values that change nothing (the sampler has none of them).
+    user: str | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def check_unsupported(self) -> None:
+        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} is not supported by the diffusion sampler; leave it out (or at 0 / "
+                                    "empty)", param=name)
 
 
 class CompletionRequest(OpenAIRequest):
@@ -66,6 +78,7 @@ class Message(BaseModel):
 
 class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens in chat
 
 
 def sampling_options(request: OpenAIRequest, defaults: SamplingOptions) -> SamplingOptions:
@@ -109,10 +122,14 @@ def prompt_ids(request: OpenAIRequest, tokenizer, shift: bool) -> list[int]:
 
 def answer_length(request: OpenAIRequest, max_tokens: int) -> int:
     """Tokens to generate: the request's max_tokens, at most the server's cap (also the default)."""
-    if request.max_tokens is not None and request.max_tokens > max_tokens:
-        raise ApiError(400, f"max_tokens = {request.max_tokens} is more than this server allows ({max_tokens}); "
-                            "ask for fewer, or start the server with a larger --max-tokens", param="max_tokens")
-    return request.max_tokens or max_tokens
+    name = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) is not None else "max_tokens"
+    if name != "max_tokens" and request.max_tokens is not None:
+        raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param=name)
+    asked = getattr(request, name)
+    if asked is not None and asked > max_tokens:
+        raise ApiError(400, f"{name} = {asked} is more than this server allows ({max_tokens}); ask for fewer, or "
+                            "start the server with a larger --max-tokens", param=name)
+    return asked or max_tokens
 
 
 def check_fits(model_config, prompt_length: int, length: int, options: SamplingOptions) -> None:

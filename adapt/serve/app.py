@@ -150,6 +150,7 @@ def _answer_errors(app: FastAPI) -> None:
 def _job(body: api.OpenAIRequest, tokenizer, model_config, shift: bool, settings: ServeSettings,
          defaults: SamplingOptions) -> Job:
     """The request as a job, every check that needs no model forward done."""
+    body.check_unsupported()
     options = api.sampling_options(body, defaults)
     if body.n > settings.max_batch:
         raise api.ApiError(400, f"n = {body.n} is more than one batch holds on this server ({settings.max_batch}); "
