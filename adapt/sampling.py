@@ -250,12 +250,13 @@ def generate_ids(
     steps: int | None = None,
     options: SamplingOptions | None = None,
     on_step: OnStep | None = None,
+    **overrides,
 ) -> Denoised:
     """The decoding of `generate_with_details` for one row per prompt (token ids, all of one length; BOS
     included where the tokenizer adds one, see `context_ids`): a caller's own batch, such as a server's
-    concurrent requests. `num_samples` is not read here: the rows are the samples.
-    Returns the whole sequences, prompts included."""
-    options = options if options is not None else SamplingOptions()
+    concurrent requests. `num_samples` is not read here: the rows are the samples. Sampling settings: as
+    for `generate`. Returns the whole sequences, prompts included."""
+    options = SamplingOptions.with_overrides(options, overrides)
     _check_positive(length=length)
     if len({len(prompt) for prompt in prompts}) != 1:
         raise ValueError("every prompt must have the same number of tokens (one or more prompts)")

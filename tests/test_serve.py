@@ -24,7 +24,7 @@ import pytest
 import adapt
 from adapt.presets import tiny_tokenizer
 from adapt.serve.api import ApiError, ChatRequest, prompt_ids
-from adapt.sampling import generate_with_details, text_end
+from adapt.sampling import generate_ids, generate_with_details, text_end
 from adapt.serve.text import ChoiceText, cut_at_stop, settled
 
 from .tiny_runs import ENV, diffusion_folder, free_port, hybrid_model, run_cli
@@ -372,3 +372,14 @@ def test_bad_flags_and_a_taken_port_are_refused_before_the_model_loads(tmp_path)
         refused = run_cli("serve", missing, "--port", taken.getsockname()[1])
     assert refused.returncode == 2 and "cannot listen on 127.0.0.1" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("settings", [{}, {"block_size": 4}, {"threshold": 0.5}, {"strategy": "entropy"}])
+def test_each_row_of_a_batch_decodes_as_it_would_alone(local, settings):
+    """What the server's batching rests on: the sampler's choices are per row (float32, greedy)."""
+    model, tokenizer = local
+    prompts = [[5, 6], [7, 8], [40, 41]]
+    batch = generate_ids(model, tokenizer, prompts, length=16, temperature=0, **settings)
+    alone = [generate_ids(model, tokenizer, [prompt], length=16, temperature=0, **settings) for prompt in prompts]
+    assert batch.ids.tolist() == [out.ids[0].tolist() for out in alone]
+    assert batch.commit_step.tolist() == [out.commit_step[0].tolist() for out in alone]
