@@ -612,5 +612,37 @@ def _run_distill(args) -> int:
     return _train_and_report(recipe)
 
 
+def _add_serve(subparsers) -> None:
+    from .flags import add_flags
+    from .sampling import SamplingOptions
+    from .serve.app import ServeSettings
+
+    parser = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) over a diffusion checkpoint",
+        description="POST /v1/completions and /v1/chat/completions (stream or not), GET /v1/models and /health. "
+                    "A request may set any sampler option as an extra field; see docs/generation.md, Serving.")
+    parser.add_argument("model", help="a diffusion checkpoint folder (adapt export / adapt train output)")
+    add_flags(parser, ServeSettings)
+    add_flags(parser.add_argument_group("the sampler options of a request that does not set them"), SamplingOptions,
+              exclude=("num_samples", "progress"))  # n is per request; a server draws no progress bar
+    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default: saved)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    _add_loading_options(parser)
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .export import load
+    from .flags import settings_from
+    from .serve.app import ServeSettings, check_address, serve
+
+    settings = settings_from(args, ServeSettings)  # bad flags fail before the model loads
+    defaults = _sampling_options(args, num_samples=1, progress=False)
+    check_address(settings)
+    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
+    serve(model, tokenizer, args.model, settings, defaults)
+    return 0
+
+
 _COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import,
-             _add_eval, _add_bench, _add_plan, _add_distill, _add_chat]
+             _add_eval, _add_bench, _add_plan, _add_distill, _add_chat, _add_serve]

@@ -227,7 +227,39 @@ def generate_with_details(
     `on_step` watches the decoding (see `OnStep`).
     """
     options = SamplingOptions.with_overrides(options, overrides)
+    prompt_ids = context_ids(tokenizer, prompt, anchor=_diffusion_config(model).shift)
+    out = generate_ids(model, tokenizer, [prompt_ids] * options.num_samples, length=length, steps=steps,
+                       options=options, on_step=on_step)
+    rows = out.ids.tolist()
+    start = len(prompt_ids)
+    return Generation(
+        texts=[continuation_text(tokenizer, row, start) for row in rows],
+        prompt_ids=prompt_ids,
+        token_ids=[row[start:] for row in rows],
+        commit_step=out.commit_step[:, start:].tolist(),
+        forwards=out.forwards,
+    )
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    length: int,
+    steps: int | None = None,
+    options: SamplingOptions | None = None,
+    on_step: OnStep | None = None,
+    **overrides,
+) -> Denoised:
+    """The decoding of `generate_with_details` for one row per prompt (token ids, all of one length; BOS
+    included where the tokenizer adds one, see `context_ids`): a caller's own batch, such as a server's
+    concurrent requests. `num_samples` is not read here: the rows are the samples. Sampling settings: as
+    for `generate`. Returns the whole sequences, prompts included."""
+    options = SamplingOptions.with_overrides(options, overrides)
     _check_positive(length=length)
+    if len({len(prompt) for prompt in prompts}) != 1:
+        raise ValueError("every prompt must have the same number of tokens (one or more prompts)")
     config = _diffusion_config(model)
     verifying = verifies(config, options)
     if verifying and steps is not None:
@@ -235,29 +267,19 @@ def generate_with_details(
                         "drop the steps, or pass decoding 'diffusion' to denoise in that many steps")
     steps = length if steps is None else steps  # one per token; 0 stays 0 and is refused
     _check_steps(steps, length)
-    prompt_ids = context_ids(tokenizer, prompt, anchor=config.shift)
-    check_context(model.config, len(prompt_ids) + length, f"the prompt and {length:,} new tokens",
+    prompt_length = len(prompts[0])
+    check_context(model.config, prompt_length + length, f"the prompt and {length:,} new tokens",
                   allow_longer=options.allow_longer)
-    ids = torch.tensor([prompt_ids + [config.mask_token_id] * length] * options.num_samples, device=_device(model))
+    ids = torch.tensor([prompt + [config.mask_token_id] * length for prompt in prompts], device=_device(model))
     fill = torch.zeros_like(ids, dtype=torch.bool)
-    fill[:, len(prompt_ids):] = True
+    fill[:, prompt_length:] = True
     # Stopping cannot change the texts: it happens only at the end of a block, once every sample has an
     # EOS in the finished blocks; everything before that EOS is committed, and committed tokens never
     # change, so the text (which ends there) is final. Only the positions after it are left ungenerated.
     stop = tokenizer.eos_token_id if options.stop_at_eos else None
     if verifying:
-        out = draft_and_verify(model, ids[:, :len(prompt_ids)], config, length, stop, options, on_step=on_step)
-    else:
-        out = denoise(model, ids, fill, config, steps=steps, stop_token=stop, options=options, on_step=on_step)
-    rows = out.ids.tolist()
-    start = len(prompt_ids)
-    return Generation(
-        texts=[_decode_after(tokenizer, row, start, text_end(row, start, tokenizer.eos_token_id)) for row in rows],
-        prompt_ids=prompt_ids,
-        token_ids=[row[start:] for row in rows],
-        commit_step=out.commit_step[:, len(prompt_ids):].tolist(),
-        forwards=out.forwards,
-    )
+        return draft_and_verify(model, ids[:, :prompt_length], config, length, stop, options, on_step=on_step)
+    return denoise(model, ids, fill, config, steps=steps, stop_token=stop, options=options, on_step=on_step)
 
 
 def infill(
@@ -570,6 +592,11 @@ def _share(steps: int, sizes: list[int]) -> list[int]:
         spare = [i for i in range(len(sizes)) if shares[i] > 1]
         shares[max(spare, key=lambda i: shares[i] - quota[i])] -= 1
     return shares
+
+
+def continuation_text(tokenizer, ids: list[int], start: int) -> str:
+    """The text of the continuation ids[start:] (after the context ids[:start]), ending before its first EOS."""
+    return _decode_after(tokenizer, ids, start, text_end(ids, start, tokenizer.eos_token_id))
 
 
 def text_end(ids: list[int], start: int, eos_token_id: int | None) -> int:

@@ -9,7 +9,6 @@ decoding of the drafts is the same with and without the cache; scoring is the AR
 likelihood; the export loads in plain transformers as the causal LM it is.
 """
 
-import dataclasses
 import json
 import math
 
@@ -18,27 +17,15 @@ import torch
 import torch.nn.functional as F
 
 import adapt
-from adapt.diffusion import DiffusionConfig, DiffusionTraining, diffusion_loss
+from adapt.diffusion import DiffusionTraining, diffusion_loss
 from adapt.errors import UserError
 from adapt.forward import output_logits
 from adapt.hybrid import HybridMode
-from adapt.presets import tiny_model, tiny_tokenizer
 from adapt.sampling import SamplingOptions, generate_with_details, infill_with_details
 from adapt.speculative import verify
 
 from .conftest import FAMILY_IMPLS
-from .tiny_runs import recipe_for, step_records
-
-DRAFT = 4
-
-
-def hybrid_model(family="llama", impl=None, draft_size=DRAFT):
-    """An untrained hybrid conversion of a tiny model: (model, tokenizer, config)."""
-    model, tokenizer = tiny_model(family, attn_implementation=impl), tiny_tokenizer()
-    adapt.ensure_mask_token(model, tokenizer, "add")
-    config = dataclasses.replace(DiffusionConfig.from_model_config(model.config), mode=HybridMode(draft_size))
-    config.save_to(model.config)
-    return model.eval(), tokenizer, config
+from .tiny_runs import HYBRID_DRAFT as DRAFT, hybrid_model, recipe_for, step_records
 
 
 def _ids(length=12, batch=2, seed=0):

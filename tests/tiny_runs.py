@@ -6,6 +6,7 @@ as the `trained` fixture); test modules import from here, never from each other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,6 +17,8 @@ from pathlib import Path
 import yaml
 
 import adapt
+from adapt.diffusion import DiffusionConfig
+from adapt.hybrid import HybridMode
 from adapt.presets import tiny_model, tiny_tokenizer
 from adapt.recipe import Recipe, load_recipe
 
@@ -54,6 +57,18 @@ def diffusion_model(family: str = "llama", ratio: float = 1.0, attn_implementati
     adapt.ensure_mask_token(model, tokenizer, "add")
     adapt.set_attention(model, ratio)
     return model, tokenizer
+
+
+HYBRID_DRAFT = 4  # draft block of the tiny hybrid model
+
+
+def hybrid_model(family="llama", impl=None, draft_size=HYBRID_DRAFT):
+    """An untrained hybrid conversion of a tiny model: (model, tokenizer, config)."""
+    model, tokenizer = tiny_model(family, attn_implementation=impl), tiny_tokenizer()
+    adapt.ensure_mask_token(model, tokenizer, "add")
+    config = dataclasses.replace(DiffusionConfig.from_model_config(model.config), mode=HybridMode(draft_size))
+    config.save_to(model.config)
+    return model.eval(), tokenizer, config
 
 
 def diffusion_folder(path: Path, family: str = "llama") -> Path:
