@@ -141,10 +141,10 @@ def _never_drawn(model) -> list[int]:
     return mask + list(range(vocab, rows))
 
 
-def _draw_sample(model, tokenizer, prompt: str | None, *, config, length: int, steps: int,
+def _draw_sample(model, tokenizer, prompt: str | None, *, config, length: int, steps: int | None,
                  options: SamplingOptions) -> Sample:
-    """One timed sample after `prompt` (None: unconditional): diffusion with `config`, else AR (`config=None`)
-    with the seed of `options`."""
+    """One timed sample after `prompt` (None: unconditional): diffusion with `config` in `steps` (None: the
+    sampler's default), else AR (`config=None`) with the seed of `options`."""
     device = model_device(model)
     if config is not None:
         seconds, _, out = timed(device, lambda: generate_with_details(model, tokenizer, prompt, length=length,
@@ -183,13 +183,13 @@ def draw_samples(model, tokenizer, prompts: list[str | None], *, config, setting
     """One timed sample after each prompt (None: unconditional), the i-th with seed `settings.seed + i`:
     the diffusion sampler with `config`, else the causal model's `generate` (`config=None`)."""
     longest = max(len(context_ids(tokenizer, prompt)) for prompt in prompts) + settings.length
-    check_context(model.config, longest, f"the longest prompt and --length {settings.length:,} new tokens",
+    check_context(model.config, longest, f"the longest prompt and {settings.length:,} new tokens",
                   allow_longer=settings.sampling.allow_longer)
 
     def draw(index: int, prompt: str | None) -> Sample:
         options = replace(settings.sampling, num_samples=1, seed=settings.seed + index)
         return _draw_sample(model, tokenizer, prompt, config=config, length=settings.length,
-                            steps=settings.steps or settings.length, options=options)
+                            steps=settings.steps, options=options)  # None: one per token, or verified drafts
 
     with evaluation_mode(model, sampling_ratio(config)):
         draw(0, prompts[0])  # warm-up, not counted: a first call pays one-off costs (allocations, kernel choices)
