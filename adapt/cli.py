@@ -440,8 +440,8 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--source", metavar="DIR", help="also score this causal LM the AR way, side by side")
     add_flags(parser, EvalSettings, exclude=("sampling",))
     # One sample per call, seeded by eval's own --seed (sample i: seed + i), without a bar.
-    add_flags(parser.add_argument_group("how the samples task draws (adapt generate's flags)"), SamplingOptions,
-              exclude=("num_samples", "seed", "progress"))
+    add_flags(parser.add_argument_group("how the samples, gsm8k and mbpp tasks draw (adapt generate's flags)"),
+              SamplingOptions, exclude=("num_samples", "seed", "progress"))
     parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default float32)")
     parser.add_argument("--device", help="cpu (default), cuda, ...")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")

@@ -11,9 +11,12 @@ it has no plugin hook, so run it through this module (the same command line as `
   sizes, seed `seed`), an upper bound on its NLL; `is_greedy` is whether every continuation token
   is the argmax with the whole continuation masked. With `ar=True`: the exact AR log-likelihood.
 * `loglikelihood_rolling`: the ELBO of the whole text after a BOS/EOS, in windows of the model's length.
-* `generate_until`: `max_gen_toks` tokens decoded by the sampler (greedy unless the task sets a
-  temperature), ending at the first EOS, then cut at the first stop string; with `ar=True`, HF greedy
-  generation.
+* `generate_until`: `max_gen_toks` tokens decoded by the sampler, ending at the first EOS, then cut at
+  the first stop string. Greedy unless the task asks to sample (`do_sample`: its temperature, else 1);
+  any other sampler option its generation settings name (top_k, top_p, block_size, ...) overrides the
+  model argument for that request. With `ar=True`, the causal model's own `generate` with the same
+  temperature, top-k, top-p and seed.
+* `apply_chat_template=True` (and `--apply_chat_template`) renders prompts in the tokenizer's chat template.
 
 Model arguments: pretrained, ar, samples (32), seed (0), batch_size (8), steps (default: one per token),
 max_gen_toks (256), dtype, device, and every field of `adapt.SamplingOptions` (same defaults, same
@@ -32,14 +35,20 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from .errors import UserError
+from .evaluate.chat_format import check_chat_template, render_chat
+from .evaluate.generative import before_stops
 from .evaluate.likelihood import continuation_scores, encode_pair
 from .evaluate.perplexity import evaluation_mode, sampling_ratio
-from .sampling import SamplingOptions, anchor_id, generate
-from .settings import from_dict
+from .evaluate.samples import ar_generate
+from .sampling import SamplingOptions, anchor_id, context_ids, generate
+from .settings import default_of, from_dict
 
 # The SamplingOptions fields that no model argument of their name sets: the adapter's own `seed` is the
 # sampler's too, each request is one sample drawn at the task's temperature, and the harness shows progress.
 NOT_MODEL_ARGUMENTS = ("seed", "num_samples", "temperature", "progress")
+# The SamplingOptions fields a task's generation settings may name (its temperature is read with do_sample).
+REQUEST_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingOptions) if f.name not in NOT_MODEL_ARGUMENTS)
 
 
 @register_model("adapt")
@@ -116,30 +125,57 @@ class AdaptLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         outputs = []
         for request in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
-            context, options = request.args
-            options = dict(options or {})
-            until = options.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            length = int(options.pop("max_gen_toks", self.max_gen_toks))
-            temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", False) else 0.0
-            text = self._generate(context, length, temperature)
-            for stop in until:
-                text = text.split(stop)[0]
-            outputs.append(text)
+            context, generation_kwargs = request.args
+            until, length, options = self._request_settings(generation_kwargs)
+            outputs.append(before_stops(self._generate(context, length, options), until))
         return outputs
 
+    def _request_settings(self, generation_kwargs: dict | None) -> tuple[list[str], int, SamplingOptions]:
+        """A request's stop strings, new tokens and sampling options: the model arguments' options with
+        the task's temperature (greedy unless it asks to sample) and any sampler option it names."""
+        settings = dict(generation_kwargs or {})
+        until = settings.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        length = int(settings.pop("max_gen_toks", self.max_gen_toks))
+        sampled, temperature = settings.pop("do_sample", False), settings.pop("temperature", None)
+        if not sampled:
+            temperature = 0.0
+        elif temperature is None:
+            temperature = default_of(SamplingOptions, "temperature")
+        unknown = sorted(set(settings) - set(REQUEST_OPTIONS))
+        if unknown:
+            raise UserError(f"the task's generation setting {', '.join(map(repr, unknown))} is no sampler option; "
+                            f"a task may set until, max_gen_toks, do_sample and {', '.join(REQUEST_OPTIONS)}")
+        hints = typing.get_type_hints(SamplingOptions)
+        given = {name: _as_field_type(hints[name], value) for name, value in settings.items()}
+        values = {**dataclasses.asdict(self.sampling), **given, "temperature": float(temperature)}
+        return until, length, from_dict(SamplingOptions, values)
+
     @torch.no_grad()
-    def _generate(self, context: str, length: int, temperature: float) -> str:
-        if self.config is None:
+    def _generate(self, context: str, length: int, options: SamplingOptions) -> str:
+        if self.config is None:  # the causal model's own generate, with the same draw settings
             with evaluation_mode(self.model, 0.0):
-                ids = self.tokenizer(context, return_tensors="pt")["input_ids"].to(self.model.device)
-                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
-                                          do_sample=temperature > 0, temperature=temperature or None,
-                                          pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-            return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                ids = torch.tensor([context_ids(self.tokenizer, context)], device=self.model.device)
+                new = ar_generate(self.model, ids, length=length, options=options, seed=self.seed,
+                                  tokenizer=self.tokenizer)
+            return self.tokenizer.decode(new[0], skip_special_tokens=True)
         with evaluation_mode(self.model, sampling_ratio(self.config)):
             return generate(self.model, self.tokenizer, context or None, length=length, steps=self.steps,
-                            options=self.sampling, temperature=temperature)[0]
+                            options=options)[0]
+
+    # The harness's chat template interface (`apply_chat_template=True`): the tokenizer's own template.
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if not chat_template:
+            return None
+        check_chat_template(self.tokenizer)
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
 
 
 def _sampling_options(arguments: dict, seed: int) -> SamplingOptions:

@@ -156,3 +156,106 @@ def test_the_harness_runs_a_local_task_end_to_end(trained, tmp_path):
                               tasks=["tinychoice"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
                               device="cpu")
     assert results["results"]["tinychoice"]["acc,none"] == 1.0
+
+
+def _spy(monkeypatch, name):
+    """Record the options of every call to the adapter's `name` (generate / ar_generate), then make it."""
+    import adapt.lm_eval_adapter as adapter
+
+    real, seen = getattr(adapter, name), []
+
+    def spy(*args, options, **kwargs):
+        seen.append(options)
+        return real(*args, options=options, **kwargs)
+
+    monkeypatch.setattr(adapter, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_generate_until_takes_the_tasks_sampler_options(trained, monkeypatch, mode):
+    """do_sample with its temperature (else 1), greedy without it, and any SamplingOptions field a task's
+    generation settings name reach the sampler (diffusion) or the causal model's generate (AR)."""
+    from adapt import SamplingOptions
+
+    model, tokenizer, config = trained
+    seen = _spy(monkeypatch, "generate" if mode == "diffusion" else "ar_generate")
+    lm = AdaptLM.from_model(model, tokenizer, config if mode == "diffusion" else None, seed=3, strategy="margin")
+    lm.generate_until([
+        _request("generate_until", "<s> w5", {"max_gen_toks": 2, "do_sample": True, "temperature": 0.5, "top_k": 5,
+                                               "top_p": 0.9, "block_size": 2}),
+        _request("generate_until", "<s> w5", {"max_gen_toks": 2, "do_sample": True, "top_k": "3"}),
+        _request("generate_until", "<s> w5", {"max_gen_toks": 2, "do_sample": False, "temperature": 0.7}),
+    ], True)
+    assert seen == [SamplingOptions(seed=3, strategy="margin", temperature=0.5, top_k=5, top_p=0.9, block_size=2),
+                    SamplingOptions(seed=3, strategy="margin", temperature=1.0, top_k=3),
+                    SamplingOptions(seed=3, strategy="margin", temperature=0.0)]
+
+
+def test_generate_until_refuses_a_setting_that_is_no_sampler_option(trained):
+    from adapt import UserError
+
+    model, tokenizer, config = trained
+    lm = AdaptLM.from_model(model, tokenizer, config)
+    with pytest.raises(UserError, match="generation setting 'num_beams' is no sampler option"):
+        lm.generate_until([_request("generate_until", "<s> w5", {"num_beams": 4})], True)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}w40 {{ m['content'] }} w41{% endfor %}"
+                 "{% if add_generation_prompt %} w42{% endif %}")
+
+
+def test_chat_template_interface(trained):
+    import copy
+
+    from adapt import UserError
+
+    model, tokenizer, config = trained
+    plain = AdaptLM.from_model(model, tokenizer, config)
+    with pytest.raises(UserError, match="has no chat template"):
+        plain.chat_template(True)
+    assert plain.chat_template(False) is None
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template, tokenizer.name_or_path = CHAT_TEMPLATE, "org/tiny"
+    lm = AdaptLM.from_model(model, tokenizer, config)
+    assert lm.chat_template(True) == CHAT_TEMPLATE and lm.tokenizer_name == "org__tiny"
+    history = [{"role": "user", "content": "w5 w6"}]
+    assert lm.apply_chat_template(history) == "w40 w5 w6 w41 w42"
+    assert lm.apply_chat_template(history, add_generation_prompt=False) == "w40 w5 w6 w41"
+
+
+def test_the_harness_applies_the_chat_template_to_a_generative_task(trained, tmp_path):
+    """`simple_evaluate(apply_chat_template=True)` on a local generate_until task: the prompt the model
+    got is the template around the question, and the answer is the causal model's greedy continuation of it."""
+    import copy
+    import json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from adapt.export import save_checkpoint
+
+    model, tokenizer, _ = trained
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    set_attention(model, 1.0)
+    save_checkpoint(model, tokenizer, tmp_path / "adapted")
+    set_attention(model, 0.0)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"q": "<s> w5 w6", "a": "w7 w8"}))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tinygen.yaml").write_text(
+        "task: tinygen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
+        "generation_kwargs:\n  until: [w9]\n  max_gen_toks: 3\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    results = simple_evaluate(model="adapt", model_args=f"pretrained={tmp_path / 'adapted'},ar=True",
+                              tasks=["tinygen"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                              device="cpu", apply_chat_template=True, log_samples=True)
+    [sample] = results["samples"]["tinygen"]
+    [(prompt, _)] = sample["arguments"]
+    assert prompt == "w40 <s> w5 w6 w41 w42"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=3,
+                            pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+    assert sample["resps"] == [[tokenizer.decode(greedy, skip_special_tokens=True).split("w9")[0]]]

