@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from .chat_template import render_chat
 from .errors import UserError
 from .limits import usable_positions
 from .sampling import SamplingOptions, context_ids, generate_with_details, verifies
@@ -197,17 +198,7 @@ class Chat:
         for user, assistant in turns:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": message})
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as err:
-            raise UserError(f"the chat template refuses the conversation: {err}; check --system and --template") \
-                from None
-        # The sampler puts BOS in front of the prompt where the tokenizer adds one; a template that writes
-        # BOS itself would make it two.
-        bos = self.tokenizer.bos_token
-        if bos and text.startswith(bos) and context_ids(self.tokenizer, None, anchor=False):
-            text = text[len(bos):]
-        return text
+        return render_chat(self.tokenizer, messages)
 
 
 def converse(chat: Chat, display) -> int:

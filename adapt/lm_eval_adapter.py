@@ -36,7 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .evaluate.chat_format import check_chat_template, render_chat
+from .chat_template import check_chat_template, render_chat
 from .evaluate.generative import before_stops
 from .evaluate.likelihood import continuation_scores, encode_pair
 from .evaluate.perplexity import evaluation_mode, sampling_ratio

@@ -211,7 +211,7 @@ def test_chat_without_a_template_is_one_line(trained, tmp_path, capsys):
                  "--data", _gsm8k_file(tmp_path / "q.jsonl")]) == 2
     err = capsys.readouterr().err.strip()  # after any loading bars: the one error line
     assert err.count("error:") == 1 and "Traceback" not in err
-    assert "has no chat template; drop --chat" in err.splitlines()[-1]
+    assert "has no chat template; send plain prompts (no --chat)" in err.splitlines()[-1]
 
 
 def test_an_answer_past_the_positions_is_refused_before_generating(trained, tmp_path, capsys):

