@@ -57,35 +57,40 @@ def check_distill_output(out: Path, *inputs: str) -> None:
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The prompts of a .txt file (one a line) or a .jsonl file (a `prompt` field a row), in order."""
+    return [row["prompt"] for row in read_prompt_rows(path)]
+
+
+def read_prompt_rows(path: str | os.PathLike, name: str = "--data") -> list[dict]:
+    """The rows of a .txt file (a prompt a line: {"prompt": line}) or a .jsonl file (objects with a `prompt`
+    string, other fields kept), in order; `name` is what the user gave the path as, for the messages."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"--data {path}: no such file; give a .txt file (a prompt a line) or .jsonl (a 'prompt' field)")
+        raise UserError(f"{name} {path}: no such file; give a .txt file (a prompt a line) or .jsonl (a 'prompt' field)")
     if path.suffix not in (".txt", ".jsonl"):
-        raise UserError(f"--data {path}: a {path.suffix or 'suffixless'} file; give .txt (a prompt a line) or "
+        raise UserError(f"{name} {path}: a {path.suffix or 'suffixless'} file; give .txt (a prompt a line) or "
                         ".jsonl (a 'prompt' field a row)")
-    prompts = []
+    rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        prompt = line if path.suffix == ".txt" else _prompt_of(line, path, number)
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise UserError(f"--data {path}, line {number}: a prompt of {len(prompt):,} characters (at most "
+        row = {"prompt": line} if path.suffix == ".txt" else _row_of(line, path, number, name)
+        if len(row["prompt"]) > MAX_PROMPT_CHARS:
+            raise UserError(f"{name} {path}, line {number}: a prompt of {len(row['prompt']):,} characters (at most "
                             f"{MAX_PROMPT_CHARS:,}); shorten it")
-        prompts.append(prompt)
-    if not prompts:
-        raise UserError(f"--data {path} has no prompts, so the model would have nothing of its own to learn "
-                        "from; give a file with at least one prompt")
-    return prompts
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{name} {path} has no prompts; give a file with at least one prompt")
+    return rows
 
 
-def _prompt_of(line: str, path: Path, number: int) -> str:
+def _row_of(line: str, path: Path, number: int, name: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise UserError(f"--data {path}, line {number}: not JSON ({err.msg}); write one object a line") from None
+        raise UserError(f"{name} {path}, line {number}: not JSON ({err.msg}); write one object a line") from None
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise UserError(f"--data {path}, line {number}: no 'prompt' string; give each row a 'prompt' field")
-    return row["prompt"]
+        raise UserError(f"{name} {path}, line {number}: no 'prompt' string; give each row a 'prompt' field")
+    return row
 
 
 def write_targets(model, tokenizer, prompts: list[str], out: Path, *, length: int, steps: int | None, options,
