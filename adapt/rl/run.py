@@ -185,7 +185,17 @@ def draw_rollout(run: Run, config, ratio: float, parts: Parts) -> Rollout:
                 noise = _noise(run, run.step + iteration, index, group)
                 with torch.no_grad():
                     group.old_logps.append(token_logps(model, config, group.ids, group.prompt_len, noise))
-    return Rollout(groups, figures_of(rewards, lengths, by_reward, errors))
+    return Rollout(groups, _over_processes(figures_of(rewards, lengths, by_reward, errors), accelerator))
+
+
+def _over_processes(figures: dict, accelerator) -> dict:
+    """The rollout's figures over every process: each has `train.grad_accum` groups, so the means are
+    the means of the processes' means; the error count is their sum."""
+    names = list(figures)  # the same keys in the same order on every process
+    values = all_reduce_sum(torch.tensor([float(figures[name]) for name in names], dtype=torch.float64,
+                                         device=accelerator.device)).tolist()
+    world = accelerator.num_processes
+    return {name: int(value) if name == "reward_errors" else value / world for name, value in zip(names, values)}
 
 
 def _sampling_seed(run: Run, index: int) -> int:
