@@ -574,7 +574,7 @@ def _add_rl(subparsers) -> None:
                     "the sampler, rewards, group-normalised advantages, the clipped ratio of estimated "
                     "log-probabilities (docs/method.md; keys in docs/recipes.md, section rl). Launch as adapt "
                     "train: python -m adapt, torchrun or accelerate launch.")
-    parser.add_argument("recipe", help="YAML recipe with an rl: section, e.g. recipes/rl-format-cpu.yaml")
+    parser.add_argument("recipe", help="YAML recipe with an rl: section, e.g. recipes/rl-hybrid-format-cpu.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. rl.num_generations=4")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (resume=auto)")
     parser.add_argument("--overwrite", action="store_true",

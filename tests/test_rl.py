@@ -123,6 +123,8 @@ def test_a_causal_lm_and_the_wrong_command_are_refused(tmp_path, capsys):
     causal = causal_folder(tmp_path / "causal")
     path = _write(tmp_path, capsys)
     _refused(capsys, main(["rl", str(path), f"model.path={causal}"]), "is a causal LM")
+    _refused(capsys, main(["rl", str(path), "rl.kl_weight=0.1", f"rl.reference={causal}"]),
+             "is not a diffusion model with the policy's mask token")
     _refused(capsys, main(["train", str(path)]), "run it with adapt rl")
     _refused(capsys, main(["rl", str(path), "rl.prompts=", "data.path=corpus.txt"]), "rl.prompts is not set")
 

@@ -89,13 +89,17 @@ def _open_prompts(recipe: Recipe, tokenizer, accelerator, rows: list[dict]):
 
 
 def _load_reference(run: Run):
-    """The frozen reference (rl.reference, else model.path) at the policy's layout, for kl_weight > 0."""
+    """The frozen reference (rl.reference, else model.path) at the policy's layout, for kl_weight > 0,
+    with the policy's tokenizer (its mask token was checked with the recipe, setup.py)."""
+    from ..train.distill import check_same_tokenizer
     from ..train.frozen import load_frozen
 
     settings = run.recipe.rl
     if settings.kl_weight == 0:
         return None
-    reference, _ = load_frozen(settings.reference or run.recipe.model.path, run.recipe.model, run.accelerator.device)
+    path = settings.reference or run.recipe.model.path
+    reference, tokenizer = load_frozen(path, run.recipe.model, run.accelerator.device)
+    check_same_tokenizer(run.tokenizer, tokenizer, f"rl.reference {path}")
     set_attention(reference, run.layout_at(run.step)[1])
     return reference
 

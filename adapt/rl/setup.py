@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..diffusion import DiffusionConfig
 from ..errors import UserError
 from ..recipe import Recipe, TrainSection
 from ..settings import default_of
@@ -26,6 +27,8 @@ def prepared_recipe(recipe: Recipe) -> tuple[Recipe, list[dict], list[dict]]:
     rows = read_prompt_rows(settings.prompts, "rl.prompts")
     eval_rows = read_prompt_rows(settings.eval_prompts, "rl.eval_prompts") if settings.eval_prompts else []
     config, tokenizer = _policy(recipe)
+    if settings.kl_weight > 0 and settings.reference is not None:
+        _check_reference(recipe, DiffusionConfig.from_model_config(config))
     longest = max(_prompt_tokens(tokenizer, row["prompt"]) for row in rows + eval_rows)
     from ..limits import check_context
 
@@ -39,8 +42,6 @@ def prepared_recipe(recipe: Recipe) -> tuple[Recipe, list[dict], list[dict]]:
 def _policy(recipe: Recipe):
     """(the model's config, its tokenizer), the config checked to be a diffusion model the estimator reads."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from ..diffusion import DiffusionConfig
 
     path, trust = recipe.model.path, recipe.model.trust_remote_code
     try:
@@ -60,6 +61,22 @@ def _policy(recipe: Recipe):
         raise UserError("model.path was trained with score entropy, whose outputs are log scores, not the "
                         "log-probabilities the estimators read; use a model trained with objective mdm or cart")
     return config, tokenizer
+
+
+def _check_reference(recipe: Recipe, policy: DiffusionConfig) -> None:
+    """rl.reference must be a diffusion model with the policy's mask token: the same noise means the same."""
+    from transformers import AutoConfig
+
+    path = recipe.rl.reference
+    try:
+        reference = DiffusionConfig.from_model_config(
+            AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code))
+    except (OSError, ValueError) as err:
+        raise UserError(f"rl.reference {path}: cannot load its config ({str(err).splitlines()[0]}); give a diffusion "
+                        "checkpoint folder, or null for model.path") from None
+    if reference is None or reference.mask_token_id != policy.mask_token_id:
+        raise UserError(f"rl.reference {path} is not a diffusion model with the policy's mask token "
+                        f"({policy.mask_token_id}); give the model the policy was converted to, or null")
 
 
 def _prompt_tokens(tokenizer, prompt: str) -> int:
