@@ -148,13 +148,25 @@ def rl_step(run: Run, parts: Parts) -> dict:
     return record
 
 
+# Where the seeds of the three kinds of draws start, so that no two draws share a seed: the estimator's
+# noise (0 + the prompt's place), the sampler's completions and the held-out completions.
+NOISE_SEEDS, SAMPLING_SEEDS, HELD_OUT_SEEDS = 0, 2**40, 2**41
+
+
+def _place(run: Run, step: int, index: int) -> int:
+    """Prompt `index` of this process at optimizer step `step`, numbered across every process and step: the
+    same prompt, samples and noise however the prompts of a step are split over processes."""
+    accelerator = run.accelerator
+    return (step * run.recipe.train.grad_accum + index) * accelerator.num_processes + accelerator.process_index
+
+
 def _noise(run: Run, step: int, index: int, group: Group) -> Noise:
     """The estimator's noise for prompt `index` of the rollout at optimizer step `step`: a function of the
-    seed, the step, the prompt and the process alone, so the old policy's estimate (drawn with the
-    rollout) and a resumed run see the same masks."""
-    accelerator, settings = run.accelerator, run.recipe.rl
-    position = (step * run.recipe.train.grad_accum + index) * accelerator.num_processes + accelerator.process_index
-    generator = micro_batch_generator(run.recipe.train.seed, position, accelerator.device)
+    seed and the prompt's place alone, so the old policy's estimate (drawn with the rollout) and a
+    resumed run see the same masks."""
+    settings = run.recipe.rl
+    generator = micro_batch_generator(run.recipe.train.seed, NOISE_SEEDS + _place(run, step, index),
+                                      run.accelerator.device)
     return draw_noise(settings.estimator, group.ids, group.prompt_len, settings.prompt_mask_prob, generator)
 
 
@@ -174,7 +186,7 @@ def draw_rollout(run: Run, config, ratio: float, parts: Parts) -> Rollout:
     with run.backend.full_weights(run.wrapped), accelerator.autocast():
         for index in range(run.recipe.train.grad_accum):
             row = run.train_blocks.next_row()
-            seed = _sampling_seed(run, index)
+            seed = _seed(run, SAMPLING_SEEDS + _place(run, run.step, index))
             ids, prompt_len, texts = completions_of(model, run.tokenizer, config, row["prompt"], settings,
                                                     settings.num_generations, seed)
             scores = _scores(parts, row, texts)
@@ -202,10 +214,9 @@ def _over_processes(figures: dict, accelerator) -> dict:
     return {name: int(value) if name == "reward_errors" else value / world for name, value in zip(names, values)}
 
 
-def _sampling_seed(run: Run, index: int) -> int:
-    accelerator = run.accelerator
-    position = (run.step * run.recipe.train.grad_accum + index) * accelerator.num_processes + accelerator.process_index
-    return run.recipe.train.seed * 1_000_003 + position
+def _seed(run: Run, place: int) -> int:
+    """The sampler's seed for a draw at `place` (a seeds' range + an index), derived as the noise's is."""
+    return micro_batch_generator(run.recipe.train.seed, place, "cpu").initial_seed()
 
 
 def _scores(parts: Parts, row: dict, texts: list[str]):
@@ -225,7 +236,7 @@ def held_out_reward(run: Run, parts: Parts) -> dict:
     with run.backend.full_weights(run.wrapped), accelerator.autocast():
         for index in range(accelerator.process_index, len(parts.eval_rows), accelerator.num_processes):
             row = parts.eval_rows[index]
-            seed = run.recipe.train.seed * 1_000_003 + 2**40 + index  # the same at every evaluation
+            seed = _seed(run, HELD_OUT_SEEDS + index)  # the same at every evaluation
             _, _, texts = completions_of(model, run.tokenizer, config, row["prompt"], settings,
                                          settings.num_generations, seed)
             mean = sum(_scores(parts, row, texts).total) / len(texts)
