@@ -63,7 +63,7 @@ def _estimates(model, config, estimator, draws, seed=0, prompt_mask_prob=0.0):
     ids = _sequence().expand(draws, -1)
     noise = draw_noise(estimator, ids, PROMPT, prompt_mask_prob, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        logps = token_logps(model, config, ids, PROMPT, noise)
+        logps = token_logps(model, config, ids, PROMPT, noise.masks)
     return (noise.weights * logps).sum(dim=1).double()
 
 
@@ -130,7 +130,7 @@ def test_the_ar_estimate_is_the_ar_heads_exact_log_likelihood():
     ids = _sequence()
     noise = draw_noise("ar", ids, PROMPT, 0.0, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logps = token_logps(model, config, ids, PROMPT, noise)
+        logps = token_logps(model, config, ids, PROMPT, noise.masks)
         logits = model(input_ids=ids).logits[0, PROMPT - 1:-1, :config.vocab_size]  # the rest pads the rows
     logits[:, config.mask_token_id] = -math.inf
     exact = logits.log_softmax(-1).gather(1, ids[0, PROMPT:, None]).squeeze(1)
@@ -146,7 +146,7 @@ def test_the_coupled_pair_has_less_variance_than_two_independent_masks(trained):
     noise = draw_noise("coupled", ids, PROMPT, 0.0, torch.Generator().manual_seed(2))
     first = noise.masks[:8000]
     with torch.no_grad():
-        logps = token_logps(model, config, ids, PROMPT, noise)
+        logps = token_logps(model, config, ids, PROMPT, noise.masks)
     size = first[:, PROMPT:].sum(dim=1, keepdim=True).clamp(min=1)
     single = ((COMPLETION + 1) / size * (logps * first[:, PROMPT:])).sum(dim=1).double()  # the first mask alone
     independent = single.view(2, 4000).mean(dim=0)

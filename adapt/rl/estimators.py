@@ -72,21 +72,22 @@ def _coupled(rows: int, prompt_len: int, completion: int, generator: torch.Gener
     return Noise(masks, (completion + 1) / (2 * size))
 
 
-def token_logps(model, config: DiffusionConfig, ids: torch.Tensor, prompt_len: int, noise: Noise) -> torch.Tensor:
-    """(G, C) float32: the estimated log-probability of each completion token of `ids` (G, P + C) under
-    `noise`, differentiable through `model`. Each completion token is masked in exactly one forward
-    (or, for `ar`, read by the AR head once), so each has one value."""
+def token_logps(model, config: DiffusionConfig, ids: torch.Tensor, prompt_len: int,
+                masks: torch.Tensor | None) -> torch.Tensor:
+    """(G, C) float32: the estimated log-probability of each completion token of `ids` (G, P + C) under the
+    noise's `masks` (None: the AR head), differentiable through `model`. Each completion token is masked
+    in exactly one forward (or, for `ar`, read by the AR head once), so each has one value."""
     rows, length = ids.shape
-    if noise.masks is None:
+    if masks is None:
         targets = torch.zeros_like(ids, dtype=torch.bool)
         targets[:, prompt_len:] = True
         logits = predict_logits(model, ids, targets, shift=config.shift)
         return _selected(logits, ids[targets], config).view(rows, length - prompt_len)
-    passes = noise.masks.shape[0] // rows
+    passes = masks.shape[0] // rows
     copies = ids.repeat(passes, 1)
-    logits = masked_logits(model, copies, noise.masks, config)
+    logits = masked_logits(model, copies, masks, config)
     scores = torch.zeros(copies.shape, dtype=torch.float32, device=ids.device)
-    scores = scores.masked_scatter(noise.masks, _selected(logits, copies[noise.masks], config))
+    scores = scores.masked_scatter(masks, _selected(logits, copies[masks], config))
     return scores[:, prompt_len:].view(passes, rows, length - prompt_len).sum(dim=0)
 
 

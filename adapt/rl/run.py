@@ -46,9 +46,9 @@ class PolicyEstimate(ModelWithLoss):
     """The policy as the backends wrap it: its forward is the estimated log-probabilities (G, C) of a
     group's completion tokens under the given noise."""
 
-    def forward(self, input_ids, masks=None, weights=None, prompt_len=0, mode=None):
+    def forward(self, input_ids, masks=None, prompt_len=0, mode=None):
         config = self.config if mode is None else dataclasses.replace(self.config, mode=mode)
-        return token_logps(self.model, config, input_ids, prompt_len, Noise(masks, weights))
+        return token_logps(self.model, config, input_ids, prompt_len, masks)
 
 
 @dataclass
@@ -121,8 +121,7 @@ def rl_step(run: Run, parts: Parts) -> dict:
         noise = _noise(run, run.step, index, group)
         set_attention(run.inner_model, ratio)
         with accelerator.accumulate(run.wrapped), accelerator.autocast():
-            logps = run.wrapped(input_ids=group.ids, masks=noise.masks, weights=noise.weights,
-                                prompt_len=group.prompt_len, mode=mode)
+            logps = run.wrapped(input_ids=group.ids, masks=noise.masks, prompt_len=group.prompt_len, mode=mode)
             old = logps.detach() if iteration == 0 else group.old_logps[iteration - 1]
             reference = _reference_logps(parts, config, group, noise)
             terms = grpo_terms(logps, old, group.advantages, noise.weights, settings.clip_epsilon,
@@ -174,7 +173,7 @@ def _noise(run: Run, step: int, index: int, group: Group) -> Noise:
 def _reference_logps(parts: Parts, config, group: Group, noise: Noise) -> torch.Tensor | None:
     if parts.reference is None:
         return None
-    return token_logps(parts.reference, config, group.ids, group.prompt_len, noise)
+    return token_logps(parts.reference, config, group.ids, group.prompt_len, noise.masks)
 
 
 def draw_rollout(run: Run, config, ratio: float, parts: Parts) -> Rollout:
@@ -200,7 +199,7 @@ def draw_rollout(run: Run, config, ratio: float, parts: Parts) -> Rollout:
             for index, group in enumerate(groups):
                 noise = _noise(run, run.step + iteration, index, group)
                 with torch.no_grad():
-                    group.old_logps.append(token_logps(model, config, group.ids, group.prompt_len, noise))
+                    group.old_logps.append(token_logps(model, config, group.ids, group.prompt_len, noise.masks))
     return Rollout(groups, _over_processes(figures_of(rewards, lengths, by_reward, errors), accelerator))
 
 
