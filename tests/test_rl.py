@@ -19,9 +19,10 @@ from .tiny_runs import tensors as weights
 def _recipe(folder: Path, *overrides: str, output: str = "run"):
     """An rl recipe on a tiny bidirectional model: 8 training prompts, 6 held out, the format reward
     'the completion contains w7', G = 8 completions of 6 tokens, 2 prompts a step."""
-    model = folder / "model"
+    model = folder / "model"  # a test may have put another model there
     if not model.exists():
         diffusion_folder(model)
+    if not (folder / "prompts.txt").exists():
         (folder / "prompts.txt").write_text("".join(f"w{10 + i} w{20 + i} w{30 + i}\n" for i in range(8)))
         (folder / "held_out.txt").write_text("".join(f"w{50 + i} w{60 + i}\n" for i in range(6)))
     base = [f"model.path={model}", f"rl.prompts={folder / 'prompts.txt'}", f"rl.eval_prompts={folder / 'held_out.txt'}",
@@ -91,6 +92,28 @@ def test_lora_with_a_kl_to_the_reference_exports_a_loadable_model(tmp_path):
     assert config.mask_token_id is not None and not any("lora" in name for name, _ in model.named_parameters())
 
 
+def test_a_hybrid_model_learns_from_its_ar_heads_samples_and_exact_log_probabilities(tmp_path):
+    """estimator: ar with decoding: verify: the completions follow the AR head's distribution and the ratio
+    is of its exact log-probabilities, so on a rollout's first step the ratio is 1 and nothing is clipped."""
+    import dataclasses
+
+    import adapt
+    from adapt.diffusion import DiffusionConfig
+    from adapt.hybrid import HybridMode
+    from adapt.presets import tiny_model, tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    adapt.ensure_mask_token(model, tokenizer, "add")
+    config = dataclasses.replace(DiffusionConfig.from_model_config(model.config), mode=HybridMode(2))
+    adapt.save_checkpoint(model, tokenizer, tmp_path / "model", diffusion=config)
+    recipe = _recipe(tmp_path, "rl.estimator=ar", "rl.decoding=verify", "rl.iterations=2", "train.max_steps=2",
+                     "rl.eval_prompts=null")
+    train_rl(recipe)
+    first, second = step_records(Path(recipe.output_dir))
+    assert first["clip_fraction"] == 0 and first["loss"] == pytest.approx(0, abs=1e-6)  # advantages sum to 0
+    assert second["reward"] == first["reward"] and second["iteration"] == 1  # the same rollout
+
+
 def _refused(capsys, code: int, message: str) -> None:
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -113,6 +136,7 @@ def _write(tmp_path, capsys) -> Path:
     (["rl.estimator=ar"], "this bidirectional model has none"),
     (["rl.steps=7"], "rl.steps = 7 is more than the 6 tokens"),
     (["train.batch_size=4"], "train.batch_size is not read by adapt rl"),
+    (["rl.decoding=verify"], "decoding 'verify' checks drafts with the model's AR head"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, overrides, message):
     path = _write(tmp_path, capsys)

@@ -78,17 +78,17 @@ class PromptFeed:
         self.rollout = None if state["rollout"] is None else Rollout.from_state(state["rollout"], self.device)
 
 
-def completions_of(model, tokenizer, config, prompt: str, settings, count: int, seed: int):
+def completions_of(model, tokenizer, prompt: str, settings, count: int, seed: int):
     """(ids (count, P + C), P, the texts): `count` completions of `prompt` by the sampler (any mode; a hybrid
     model verifying with its AR head where rl.decoding says so), each ending at its first EOS: what
     follows it is EOS, as the text reads."""
-    from ..sampling import SamplingOptions, generate_with_details, verifies
+    from ..sampling import SamplingOptions, generate_with_details
 
     options = SamplingOptions(temperature=settings.temperature, strategy=settings.strategy,
                               block_size=settings.block_size, num_samples=count, seed=seed,
                               decoding=settings.decoding)
     out = generate_with_details(model, tokenizer, prompt, length=settings.completion_length,
-                                steps=None if verifies(config, options) else settings.steps, options=options)
+                                steps=settings.steps, options=options)
     completion = torch.tensor(out.token_ids)
     eos = tokenizer.eos_token_id
     if eos is not None:

@@ -186,7 +186,7 @@ def draw_rollout(run: Run, config, ratio: float, parts: Parts) -> Rollout:
         for index in range(run.recipe.train.grad_accum):
             row = run.train_blocks.next_row()
             seed = _seed(run, SAMPLING_SEEDS + _place(run, run.step, index))
-            ids, prompt_len, texts = completions_of(model, run.tokenizer, config, row["prompt"], settings,
+            ids, prompt_len, texts = completions_of(model, run.tokenizer, row["prompt"], settings,
                                                     settings.num_generations, seed)
             scores = _scores(parts, row, texts)
             reward = torch.tensor(scores.total, device=accelerator.device)
@@ -228,16 +228,15 @@ def held_out_reward(run: Run, parts: Parts) -> dict:
     """The mean reward over the held-out prompts (each the mean of its G completions) and the standard
     error of that mean; each process scores every W-th prompt, the sums are reduced."""
     settings, accelerator, model = run.recipe.rl, run.accelerator, run.inner_model
-    mode, ratio = run.layout_at(max(run.step - 1, 0))
-    config = dataclasses.replace(run.diffusion, mode=mode)
+    ratio = run.layout_at(max(run.step - 1, 0))[1]  # the step just trained's, as the export's
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # sum, sum of squares, prompts
     set_attention(model, ratio)
     with run.backend.full_weights(run.wrapped), accelerator.autocast():
         for index in range(accelerator.process_index, len(parts.eval_rows), accelerator.num_processes):
             row = parts.eval_rows[index]
             seed = _seed(run, HELD_OUT_SEEDS + index)  # the same at every evaluation
-            _, _, texts = completions_of(model, run.tokenizer, config, row["prompt"], settings,
-                                         settings.num_generations, seed)
+            _, _, texts = completions_of(model, run.tokenizer, row["prompt"], settings, settings.num_generations,
+                                         seed)
             mean = sum(_scores(parts, row, texts).total) / len(texts)
             totals += torch.tensor([mean, mean * mean, 1.0], dtype=torch.float64, device=accelerator.device)
     total, squares, count = all_reduce_sum(totals).tolist()

@@ -57,6 +57,11 @@ def _policy(recipe: Recipe):
     if recipe.rl.estimator == "ar" and not diffusion.mode.has_ar_head:
         raise UserError(f"rl.estimator: ar reads an AR head, and this {diffusion.mode.name} model has none; use "
                         "estimator coupled or diffu-grpo")
+    from ..sampling import SamplingOptions, verifies
+
+    if verifies(diffusion, SamplingOptions(decoding=recipe.rl.decoding)) and recipe.rl.steps is not None:
+        raise UserError(f"rl.steps: this {diffusion.mode.name} model samples by verifying its drafts (rl.decoding: "
+                        f"{recipe.rl.decoding}), which takes no steps; drop rl.steps or set rl.decoding: diffusion")
     if diffusion.objective == "score-entropy":
         raise UserError("model.path was trained with score entropy, whose outputs are log scores, not the "
                         "log-probabilities the estimators read; use a model trained with objective mdm or cart")
