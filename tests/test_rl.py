@@ -179,3 +179,16 @@ def test_two_processes_learn_what_one_process_does(tmp_path):
     assert_close_tensors(weights(one.model_dir), weights(Path(two.output_dir) / "model"))
     first = [r for r in step_records(Path(two.output_dir))]
     assert [r["reward"] for r in first] == [r["reward"] for r in step_records(Path(one.model_dir).parent)]
+
+
+def test_the_kinds_of_draws_never_share_a_generator_stream():
+    """Noise, samples and held-out samples from distinct streams, distinct in the low 32 bits of the seed,
+    all that a CPU generator keeps."""
+    from types import SimpleNamespace
+
+    from adapt.rl.run import DRAWS, _draws
+
+    run = SimpleNamespace(recipe=SimpleNamespace(train=SimpleNamespace(seed=3)),
+                          accelerator=SimpleNamespace(device="cpu"))
+    seeds = [_draws(run, kind, index).initial_seed() % 2**32 for kind in DRAWS for index in range(2000)]
+    assert len(set(seeds)) == len(seeds)

@@ -147,9 +147,15 @@ def rl_step(run: Run, parts: Parts) -> dict:
     return record
 
 
-# Where the seeds of the three kinds of draws start, so that no two draws share a seed: the estimator's
-# noise (0 + the prompt's place), the sampler's completions and the held-out completions.
-NOISE_SEEDS, SAMPLING_SEEDS, HELD_OUT_SEEDS = 0, 2**40, 2**41
+# The three kinds of random draws, each from generators of its own: the estimator's noise, the sampler's
+# completions and the held-out completions. Interleaved (index * 3 + kind) rather than offset by a large
+# constant: a CPU generator keeps only the low 32 bits of its seed, where such offsets vanish.
+DRAWS = ("noise", "sampling", "held_out")
+
+
+def _draws(run: Run, kind: str, index: int) -> torch.Generator:
+    """The generator of draw `index` of `kind` (a prompt's place, or a held-out prompt's number)."""
+    return micro_batch_generator(run.recipe.train.seed, len(DRAWS) * index + DRAWS.index(kind), run.accelerator.device)
 
 
 def _place(run: Run, step: int, index: int) -> int:
@@ -164,8 +170,7 @@ def _noise(run: Run, step: int, index: int, group: Group) -> Noise:
     seed and the prompt's place alone, so the old policy's estimate (drawn with the rollout) and a
     resumed run see the same masks."""
     settings = run.recipe.rl
-    generator = micro_batch_generator(run.recipe.train.seed, NOISE_SEEDS + _place(run, step, index),
-                                      run.accelerator.device)
+    generator = _draws(run, "noise", _place(run, step, index))
     return draw_noise(settings.estimator, group.ids, group.prompt_len, settings.prompt_mask_prob, generator)
 
 
@@ -185,7 +190,7 @@ def draw_rollout(run: Run, config, ratio: float, parts: Parts) -> Rollout:
     with run.backend.full_weights(run.wrapped), accelerator.autocast():
         for index in range(run.recipe.train.grad_accum):
             row = run.train_blocks.next_row()
-            seed = _seed(run, SAMPLING_SEEDS + _place(run, run.step, index))
+            seed = _draws(run, "sampling", _place(run, run.step, index)).initial_seed()
             ids, prompt_len, texts = completions_of(model, run.tokenizer, row["prompt"], settings,
                                                     settings.num_generations, seed)
             scores = _scores(parts, row, texts)
@@ -213,11 +218,6 @@ def _over_processes(figures: dict, accelerator) -> dict:
     return {name: int(value) if name == "reward_errors" else value / world for name, value in zip(names, values)}
 
 
-def _seed(run: Run, place: int) -> int:
-    """The sampler's seed for a draw at `place` (a seeds' range + an index), derived as the noise's is."""
-    return micro_batch_generator(run.recipe.train.seed, place, "cpu").initial_seed()
-
-
 def _scores(parts: Parts, row: dict, texts: list[str]):
     count = len(texts)
     fields = {key: [value] * count for key, value in row.items() if key != "prompt"}
@@ -234,7 +234,7 @@ def held_out_reward(run: Run, parts: Parts) -> dict:
     with run.backend.full_weights(run.wrapped), accelerator.autocast():
         for index in range(accelerator.process_index, len(parts.eval_rows), accelerator.num_processes):
             row = parts.eval_rows[index]
-            seed = _seed(run, HELD_OUT_SEEDS + index)  # the same at every evaluation
+            seed = _draws(run, "held_out", index).initial_seed()  # the same at every evaluation
             _, _, texts = completions_of(model, run.tokenizer, row["prompt"], settings, settings.num_generations,
                                          seed)
             mean = sum(_scores(parts, row, texts).total) / len(texts)
