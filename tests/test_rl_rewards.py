@@ -93,3 +93,8 @@ def test_a_reward_of_the_wrong_shape_is_refused(returned):
 def test_a_built_in_reward_needs_its_field_in_every_row():
     with pytest.raises(UserError, match="row 2 of the prompts has none"):
         _rewards([{"prompt": "q", "answer": "1"}, {"prompt": "r"}], rewards=["exact_match"])
+
+
+def test_a_format_pattern_that_is_no_regular_expression_is_refused():
+    with pytest.raises(UserError, match="is not a regular expression"):
+        _rewards([{"prompt": "q"}], rewards=["format"], format_pattern="(unclosed")

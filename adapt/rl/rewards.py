@@ -85,12 +85,19 @@ def load_rewards(settings, rows: list[dict]) -> list[Reward]:
         if name in BUILT_IN:
             function, needs = BUILT_IN[name]
             _check_field(rows, needs, name)
-            options = {"exact_match": {}, "code_tests": {"timeout": settings.code_timeout},
-                       "format": {"pattern": _compiled(settings.format_pattern).pattern}}[name]
-            rewards.append(Reward(name, _bound(function, options), weight))
+            rewards.append(Reward(name, _bound(function, _options(name, settings)), weight))
         else:
             rewards.append(Reward(name, import_callable(name), weight))
     return rewards
+
+
+def _options(name: str, settings) -> dict:
+    """The recipe's settings a built-in reward takes."""
+    if name == "code_tests":
+        return {"timeout": settings.code_timeout}
+    if name == "format":
+        return {"pattern": _compiled(settings.format_pattern).pattern}
+    return {}
 
 
 def _bound(function, options: dict):
