@@ -121,12 +121,18 @@ def _run_train(args) -> int:
     from .recipe import load_recipe
 
     overrides = (["resume=auto"] if args.resume else []) + _loading_overrides(args) + list(args.overrides)
-    return _train_and_report(load_recipe(args.recipe, overrides), overwrite=args.overwrite)
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.rl.prompts:
+        raise UserError(f"{args.recipe} sets rl.prompts: it is a reward-training recipe; run it with adapt rl")
+    return _train_and_report(recipe, overwrite=args.overwrite)
 
 
-def _train_and_report(recipe, overwrite: bool = False) -> int:
-    from .train import Interrupted, train
+def _train_and_report(recipe, overwrite: bool = False, train=None) -> int:
+    """Run `train(recipe, overwrite=...)` (None: adapt train's loop) and say where the model went."""
+    from .train import Interrupted
 
+    if train is None:
+        from .train import train
     try:
         result = train(recipe, overwrite=overwrite)
     except Interrupted as stop:
@@ -565,7 +571,7 @@ def _add_distill(subparsers) -> None:
         "distill", help="fewer decoding steps: train a diffusion model on its own answers (dParallel, d3LLM)",
         description="Writes the model's answers to --data's prompts into OUT/targets.jsonl (resumable), then "
                     "trains on them with LoRA, complementary masks and certainty forcing "
-                    "(recipes/self-distill.yaml, saved as OUT/recipe.yaml); the model lands in OUT/model. "
+                    "(adapt/self_distill.py's TRAINING, saved as OUT/recipe.yaml); the model lands in OUT/model. "
                     "Run it again to continue a stopped run.")
     parser.add_argument("model", help="a diffusion checkpoint folder (adapt export / adapt train output)")
     parser.add_argument("--data", required=True, help="prompts: .txt (one a line) or .jsonl (a 'prompt' field a row)")
@@ -644,5 +650,29 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _add_rl(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "rl", help="reward training of a diffusion model (diffu-GRPO, coupled-GRPO) from a recipe's rl: section",
+        description="GRPO on a diffusion model (an adapt train / convert output): G completions per prompt from "
+                    "the sampler, rewards, group-normalised advantages, the clipped ratio of estimated "
+                    "log-probabilities (docs/method.md; keys in docs/recipes.md, section rl). Launch as adapt "
+                    "train: python -m adapt, torchrun or accelerate launch.")
+    parser.add_argument("recipe", help="YAML recipe with an rl: section, e.g. recipes/rl-hybrid-format-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. rl.num_generations=4")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (resume=auto)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even if output_dir holds a previous run (its checkpoints are deleted)")
+    _add_loading_options(parser)
+    parser.set_defaults(handler=_run_rl)
+
+
+def _run_rl(args) -> int:
+    from .recipe import load_recipe
+    from .rl import train_rl
+
+    overrides = (["resume=auto"] if args.resume else []) + _loading_overrides(args) + list(args.overrides)
+    return _train_and_report(load_recipe(args.recipe, overrides), overwrite=args.overwrite, train=train_rl)
+
+
 _COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import,
-             _add_eval, _add_bench, _add_plan, _add_distill, _add_chat, _add_serve]
+             _add_eval, _add_bench, _add_plan, _add_distill, _add_chat, _add_serve, _add_rl]

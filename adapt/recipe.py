@@ -23,6 +23,7 @@ from .backend_names import BACKEND_NAMES
 from .data import DataConfig
 from .diffusion import MODES, DiffusionTraining
 from .errors import UserError
+from .sampling import DECODINGS, STRATEGIES
 from .settings import above, at_least, between, default_of, from_dict
 
 
@@ -133,6 +134,47 @@ class DistillSection:
         return self.on_policy_every > 0 and (step + 1) % self.on_policy_every == 0
 
 
+# Estimators of a completion's log-probability under a diffusion policy (adapt/rl/estimators.py).
+ESTIMATORS = ("coupled", "diffu-grpo", "ar")
+MAX_GENERATIONS = 64  # completions per prompt: one batch of the sampler and of every forward
+
+
+@dataclass
+class RLSection:
+    """Reward training (`adapt rl`, GRPO for diffusion models; docs/method.md): G completions per prompt
+    drawn with the sampler, scored by the rewards, advantages normalised within each group, and the
+    clipped policy-ratio objective on log-probabilities that the estimator gives."""
+
+    # .txt (a prompt a line) or .jsonl (a 'prompt' field a row; the row's other fields, such as 'answer'
+    # or 'tests', go to the reward functions). Setting it makes the recipe an `adapt rl` recipe.
+    prompts: str = ""
+    eval_prompts: str | None = None  # held-out prompts, same format: mean reward and its standard error
+    eval_every: int = field(default=0, metadata=at_least(0))  # held-out reward every N steps (0: before and after only)
+    num_generations: int = field(default=8, metadata=between(2, MAX_GENERATIONS))  # G: completions per prompt
+    completion_length: int = field(default=64, metadata=at_least(1))  # tokens the sampler writes per completion
+    steps: int | None = field(default=None, metadata=at_least(1))  # denoising steps per completion; null: one per token
+    temperature: float = field(default=1.0, metadata=above(0))  # of the sampler: above 0, the group must differ
+    strategy: Literal[STRATEGIES] = "random"  # the sampler's commit order
+    block_size: int | None = field(default=None, metadata=at_least(1))  # the sampler's blocks; null: the model's
+    # A hybrid model: "verify" samples from its AR head (pair it with estimator: ar), "diffusion" denoises
+    decoding: Literal[DECODINGS] = "diffusion"
+    # "coupled": coupled-GRPO's pair of complementary masks (two forwards); "diffu-grpo": the completion
+    # fully masked and the prompt masked at prompt_mask_prob (one forward); "ar": a hybrid model's AR head, exact
+    estimator: Literal[ESTIMATORS] = "coupled"
+    prompt_mask_prob: float = field(default=0.15, metadata=between(0, 1, high_open=True))  # diffu-grpo only
+    iterations: int = field(default=1, metadata=at_least(1))  # mu: optimizer steps on each batch of completions
+    clip_epsilon: float = field(default=0.2, metadata=between(0, 1, low_open=True))  # ratio clipped to 1 +- epsilon
+    kl_weight: float = field(default=0.0, metadata=at_least(0))  # beta: KL to the frozen reference; 0 = no reference
+    reference: str | None = None  # the frozen reference for kl_weight > 0; null: model.path
+    # Built in: exact_match (the final answer against the row's 'answer', GSM8K-style), code_tests (the
+    # prompt and completion run with the row's 'tests' in the sandbox), format (format_pattern found);
+    # or a Python callable "module:function" (prompts, completions, **row fields) -> one float each.
+    rewards: list[str] = field(default_factory=lambda: ["format"])
+    reward_weights: list[float] = field(default_factory=list)  # one per reward; empty: all 1
+    format_pattern: str = r"####\s*-?[\d,]*\.?\d+"  # the format reward's regular expression (re.search)
+    code_timeout: float = field(default=10.0, metadata=above(0))  # seconds per program of the code_tests reward
+
+
 @dataclass
 class LoraSection:
     """Low-rank adapters through peft; r: 0 trains all weights."""
@@ -192,6 +234,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     align: AlignSection = field(default_factory=AlignSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    rl: RLSection = field(default_factory=RLSection)
     lora: LoraSection = field(default_factory=LoraSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -312,7 +355,8 @@ def validate(recipe: Recipe) -> None:
     """Cross-field rules; each names the key to change."""
     if not recipe.model.path:
         raise UserError("model.path is required; set it to a local model folder, a .gguf file or a Hub id")
-    recipe.data.check()
+    if not recipe.rl.prompts:  # an rl run reads prompts, not a corpus
+        recipe.data.check()
     if not recipe.output_dir:
         raise UserError("output_dir is required; set it to a folder for checkpoints, logs and the exported model")
     if recipe.model.mask_token == "reuse" and recipe.model.mask_token_id is None:
@@ -335,6 +379,7 @@ def validate(recipe: Recipe) -> None:
         raise UserError("align.weight > 0 but align.layers is empty; list the layers to align, e.g. [-1] (the last)")
     _check_mode_sizes(recipe)
     _check_on_policy(recipe)
+    _check_rl(recipe.rl)
     if recipe.train.mixed_precision == "fp16" and recipe.model.dtype == "float16":
         raise UserError("train.mixed_precision: fp16 needs float32 master weights; set model.dtype: float32")
 
@@ -355,6 +400,22 @@ def _check_on_policy(recipe: Recipe) -> None:
     if distill.on_policy_steps > distill.on_policy_tokens:
         raise UserError(f"distill.on_policy_steps = {distill.on_policy_steps} is more than the "
                         f"{distill.on_policy_tokens} tokens it generates; set it to at most {distill.on_policy_tokens}")
+
+
+def _check_rl(rl: RLSection) -> None:
+    if not rl.prompts:
+        return
+    if not rl.rewards:
+        raise UserError("rl.rewards is empty; name at least one reward, e.g. [format] or [mypackage.rewards:score]")
+    if rl.reward_weights and len(rl.reward_weights) != len(rl.rewards):
+        raise UserError(f"rl.reward_weights has {len(rl.reward_weights)} weights for {len(rl.rewards)} rewards; give "
+                        "one per reward, or none (all 1)")
+    if rl.steps is not None and rl.steps > rl.completion_length:
+        raise UserError(f"rl.steps = {rl.steps} is more than the {rl.completion_length} tokens of a completion "
+                        f"(rl.completion_length); set it to at most {rl.completion_length}")
+    if rl.reference is not None and rl.kl_weight == 0:
+        raise UserError("rl.reference is set but rl.kl_weight is 0, so it would never be read; set rl.kl_weight > 0 "
+                        "or remove rl.reference")
 
 
 def _check_mode_sizes(recipe: Recipe) -> None:

@@ -7,7 +7,7 @@ Two stages, each resumable:
    says), into OUT/targets.jsonl as `prompt`/`response` rows. The answers go to
    OUT/targets.jsonl.partial a line at a time; a stopped run continues after its last whole line, and the
    file takes its final name once every prompt has its answer.
-2. **Training** (`recipes/self-distill.yaml`, then the caller's `key=value` overrides): SFT on those rows,
+2. **Training** (`TRAINING` below, then the caller's `key=value` overrides): SFT on those rows,
    LoRA by default, with the complementary mask (every answer token a target once per pair) and the
    certainty term on the tokens the model already predicts right (`diffusion.certainty_weight`), so that
    its right predictions become confident and a confidence threshold commits more of them a step. The run
@@ -20,6 +20,7 @@ perplexity under the source).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,20 @@ from pathlib import Path
 from .errors import UserError
 from .recipe import Recipe, load_recipe
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "self-distill.yaml"
+# The training's recipe under the caller's overrides (saved whole as OUT/recipe.yaml): dParallel's choices.
+TRAINING = {
+    "data": {"format": "sft", "seq_len": 256},  # prompt + answer; longer rows are cut
+    # the model is already a diffusion model: its attention stays as saved; no held-out split of its own answers
+    "train": {"batch_size": 4, "max_steps": 200, "anneal_steps": 1, "eval_batches": 0},
+    # every answer token a target once per pair (t_max 0.999: the band symmetric about 1/2 with eps 1e-3),
+    # normalised as LLaDA's SFT; certainty forcing at dParallel's weight and temperature
+    "diffusion": {"complementary_masks": True, "t_max": 0.999, "loss_norm": "tokens", "certainty_weight": 2.0,
+                  "certainty_temperature": 0.5},
+    "optim": {"lr": 1e-4, "warmup_steps": 10},
+    "lora": {"r": 16, "alpha": 32},
+    "checkpoint": {"every": 50},
+    "logging": {"tensorboard": False},
+}
 TARGETS_FILE = "targets.jsonl"
 TARGETS = ("self", "source")
 MAX_PROMPT_CHARS = 100_000  # one prompt; longer ones are refused, not tokenized
@@ -57,35 +71,40 @@ def check_distill_output(out: Path, *inputs: str) -> None:
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The prompts of a .txt file (one a line) or a .jsonl file (a `prompt` field a row), in order."""
+    return [row["prompt"] for row in read_prompt_rows(path)]
+
+
+def read_prompt_rows(path: str | os.PathLike, name: str = "--data") -> list[dict]:
+    """The rows of a .txt file (a prompt a line: {"prompt": line}) or a .jsonl file (objects with a `prompt`
+    string, other fields kept), in order; `name` is what the user gave the path as, for the messages."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"--data {path}: no such file; give a .txt file (a prompt a line) or .jsonl (a 'prompt' field)")
+        raise UserError(f"{name} {path}: no such file; give a .txt file (a prompt a line) or .jsonl (a 'prompt' field)")
     if path.suffix not in (".txt", ".jsonl"):
-        raise UserError(f"--data {path}: a {path.suffix or 'suffixless'} file; give .txt (a prompt a line) or "
+        raise UserError(f"{name} {path}: a {path.suffix or 'suffixless'} file; give .txt (a prompt a line) or "
                         ".jsonl (a 'prompt' field a row)")
-    prompts = []
+    rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        prompt = line if path.suffix == ".txt" else _prompt_of(line, path, number)
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise UserError(f"--data {path}, line {number}: a prompt of {len(prompt):,} characters (at most "
+        row = {"prompt": line} if path.suffix == ".txt" else _row_of(line, path, number, name)
+        if len(row["prompt"]) > MAX_PROMPT_CHARS:
+            raise UserError(f"{name} {path}, line {number}: a prompt of {len(row['prompt']):,} characters (at most "
                             f"{MAX_PROMPT_CHARS:,}); shorten it")
-        prompts.append(prompt)
-    if not prompts:
-        raise UserError(f"--data {path} has no prompts, so the model would have nothing of its own to learn "
-                        "from; give a file with at least one prompt")
-    return prompts
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{name} {path} has no prompts; give a file with at least one prompt")
+    return rows
 
 
-def _prompt_of(line: str, path: Path, number: int) -> str:
+def _row_of(line: str, path: Path, number: int, name: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise UserError(f"--data {path}, line {number}: not JSON ({err.msg}); write one object a line") from None
+        raise UserError(f"{name} {path}, line {number}: not JSON ({err.msg}); write one object a line") from None
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise UserError(f"--data {path}, line {number}: no 'prompt' string; give each row a 'prompt' field")
-    return row["prompt"]
+        raise UserError(f"{name} {path}, line {number}: no 'prompt' string; give each row a 'prompt' field")
+    return row
 
 
 def write_targets(model, tokenizer, prompts: list[str], out: Path, *, length: int, steps: int | None, options,
@@ -156,8 +175,9 @@ def source_answerer(source_path: str, tokenizer, *, length: int, options, dtype=
 
 
 def distill_recipe(model: str, targets: Path, out: Path, overrides: list[str] = ()) -> Recipe:
-    """recipes/self-distill.yaml for `model` on `targets`, writing to `out`, resuming what is there."""
-    base = {"model": {"path": model}, "data": {"path": str(targets), "format": "sft"}, "output_dir": str(out),
-            "resume": "auto"}
-    return load_recipe(RECIPE, list(overrides), base=base)
+    """`TRAINING` for `model` on `targets`, writing to `out`, resuming what is there."""
+    base = copy.deepcopy(TRAINING)  # load_recipe writes the overrides into the nested sections
+    base.update(model={"path": model}, output_dir=str(out), resume="auto")
+    base["data"]["path"] = str(targets)
+    return load_recipe(None, list(overrides), base=base)
 

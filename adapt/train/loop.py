@@ -78,11 +78,14 @@ def _run_to_the_end(recipe: Recipe, overwrite: bool) -> TrainResult:
     return TrainResult(model_dir, run.step, run.tokens_trained, run.first_loss, run.last_loss, run.validation)
 
 
-def start_run(recipe: Recipe, overwrite: bool) -> Run:
-    """Everything the loop needs, built from the recipe, and restored from a checkpoint when resuming."""
-    from accelerate.utils import set_seed
+def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = ModelWithLoss,
+              open_data=None) -> Run:
+    """Everything the loop needs, built from the recipe, and restored from a checkpoint when resuming.
 
-    from ..data import open_dataset
+    Another loop on the same machinery (`adapt rl`) passes the `module` the backend wraps (its forward is
+    that loop's) and `open_data(recipe, tokenizer, accelerator) -> (train, validation)`, what stands for
+    the corpus: anything with `state_dict`/`load_state_dict`, which checkpoints save as the data position."""
+    from accelerate.utils import set_seed
 
     output_dir = Path(recipe.output_dir)
     backend = open_backend(recipe, output_dir)
@@ -104,11 +107,10 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
     if recipe.lora.r > 0:
         model = apply_lora(model, recipe, diffusion)
     shapes = model_shapes(model)
-    wrapped, optimizer, scheduler = backend.prepare(ModelWithLoss(model, diffusion, recipe.diffusion, objective),
+    wrapped, optimizer, scheduler = backend.prepare(module(model, diffusion, recipe.diffusion, objective),
                                                     partial(param_groups, optim=recipe.optim),
                                                     partial(make_scheduler, recipe=recipe))
-    train_blocks = open_dataset(recipe.data, tokenizer, split="train")  # first: it names an empty corpus
-    validation_blocks = open_dataset(recipe.data, tokenizer, split="validation") if recipe.train.eval_batches else None
+    train_blocks, validation_blocks = (open_data or _open_corpus)(recipe, tokenizer, backend.accelerator)
     run = Run(recipe, backend, wrapped, objective, optimizer, scheduler, tokenizer, diffusion, train_blocks,
               validation_blocks, shapes, anneal_from, tokens_trained=diffusion.tokens_trained, alignment=alignment,
               teacher=teacher)
@@ -118,6 +120,15 @@ def start_run(recipe: Recipe, overwrite: bool) -> Run:
     run.reporter = Reporter(run.accelerator, recipe, output_dir, run.step)
     run.stop = StopSignal()
     return run
+
+
+def _open_corpus(recipe: Recipe, tokenizer, accelerator):
+    """The training blocks, and the validation blocks where the run validates (else None)."""
+    from ..data import open_dataset
+
+    train_blocks = open_dataset(recipe.data, tokenizer, split="train")  # first: it names an empty corpus
+    validation_blocks = open_dataset(recipe.data, tokenizer, split="validation") if recipe.train.eval_batches else None
+    return train_blocks, validation_blocks
 
 
 @dataclass
