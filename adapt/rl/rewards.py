@@ -25,30 +25,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
-
-ANSWER_MARK = "####"
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def final_answer(text: str) -> str | None:
-    """The final answer of a GSM8K-style text: the number after the last '####' (or, without one, the last
-    number in the text), commas and a trailing '.0' dropped; None when there is none."""
-    tail = text.rsplit(ANSWER_MARK, 1)[1] if ANSWER_MARK in text else text
-    numbers = NUMBER.findall(tail)
-    if not numbers:
-        return None
-    found = numbers[0] if ANSWER_MARK in text else numbers[-1]
-    number = found.replace(",", "")
-    return number[:-2] if number.endswith(".0") else number
-
+from ..evaluate.generative import extract_answer  # the gsm8k task's reading of an answer
 
 def exact_match(prompts, completions, answer, **_) -> list[float]:
     """1 where the completion's final answer is the row's `answer` (itself read as a final answer when it
     holds one, so a GSM8K solution with its '####' line may be given whole), else 0."""
     rewards = []
     for completion, expected in zip(completions, answer):
-        wanted = final_answer(str(expected)) or str(expected).strip()
-        rewards.append(float(final_answer(completion) == wanted))
+        wanted = extract_answer(str(expected)) or str(expected).strip()
+        rewards.append(float(extract_answer(completion) == wanted))
     return rewards
 
 
