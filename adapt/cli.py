@@ -108,20 +108,30 @@ def _add_train(subparsers) -> None:
         "train", help="adapt a causal LM into a diffusion LM from a YAML recipe",
         description="Run a recipe (recipes/*.yaml; keys in docs/recipes.md). Launch with python -m adapt, "
                     "torchrun --nproc_per_node N -m adapt, or accelerate launch -m adapt.")
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2-135m-cpu.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=1e-4")
+    _add_recipe_options(parser, "recipes/smollm2-135m-cpu.yaml", "optim.lr=1e-4")
+    parser.set_defaults(handler=_run_train)
+
+
+def _add_recipe_options(parser, recipe: str, override: str) -> None:
+    """What a command that runs a recipe takes: the recipe, its overrides, resume or overwrite, loading."""
+    parser.add_argument("recipe", help=f"YAML recipe, e.g. {recipe}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"recipe overrides, e.g. {override}")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (resume=auto)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if output_dir holds a previous run (its checkpoints are deleted)")
     _add_loading_options(parser)
-    parser.set_defaults(handler=_run_train)
 
 
-def _run_train(args) -> int:
+def _recipe_of(args):
+    """The recipe `_add_recipe_options`' arguments name, with their overrides."""
     from .recipe import load_recipe
 
     overrides = (["resume=auto"] if args.resume else []) + _loading_overrides(args) + list(args.overrides)
-    recipe = load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, overrides)
+
+
+def _run_train(args) -> int:
+    recipe = _recipe_of(args)
     if recipe.rl.prompts:
         raise UserError(f"{args.recipe} sets rl.prompts: it is a reward-training recipe; run it with adapt rl")
     return _train_and_report(recipe, overwrite=args.overwrite)
@@ -657,21 +667,14 @@ def _add_rl(subparsers) -> None:
                     "the sampler, rewards, group-normalised advantages, the clipped ratio of estimated "
                     "log-probabilities (docs/method.md; keys in docs/recipes.md, section rl). Launch as adapt "
                     "train: python -m adapt, torchrun or accelerate launch.")
-    parser.add_argument("recipe", help="YAML recipe with an rl: section, e.g. recipes/rl-hybrid-format-cpu.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. rl.num_generations=4")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (resume=auto)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh even if output_dir holds a previous run (its checkpoints are deleted)")
-    _add_loading_options(parser)
+    _add_recipe_options(parser, "recipes/rl-hybrid-format-cpu.yaml (with an rl: section)", "rl.num_generations=4")
     parser.set_defaults(handler=_run_rl)
 
 
 def _run_rl(args) -> int:
-    from .recipe import load_recipe
     from .rl import train_rl
 
-    overrides = (["resume=auto"] if args.resume else []) + _loading_overrides(args) + list(args.overrides)
-    return _train_and_report(load_recipe(args.recipe, overrides), overwrite=args.overwrite, train=train_rl)
+    return _train_and_report(_recipe_of(args), overwrite=args.overwrite, train=train_rl)
 
 
 _COMMANDS = [_add_info, _add_train, _add_convert, _add_generate, _add_infill, _add_export, _add_push, _add_import,

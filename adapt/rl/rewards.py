@@ -4,8 +4,9 @@ A reward is a function `reward(prompts, completions, **fields) -> list[float]`, 
 where `fields` are the prompt rows' other columns, one value per completion (TRL's convention, so a TRL
 reward function works here unchanged). Built in:
 
-* `exact_match`: the completion's final answer equals the row's `answer` (GSM8K-style: the number after
-  the last '####', else the last number in the text; commas and a trailing '.0' ignored);
+* `exact_match`: the completion's final answer equals the row's `answer`, both read as the gsm8k task
+  reads answers (`adapt.evaluate.generative.extract_answer`: the number after the last 'the answer is'
+  or '####', else the last number; written canonically, so '1,234.0' is '1234');
 * `code_tests`: the prompt followed by the completion, then the row's `tests`, runs in the sandbox
   (adapt/evaluate/sandbox.py) and exits cleanly;
 * `format`: `rl.format_pattern` is found in the completion (re.search).
