@@ -164,10 +164,15 @@ def test_a_causal_lm_and_the_wrong_command_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_learn_what_one_process_does(tmp_path):
-    """DDP, one prompt a process, against one process accumulating the same two prompts: the prompts, the
-    samples and the noise depend on the global prompt index alone, so the weights agree up to the order
-    of float sums."""
+@pytest.mark.parametrize("backend, overrides", [
+    ("ddp", []),
+    ("deepspeed", [f"distributed.deepspeed_config={Path(__file__).resolve().parents[1] / 'recipes/deepspeed/zero3.json'}"]),
+    ("fsdp", ["distributed.backend=fsdp"]),
+])
+def test_two_processes_learn_what_one_process_does(tmp_path, backend, overrides):
+    """Two processes (DDP, ZeRO-3, FSDP2: sampling and the estimators run on gathered weights), one prompt
+    a process, against one process accumulating the same two prompts: the prompts, the samples and the
+    noise depend on the global prompt index alone, so the weights agree up to the order of float sums."""
     import os
     import subprocess
     import sys
@@ -177,7 +182,7 @@ def test_two_processes_learn_what_one_process_does(tmp_path):
     from .tiny_runs import assert_close_tensors
 
     one = train_rl(_recipe(tmp_path, "rl.iterations=2", "train.max_steps=2", output="one"))
-    two = _recipe(tmp_path, "rl.iterations=2", "train.max_steps=2", "train.grad_accum=1", output="two")
+    two = _recipe(tmp_path, "rl.iterations=2", "train.max_steps=2", "train.grad_accum=1", *overrides, output="two")
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(two.to_dict()))
     root = Path(__file__).resolve().parents[1]
@@ -185,7 +190,7 @@ def test_two_processes_learn_what_one_process_does(tmp_path):
                            "-m", "adapt", "rl", str(path)], cwd=root, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "backend ddp, 2 process(es)" in done.stdout
+    assert f"backend {backend}, 2 process(es)" in done.stdout
     assert_close_tensors(weights(one.model_dir), weights(Path(two.output_dir) / "model"))
     first = [r for r in step_records(Path(two.output_dir))]
     assert [r["reward"] for r in first] == [r["reward"] for r in step_records(Path(one.model_dir).parent)]
