@@ -138,20 +138,23 @@ def test_plan_counts_the_teacher_and_its_logits():
     assert taught["teacher_logits"] > 0 and not {"distill_teacher", "teacher_logits"} & set(plain)
 
 
+ZERO2 = f"distributed.deepspeed_config={Path(__file__).resolve().parents[1] / 'recipes/deepspeed/zero2.json'}"
+# on-policy from the first step: under FSDP2 the student samples before the wrapped module's first forward
+ON_POLICY_FIRST = ("distill.on_policy_every=1", "distill.on_policy_tokens=8", "distill.on_policy_steps=4")
+
+
 @pytest.mark.slow  # a minute or two on 2 busy cores
-@pytest.mark.parametrize("on_policy", [(), ("distill.on_policy_every=2", "distill.on_policy_tokens=8",
-                                            "distill.on_policy_steps=4")], ids=["off-policy", "on-policy"])
-def test_two_processes_give_one_processes_loss(tmp_path, on_policy):
+@pytest.mark.parametrize("settings", [(ZERO2,), (ZERO2, *ON_POLICY_FIRST), ("distributed.backend=fsdp", *ON_POLICY_FIRST)],
+                         ids=["zero2", "zero2-on-policy", "fsdp2-on-policy"])
+def test_two_processes_give_one_processes_loss(tmp_path, settings):
     """The teacher runs whole on each process, on that process's micro-batches; the KL is divided by the
-    masked tokens of the whole step, over both processes: ZeRO-2 with two processes = one process. An
-    on-policy step's continuations are seeded by the global micro-batch, so they too are the same."""
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    masked tokens of the whole step, over both processes: two processes = one process. An on-policy
+    step's continuations are seeded by the global micro-batch, so they too are the same."""
     common = ("train.max_steps=2", "train.eval_batches=0", "distill.weight=0.7", "diffusion.t_min=0.4",
-              "diffusion.t_max=0.4", *on_policy)  # one fixed level: the same noise whatever the split
+              "diffusion.t_max=0.4", *settings[1:])  # one fixed level: the same noise whatever the split
     reference = adapt.train.train(recipe_for(tmp_path, "train.grad_accum=2", "train.batch_size=2", *common,
                                              output="single"))
-    recipe = recipe_for(tmp_path, "train.batch_size=2", *common,
-                        f"distributed.deepspeed_config={recipes / 'deepspeed/zero2.json'}", output="zero2")
+    recipe = recipe_for(tmp_path, "train.batch_size=2", *common, settings[0], output="two")
     run = train_two_processes(recipe, tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for a, b in zip(step_records(tmp_path / "single"), step_records(recipe.output_dir), strict=True):

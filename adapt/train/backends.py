@@ -343,7 +343,10 @@ class FSDP2Backend(Backend):
 
     @contextlib.contextmanager
     def full_weights(self, objective):
-        # Calling the inner model directly skips the root group's hooks that would gather its weights.
+        # Calling the inner model directly skips the root group's hooks that would gather its weights. And
+        # before the root's first forward, FSDP2 would initialise lazily from the first module called
+        # (a layer), taking it for the root: initialise from the root first (torch has no public call).
+        objective._get_fsdp_state()._lazy_init()
         objective.unshard()
         try:
             yield
