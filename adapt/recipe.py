@@ -9,6 +9,7 @@ what it accepts; `validate` adds the rules that involve more than one setting.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -344,7 +345,7 @@ def _merge(target: dict, source: dict) -> None:
         if isinstance(value, dict) and isinstance(target.get(key), dict):
             _merge(target[key], value)
         else:
-            target[key] = value
+            target[key] = copy.deepcopy(value)  # later merges and overrides write into it, never into `source`
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ perplexity under the source).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -176,8 +175,7 @@ def source_answerer(source_path: str, tokenizer, *, length: int, options, dtype=
 
 def distill_recipe(model: str, targets: Path, out: Path, overrides: list[str] = ()) -> Recipe:
     """`TRAINING` for `model` on `targets`, writing to `out`, resuming what is there."""
-    base = copy.deepcopy(TRAINING)  # load_recipe writes the overrides into the nested sections
-    base.update(model={"path": model}, output_dir=str(out), resume="auto")
-    base["data"]["path"] = str(targets)
+    base = {**TRAINING, "model": {"path": model}, "data": {**TRAINING["data"], "path": str(targets)},
+            "output_dir": str(out), "resume": "auto"}
     return load_recipe(None, list(overrides), base=base)
 
