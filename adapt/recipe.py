@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 import typing
 from dataclasses import dataclass, field

@@ -4,7 +4,7 @@ computation; joined to the loss as the CE terms are; its gradient leaves wrong p
 import pytest
 import torch
 
-from adapt.diffusion import DiffusionConfig, DiffusionTraining, diffusion_loss
+from adapt.diffusion import DiffusionTraining, diffusion_loss
 from adapt.errors import UserError
 from adapt.forward import predict_logits
 from adapt.objectives import certainty_entropy

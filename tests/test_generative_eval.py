@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from adapt.attention import set_attention
 from adapt.evaluate import EvalSettings, run_tasks

@@ -4,7 +4,6 @@ trained with complementary masks and certainty forcing into an export; the refus
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from adapt.cli import main
