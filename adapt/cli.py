@@ -232,9 +232,14 @@ def _add_sampling_options(parser) -> None:
     from .sampling import SamplingOptions
 
     add_flags(parser, SamplingOptions, exclude=("progress",))
+    parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
+    _add_model_options(parser)
+
+
+def _add_model_options(parser) -> None:
+    """How a command that samples from a diffusion checkpoint loads it: dtype, device, the safety switches."""
     parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default: saved)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--json", action="store_true", help="print structured output (ids, commit steps)")
     _add_loading_options(parser)
 
 
@@ -595,9 +600,7 @@ def _add_distill(subparsers) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any recipe setting of the training (docs/recipes.md), e.g. --set train.max_steps=400")
     add_flags(parser, SamplingOptions, exclude=("progress", "num_samples"))  # one answer a prompt
-    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype while answering (default: saved)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... while answering (default: cpu)")
-    _add_loading_options(parser)
+    _add_model_options(parser)  # while answering; the training loads as its recipe says
     parser.set_defaults(handler=_run_distill)
 
 
@@ -641,9 +644,7 @@ def _add_serve(subparsers) -> None:
     add_flags(parser, ServeSettings)
     add_flags(parser.add_argument_group("the sampler options of a request that does not set them"), SamplingOptions,
               exclude=("num_samples", "progress"))  # n is per request; a server draws no progress bar
-    parser.add_argument("--dtype", choices=_dtypes(), help="weights dtype (default: saved)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    _add_loading_options(parser)
+    _add_model_options(parser)
     parser.set_defaults(handler=_run_serve)
 
 
