@@ -330,21 +330,19 @@ def diffusion_loss(
     teacher: TeacherTerm | None = None,
     generator: torch.Generator | None = None,
 ) -> DiffusionLoss:
-    """One Monte Carlo sample of the diffusion loss for a batch of token ids (B, L), laid out as the
-    model's mode (`config.mode`) trains it.
+    """One Monte Carlo sample of the diffusion loss of token ids (B, L), laid out as `config.mode` trains it.
 
     `training` gives the noise band and the normalisation (None: the defaults), `objective` the terms
     and weights (None: `objective_of(config, training)`; the training loop passes the one it calibrated).
-    `t` (B,) fixes the noise levels; `mask` (bool (B, L)) fixes which tokens are corrupted (it is
-    intersected with the maskable positions: position 0, `never_mask` and padding always stay clean).
-    Padding is never a target. The weighted terms are summed and divided by `denominator`, by default
-    this batch's `loss_denominator`; the training loop passes the count of its whole optimizer step (all
-    micro-batches, all processes), so that the objective does not depend on how the step is split.
+    `t` (B,) fixes the noise levels, `mask` (bool (B, L)) the corrupted tokens (intersected with the
+    maskable positions: position 0, `never_mask` and padding stay clean). The weighted terms are summed
+    and divided by `denominator` (default: this batch's `loss_denominator`; the training loop passes its
+    whole step's count, all micro-batches and processes, so the objective does not depend on the split).
 
     A mode with an AR stream (hybrid) adds the AR cross-entropy of every maskable position, read off its
     clean stream in the same forward and divided by `ar_denominator` (by default this batch's maskable
-    positions): (alpha L_AR + L_diff) / (1 + alpha), alpha = `training.ar_weight`. A `teacher` adds its
-    weighted KL at the masked positions (adapt/train/distill.py)."""
+    positions): (alpha L_AR + L_diff) / (1 + alpha), alpha = `training.ar_weight`. Then the certainty
+    term (`training.certainty_weight`) and a `teacher`'s weighted KL (adapt/train/distill.py) are added."""
     check_type("input_ids", input_ids, torch.Tensor, "a tensor of token ids (B, L), e.g. torch.tensor([ids])")
     if config.mask_token_id is None:
         raise ValueError("DiffusionConfig.mask_token_id is not set; call adapt.ensure_mask_token first")
@@ -363,11 +361,9 @@ def diffusion_loss(
     if ar_logits is not None:
         loss, ar_ce = _with_ar_loss(loss, ar_logits, input_ids[maskable], training.ar_weight, ar_denominator)
     if training.certainty_weight > 0:
-        entropy = certainty_entropy(logits, input_ids[mask], training.certainty_temperature, config.mask_token_id)
-        loss = loss + training.certainty_weight * entropy.sum() / max(denominator, 1)
+        loss = _with_certainty(loss, logits, input_ids[mask], training, config.mask_token_id, denominator)
     if teacher is not None:
-        loss, distill_kl = _with_teacher_kl(torch.zeros_like(loss) if teacher.alone else loss, logits, teacher,
-                                            num_masked)
+        loss, distill_kl = _with_teacher_kl(loss, logits, teacher, num_masked)
     return DiffusionLoss(
         loss=loss,
         unweighted=ce.detach().sum() / max(num_masked, 1),
@@ -390,13 +386,22 @@ def _with_ar_loss(diffusion: torch.Tensor, ar_logits: torch.Tensor, targets: tor
     return (diffusion + weight * ar_loss) / (1 + weight), ar_sum.detach() / count
 
 
+def _with_certainty(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, training: DiffusionTraining,
+                    mask_token_id: int, denominator: float) -> torch.Tensor:
+    """The loss with dParallel's certainty term added: the entropy of the right predictions among the
+    masked tokens' `logits`, times its weight, divided as the CE terms are."""
+    entropy = certainty_entropy(logits, targets, training.certainty_temperature, mask_token_id)
+    return loss + training.certainty_weight * entropy.sum() / max(denominator, 1)
+
+
 def _with_teacher_kl(loss: torch.Tensor, logits: torch.Tensor, teacher: TeacherTerm,
                      num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the loss with the teacher's weighted KL added, divided by its denominator, and the KL per masked
-    token for logging)."""
+    """(the loss with the teacher's weighted KL added, divided by its denominator; or that KL alone, for a
+    teacher that is the whole loss; and the KL per masked token for logging)."""
     kl = teacher_kl(logits, teacher.logits, teacher.temperature)
     denominator = num_masked if teacher.denominator is None else teacher.denominator
-    return loss + teacher.weight * kl.sum() / max(denominator, 1), kl.detach().sum() / max(num_masked, 1)
+    term = teacher.weight * kl.sum() / max(denominator, 1)
+    return (term if teacher.alone else loss + term), kl.detach().sum() / max(num_masked, 1)
 
 
 def masked_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, config: DiffusionConfig, *,

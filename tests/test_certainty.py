@@ -9,7 +9,7 @@ from adapt.errors import UserError
 from adapt.forward import predict_logits
 from adapt.objectives import certainty_entropy
 
-from .test_distill import _converted
+from .tiny_runs import student_and_teacher
 
 
 def test_the_term_is_the_entropy_of_right_predictions_at_the_temperature():
@@ -24,7 +24,7 @@ def test_the_term_is_the_entropy_of_right_predictions_at_the_temperature():
 
 
 def test_the_term_joins_the_loss_divided_as_the_ce_is_and_pulls_only_right_predictions():
-    model, _, config = _converted()
+    model, _, config = student_and_teacher()
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, 2:10] = True

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 import adapt
-from adapt.diffusion import DiffusionConfig, TeacherTerm, diffusion_loss
+from adapt.diffusion import TeacherTerm, diffusion_loss
 from adapt.errors import UserError
 from adapt.objectives import teacher_kl
-from adapt.presets import tiny_model, tiny_tokenizer
 
-from .tiny_runs import (assert_close_tensors, causal_folder, noise_from_the_data, recipe_for, step_records,
-                        train_two_processes)
+from .tiny_runs import (LLAMA2_7B, ROOT, assert_close_tensors, causal_folder, hybrid_model, noise_from_the_data,
+                        recipe_for, step_records, student_and_teacher, train_two_processes)
 from .tiny_runs import tensors as weights
 
 
@@ -32,18 +31,10 @@ def test_the_kl_is_the_teachers_against_the_students_at_the_temperature():
     assert teacher_kl(teacher, teacher, 1.0).abs().max() < 1e-6
 
 
-def _converted():
-    """A tiny Llama with a mask token (the student, causal as loaded) and a frozen copy of its source."""
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    teacher = tiny_model("llama")
-    adapt.ensure_mask_token(model, tokenizer, "add")
-    return model, teacher, DiffusionConfig.from_model_config(model.config)
-
-
 def test_the_term_joins_the_loss_divided_by_the_masked_tokens():
     from adapt.forward import predict_logits
 
-    model, teacher, config = _converted()
+    model, teacher, config = student_and_teacher()
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, 3:9:2] = True
@@ -63,7 +54,7 @@ def test_the_kl_is_zero_where_the_student_reads_the_teachers_context():
     prefix the teacher reads, with the source's weights, so the two distributions are the same."""
     from adapt.forward import predict_logits
 
-    model, teacher, config = _converted()
+    model, teacher, config = student_and_teacher()
     ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(2))
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, -1] = True
@@ -129,7 +120,6 @@ def test_plan_counts_the_teacher_and_its_logits():
     from adapt.plan import PlanSettings, plan
     from adapt.recipe import load_recipe
 
-    from .test_plan import LLAMA2_7B, ROOT
 
     base = [str(ROOT / "recipes/llama2-7b.yaml"), *LLAMA2_7B]
     plain = plan(load_recipe(base[0], base[1:]), PlanSettings(gpus=8))["per_gpu_bytes"]
@@ -186,12 +176,11 @@ def test_the_student_writes_only_the_continuation_and_only_it_is_scored(mode):
     from adapt.recipe import DistillSection
     from adapt.train.distill import student_continuations
 
-    from .test_hybrid import hybrid_model
 
     if mode and mode[0].endswith("hybrid"):
         model, _, config = hybrid_model()
     else:
-        model, _, config = _converted()
+        model, _, config = student_and_teacher()
         if mode:
             from adapt.block import BlockMode
             config = dataclasses.replace(config, mode=BlockMode(4))

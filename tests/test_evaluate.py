@@ -13,6 +13,8 @@ from adapt.forward import predict_logits
 from adapt.evaluate import ar_perplexity, elbo_perplexity
 from adapt.presets import VOCAB, tiny_model
 
+from .tiny_runs import adapted_and_source
+
 MASK_ID = VOCAB - 1
 
 
@@ -335,25 +337,12 @@ def test_cli_unknown_task_lists_the_tasks(capsys):
     assert "unknown task 'nonsense'" in err and "hellaswag" in err and "code_infill" in err
 
 
-def _adapted_and_source(trained, folder) -> None:
-    """The trained tiny model twice under `folder`: as a diffusion checkpoint (adapted/) and as the
-    causal model it came from (source/)."""
-    from adapt.export import save_checkpoint
-
-    model, tokenizer, _ = trained
-    set_attention(model, 1.0)
-    save_checkpoint(model, tokenizer, folder / "adapted")
-    set_attention(model, 0.0)
-    model.save_pretrained(folder / "source")
-    tokenizer.save_pretrained(folder / "source")
-
-
 def test_cli_scores_diffusion_and_ar_side_by_side(trained, tmp_path, capsys):
     import json
 
     from adapt.cli import main
 
-    _adapted_and_source(trained, tmp_path)
+    adapted_and_source(trained, tmp_path)
     rows = [{"doc_id": d, "idx": i, "label": item.label, "request": {"context": c, "continuation": x}}
             for d, item in enumerate(_choice_items()) for i, (c, x) in enumerate(zip(item.contexts, item.continuations))]
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -447,7 +436,7 @@ def test_cli_samples_diffusion_beside_the_ar_reference(trained, tmp_path, capsys
 
     from adapt.cli import main
 
-    _adapted_and_source(trained, tmp_path)
+    adapted_and_source(trained, tmp_path)
 
     code = main(["eval", str(tmp_path / "adapted"), "--task", "samples", "--source", str(tmp_path / "source"),
                  "--num-samples", "2", "--length", "8", "--steps", "4", "--threshold", "0.5", "--block-size", "4",

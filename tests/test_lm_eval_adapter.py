@@ -14,6 +14,8 @@ from lm_eval.api.registry import get_model  # noqa: E402
 from adapt.attention import set_attention  # noqa: E402
 from adapt.lm_eval_adapter import AdaptLM  # noqa: E402
 
+from .tiny_runs import save_adapted  # noqa: E402
+
 # `trained`, the tiny model these tests score with, is a fixture in conftest.py.
 
 
@@ -117,12 +119,7 @@ def test_every_sampling_option_is_a_model_argument(trained):
 
 
 def test_created_from_a_harness_argument_string(trained, tmp_path):
-    from adapt.export import save_checkpoint
-
-    model, tokenizer, config = trained
-    set_attention(model, 1.0)
-    save_checkpoint(model, tokenizer, tmp_path / "adapted")
-    set_attention(model, 0.0)
+    save_adapted(trained, tmp_path)
     lm = AdaptLM.create_from_arg_string(f"pretrained={tmp_path / 'adapted'},samples=4,seed=2",
                                         {"batch_size": "auto", "max_batch_size": None, "device": "cpu"})
     assert lm.config is not None and lm.samples == 4 and lm.seed == 2 and lm.batch_size == 8
@@ -137,12 +134,7 @@ def test_the_harness_runs_a_local_task_end_to_end(trained, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from adapt.export import save_checkpoint
-
-    model, tokenizer, _ = trained
-    set_attention(model, 1.0)
-    save_checkpoint(model, tokenizer, tmp_path / "adapted")
-    set_attention(model, 0.0)
+    save_adapted(trained, tmp_path)
     rows = [{"q": "<s> w5 w6 w7", "choices": [" w40 w41", " w8 w9", " w13 w14"], "label": 1},
             {"q": "<s> w5", "choices": [" w6 w7", " w50 w51"], "label": 0}]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -227,20 +219,13 @@ def test_chat_template_interface(trained):
 def test_the_harness_applies_the_chat_template_to_a_generative_task(trained, tmp_path):
     """`simple_evaluate(apply_chat_template=True)` on a local generate_until task: the prompt the model
     got is the template around the question, and the answer is the causal model's greedy continuation of it."""
-    import copy
     import json
 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from adapt.export import save_checkpoint
-
     model, tokenizer, _ = trained
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    set_attention(model, 1.0)
-    save_checkpoint(model, tokenizer, tmp_path / "adapted")
-    set_attention(model, 0.0)
+    save_adapted(trained, tmp_path, CHAT_TEMPLATE)
     (tmp_path / "data.jsonl").write_text(json.dumps({"q": "<s> w5 w6", "a": "w7 w8"}))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tinygen.yaml").write_text(

@@ -1,7 +1,6 @@
 """`adapt plan`: its figures against hand computation and against a step's measured peak on CPU."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,7 @@ from adapt.cli import main
 from adapt.plan import GPUS, HEADROOM, PlanSettings, activation_bytes, meta_model, plan
 from adapt.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-LLAMA2_7B = [f"model.path={ROOT / 'recipes/models/llama2-7b/config.json'}"]
+from .tiny_runs import LLAMA2_7B, ROOT
 # Llama-2-7B by hand: two 32000 x 4096 matrices (embedding, untied head); per layer 4 h^2 (Q, K, V, O),
 # 3 h i (gate, up, down) and two norms; the final norm.
 H, I, V, LAYERS = 4096, 11008, 32000, 32

@@ -23,7 +23,10 @@ from adapt.presets import tiny_model, tiny_tokenizer
 from adapt.recipe import Recipe, load_recipe
 
 # Subprocesses run offline, with the repository importable, whatever the caller's environment.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+# `adapt plan`'s Llama-2-7B: its config alone (no weights), for recipes/llama2-7b.yaml
+LLAMA2_7B = [f"model.path={ROOT / 'recipes/models/llama2-7b/config.json'}"]
 
 
 def causal_folder(path: Path, family: str = "llama", tokenizer: bool = True) -> Path:
@@ -69,6 +72,37 @@ def hybrid_model(family="llama", impl=None, draft_size=HYBRID_DRAFT):
     config = dataclasses.replace(DiffusionConfig.from_model_config(model.config), mode=HybridMode(draft_size))
     config.save_to(model.config)
     return model.eval(), tokenizer, config
+
+
+def student_and_teacher():
+    """A tiny Llama with a mask token (a student, causal as loaded), a frozen copy of its source (the
+    teacher), and the student's DiffusionConfig."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    teacher = tiny_model("llama")
+    adapt.ensure_mask_token(model, tokenizer, "add")
+    return model, teacher, DiffusionConfig.from_model_config(model.config)
+
+
+def save_adapted(trained, folder: Path, chat_template: str | None = None) -> Path:
+    """The trained tiny model (the `trained` fixture) saved as a diffusion checkpoint, folder/adapted, its
+    tokenizer with `chat_template`; the shared model is left causal, as the fixture gives it."""
+    import copy
+
+    model, tokenizer, _ = trained
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = chat_template
+    adapt.set_attention(model, 1.0)
+    adapt.save_checkpoint(model, tokenizer, folder / "adapted")
+    adapt.set_attention(model, 0.0)
+    return folder / "adapted"
+
+
+def adapted_and_source(trained, folder: Path, chat_template: str | None = None) -> None:
+    """`save_adapted`, and the causal model it came from beside it (folder/source)."""
+    save_adapted(trained, folder, chat_template)
+    model, tokenizer, _ = trained
+    model.save_pretrained(folder / "source")
+    tokenizer.save_pretrained(folder / "source")
 
 
 def diffusion_folder(path: Path, family: str = "llama") -> Path:
