@@ -599,6 +599,13 @@ def continuation_text(tokenizer, ids: list[int], start: int) -> str:
     return _decode_after(tokenizer, ids, start, text_end(ids, start, tokenizer.eos_token_id))
 
 
+def decided_lengths(commit_step: torch.Tensor, start: int) -> list[int]:
+    """For each row of an `OnStep` hook's commit steps (B, L): how many positions from `start` on are
+    committed before the first one that is not. Committed tokens never change, so the text of those
+    positions is final while the rest is still being decoded."""
+    return (commit_step[:, start:] >= 0).long().cumprod(dim=1).sum(dim=1).tolist()
+
+
 def text_end(ids: list[int], start: int, eos_token_id: int | None) -> int:
     """Where the text of the continuation ids[start:] ends: at its first EOS, else at the end of `ids`."""
     if eos_token_id is not None and eos_token_id in ids[start:]:

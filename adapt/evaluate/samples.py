@@ -30,7 +30,8 @@ from transformers import StoppingCriteria
 
 from ..errors import UserError
 from ..limits import check_context, max_positions
-from ..sampling import OnStep, SamplingOptions, anchor_id, context_ids, generate_with_details, text_end
+from ..sampling import (OnStep, SamplingOptions, anchor_id, context_ids, decided_lengths, generate_with_details,
+                        text_end)
 from ..timing import timed
 from .choice import read_jsonl
 from .likelihood import continuation_scores
@@ -176,11 +177,10 @@ def _stop_watch(tokenizer, start: int, stops: list[str]) -> OnStep:
     def on_step(ids: torch.Tensor, commit_step: torch.Tensor) -> None:
         nonlocal forwards
         forwards += 1  # every committing step follows one forward (a step committing nothing lends it its logits)
-        steps = commit_step[0, start:].tolist()
-        decided = next((i for i, step in enumerate(steps) if step < 0), len(steps))
+        decided = decided_lengths(commit_step[:1], start)[0]
         tokens = text_tokens(ids[0, start:start + decided].tolist(), tokenizer.eos_token_id)
         if any(stop in tokenizer.decode(tokens, skip_special_tokens=True) for stop in stops):
-            raise _StopStringReached(tokens, sum(step >= 0 for step in steps), forwards)
+            raise _StopStringReached(tokens, int((commit_step[0, start:] >= 0).sum()), forwards)
 
     return on_step
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import UserError
-from ..sampling import SamplingOptions, generate_ids
+from ..sampling import SamplingOptions, decided_lengths, generate_ids
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Batcher:
         def on_step(ids: torch.Tensor, commit_step: torch.Tensor) -> None:
             if all(job.cancelled for job in jobs):
                 raise _Abandoned
-            committed = (commit_step[:, start:] >= 0).long().cumprod(dim=1).sum(dim=1).tolist()
+            committed = decided_lengths(commit_step, start)
             row = 0
             for job in jobs:
                 rows = range(row, row + job.options.num_samples)
