@@ -66,6 +66,8 @@ RUNS = {
     "distill_strong": ("teacher KL from the source, weight 4", "source", ["distill.weight=4"]),
     "block4_distill": ("block diffusion, blocks of 4, teacher KL weight 1", "source",
                        ["diffusion.mode=block", "diffusion.block_size=4", "distill.weight=1"]),
+    "block4_distill_strong": ("block diffusion, blocks of 4, teacher KL weight 4", "source",
+                              ["diffusion.mode=block", "diffusion.block_size=4", "distill.weight=4"]),
     # The models that keep an AR head (--head-runs): scored through it, exactly, and timed as they decode.
     "hybrid": ("hybrid (TiDAR), all-mask drafts of 4", "source",
                ["diffusion.mode=hybrid", "diffusion.draft_size=4", "diffusion.t_min=1"]),
@@ -626,6 +628,7 @@ COMPARISONS = [  # (what, the adapted run, the other run)
     ("without vs with teacher KL", "adapt", "distill"),
     ("without vs with teacher KL at weight 4", "adapt", "distill_strong"),
     ("blocks of 4 without vs with teacher KL", "block4", "block4_distill"),
+    ("blocks of 4 without vs with teacher KL at weight 4", "block4", "block4_distill_strong"),
 ]
 
 
