@@ -278,7 +278,7 @@ def _run_generate(args) -> int:
 
     options = _sampling_options(args)  # bad flags fail before the model loads
     if args.trace:
-        check_trace_path(args.trace)
+        check_trace_path(args.trace, reads=(args.model,))
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     out = generate_with_details(model, tokenizer, args.prompt, length=args.length, steps=args.steps, options=options)
     if args.trace:
@@ -319,7 +319,7 @@ def _run_infill(args) -> int:
 
     options = _sampling_options(args)  # bad flags fail before the model loads
     if args.trace:
-        check_trace_path(args.trace)
+        check_trace_path(args.trace, reads=(args.model,))
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     out = infill_with_details(model, tokenizer, args.text, mask_marker=args.mask_marker,
                               span_length=args.span_length, steps=args.steps, options=options)
@@ -485,7 +485,7 @@ def _run_eval(args) -> int:
 
     check_tasks(args.task)
     if args.output:
-        check_output(args.output, folder=False)
+        check_output(args.output, folder=False, reads=(args.model, args.source, args.data))
     check_device(args.device)
     settings = settings_from(args, EvalSettings, sampling=_sampling_options(args, num_samples=1, progress=False))
     if "samples" in args.task and not (args.ar or args.source):
@@ -538,7 +538,7 @@ def _run_bench(args) -> int:
 
     settings = settings_from(args, BenchSettings)
     if args.json not in (None, "-"):
-        check_output(args.json, folder=False)
+        check_output(args.json, folder=False, reads=(settings.model,))
     write_report(run(settings), args.json)
     return 0
 
@@ -614,7 +614,7 @@ def _run_distill(args) -> int:
 
     out = Path(args.out)
     options = _sampling_options(args, num_samples=1)
-    check_distill_output(out, args.model, args.data)
+    check_distill_output(out, args.model, args.data, args.source)
     prompts = read_prompts(args.data)
     recipe = distill_recipe(args.model, out / "targets.jsonl", out, _loading_overrides(args) + list(args.overrides))
     model, tokenizer, config = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))

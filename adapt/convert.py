@@ -57,7 +57,7 @@ def convert_recipe(
     """
     if tokens is not None and steps is not None:
         raise UserError("give the budget as --tokens or --steps, not both")
-    check_convert_output(Path(out))
+    check_convert_output(Path(out), reads=(model, data))
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, _model_max_positions(model) or DEFAULT_SEQ_LEN)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -87,13 +87,14 @@ def write_recipe(recipe: Recipe, path: Path) -> None:
     write_text_atomically(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
-def check_convert_output(out: Path) -> None:
-    """`out` must be writable and new, empty, or a previous convert run (which resumes); nothing else,
-    since RECIPE_FILE and the run's outputs are written into it."""
+def check_convert_output(out: Path, reads: tuple = ()) -> None:
+    """`out` must be writable, overlap none of the paths the command `reads`, and be new, empty, or a
+    previous convert run (which resumes); nothing else, since RECIPE_FILE and the run's outputs are written
+    into it."""
     from .train.checkpoint import RUN_ARTEFACTS
     from .train.lock import LOCK_FILE, refuse_if_held
 
-    check_output(out, folder=True)
+    check_output(out, folder=True, reads=reads)
     refuse_if_held(out)  # a run going on there: not even its recipe.yaml may be touched
     ours = {RECIPE_FILE, LOCK_FILE, *RUN_ARTEFACTS}
     others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []

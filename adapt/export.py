@@ -140,7 +140,7 @@ def export(
     allow_pickle: bool = False,
 ) -> Path:
     """Re-export a diffusion checkpoint folder (a training output, say) as a complete checkpoint."""
-    check_destination(Path(out_dir), overwrite)  # before minutes of loading
+    check_destination(Path(out_dir), overwrite, reads=(src,))  # before minutes of loading
     _check_shard_size(max_shard_size)
     model, tokenizer, diffusion = load(src, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     return save_checkpoint(model, tokenizer, out_dir, diffusion=diffusion, card=card, overwrite=overwrite,
@@ -248,9 +248,10 @@ def _with_mask_token(tokenizer, mask_token_id: int):
     return tokenizer
 
 
-def check_destination(out_dir: Path, overwrite: bool, needed_bytes: int = 0) -> None:
-    """A folder we may write (`outputs.check_output`) that is new, empty, or to be replaced (`overwrite`)."""
-    check_output(out_dir, folder=True, needed_bytes=needed_bytes)
+def check_destination(out_dir: Path, overwrite: bool, needed_bytes: int = 0, reads: tuple = ()) -> None:
+    """A folder we may write (`outputs.check_output`) that is new, empty, or to be replaced (`overwrite`), and
+    that overlaps none of the paths the command `reads` (`overwrite` must never delete them)."""
+    check_output(out_dir, folder=True, needed_bytes=needed_bytes, reads=reads)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) "
                         "to replace it, or choose another output folder")

@@ -57,7 +57,7 @@ def import_checkpoint(
     src = Path(src)
     if not src.is_dir():
         raise UserError(f"checkpoint folder not found: {src}; pass the downloaded {format} folder")
-    check_destination(Path(out_dir), overwrite)  # before the weights are read
+    check_destination(Path(out_dir), overwrite, reads=(src, base))  # before the weights are read
     config_source = src if (src / "config.json").is_file() else base
     try:
         config = AutoConfig.from_pretrained(config_source)

@@ -1,8 +1,10 @@
 """Output paths: checked before any work, and never left half-written when writing fails.
 
-Every command that writes (train, convert, export, import, eval --output, bench --json) calls
-`check_output` on its destination before it loads anything, so a path under a regular file, a folder
-nobody may write to or a full disk costs one line and no minutes of loading. While writing, every
+Every command that writes (train, convert, distill, rl, export, import, eval --output, bench --json,
+generate/infill --trace) calls `check_output` on its destination before it loads anything, so a path
+under a regular file, a folder nobody may write to or a full disk costs one line and no minutes of
+loading, and an output that is, holds or sits inside a path the command reads (its model, data, source)
+is refused: writing it, or `--overwrite` clearing it, would destroy the input. While writing, every
 file goes to a temporary name that `writing` removes on any failure (a disk filling up mid-write
 included) and whose `OSError` it turns into one line naming the path.
 """
@@ -15,12 +17,16 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 from .errors import UserError
 
 
-def check_output(path: str | os.PathLike, *, folder: bool, needed_bytes: int = 0) -> None:
-    """Refuse an output `path` (a folder, or a file when not `folder`) that cannot be written.
+def check_output(path: str | os.PathLike, *, folder: bool, needed_bytes: int = 0,
+                 reads: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse an output `path` (a folder, or a file when not `folder`) that cannot be written, or that
+    overlaps one of the paths the command `reads` (None and paths that do not exist, such as Hub ids, are
+    skipped).
 
     The path itself may be absent, and so may the folders above an output folder (they are created);
     a file's folder must exist. The nearest existing folder must be one this process can create files
@@ -28,6 +34,7 @@ def check_output(path: str | os.PathLike, *, folder: bool, needed_bytes: int = 0
     `needed_bytes` free.
     """
     path = Path(path).expanduser()
+    _refuse_overlap(path, reads)
     if path.exists():
         if folder and not path.is_dir():
             raise UserError(f"{path} is a file, not a folder; choose a folder (new or empty) for the output")
@@ -51,6 +58,20 @@ def check_output(path: str | os.PathLike, *, folder: bool, needed_bytes: int = 0
     if needed_bytes > free:
         raise UserError(f"{path} needs about {_size(needed_bytes)} but {parent} has {_size(free)} free; "
                         "free some space or choose another output path")
+
+
+def _refuse_overlap(path: Path, reads: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse `path` when it is, holds or sits inside an existing path of `reads` (symlinks resolved)."""
+    output = path.resolve()
+    for read in filter(None, reads):
+        source = Path(read).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if output == source or source in output.parents or output in source.parents:
+            relation = "is" if output == source else "sits inside" if source in output.parents else "holds"
+            raise UserError(f"the output {path} {relation} {read}, which this command reads; writing there would "
+                            "destroy it, so choose an output path outside it")
 
 
 @contextmanager

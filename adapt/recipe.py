@@ -284,11 +284,27 @@ def _refuse_moved_keys(values: dict) -> None:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """Safe YAML where only true/false are booleans (as in YAML 1.2).
+    """Safe YAML where only true/false are booleans (as in YAML 1.2), and a key given twice is an error.
 
     YAML 1.1, PyYAML's default, also reads yes/no/on/off as booleans, so `mixed_precision: no` (the
-    word accelerate uses) would arrive as False and be refused as not one of the choices.
+    word accelerate uses) would arrive as False and be refused as not one of the choices. PyYAML also
+    lets the second of two equal keys (or of two sections of one name) silently win; here it is refused
+    at its line. Keys a merge (`<<: *base`) brings in may still be overridden: that is what merges are for.
     """
+
+    def construct_mapping(self, node, deep=False):
+        first_at = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in first_at:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} given a second time (first at line {first_at[key].line + 1}), which would silently "
+                    "replace the first", key_node.start_mark)
+            first_at[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _RecipeLoader.yaml_implicit_resolvers = {

@@ -46,7 +46,7 @@ TARGETS = ("self", "source")
 MAX_PROMPT_CHARS = 100_000  # one prompt; longer ones are refused, not tokenized
 
 
-def check_distill_output(out: Path, *inputs: str) -> None:
+def check_distill_output(out: Path, *inputs: str | None) -> None:
     """`out` must be writable and new, empty or a previous distill run (which continues), and neither hold
     nor sit inside what the command reads (the model, the prompts)."""
     from .convert import RECIPE_FILE
@@ -54,12 +54,7 @@ def check_distill_output(out: Path, *inputs: str) -> None:
     from .train.checkpoint import RUN_ARTEFACTS
     from .train.lock import LOCK_FILE, refuse_if_held
 
-    check_output(out, folder=True)
-    resolved = out.expanduser().resolve()
-    for given in inputs:
-        path = Path(given).expanduser().resolve()
-        if path == resolved or resolved in path.parents or path in resolved.parents:
-            raise UserError(f"--out {out} overlaps {given}, which this command reads; give --out a folder of its own")
+    check_output(out, folder=True, reads=inputs)
     refuse_if_held(out)
     ours = {RECIPE_FILE, LOCK_FILE, TARGETS_FILE, TARGETS_FILE + ".partial", *RUN_ARTEFACTS}
     others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []

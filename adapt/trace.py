@@ -93,8 +93,9 @@ def step_colors(steps: int) -> list[str]:
     return ["#%02x%02x%02x" % tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.45, 0.97)) for hue in hues]
 
 
-def check_trace_path(path: str) -> None:
-    """Refuse a trace file name that is not .html or .png, or cannot be written, before any work."""
+def check_trace_path(path: str, reads: tuple = ()) -> None:
+    """Refuse a trace file name that is not .html or .png, or cannot be written (or overlaps what the
+    command `reads`), before any work."""
     kind = Path(path).suffix.lower()
     if kind not in KINDS:
         named = kind or "a file without an extension"
@@ -103,7 +104,7 @@ def check_trace_path(path: str) -> None:
     if kind == ".png" and importlib.util.find_spec("matplotlib") is None:
         raise UserError("a .png trace is drawn with matplotlib, which is not installed; pip install 'adapt[plot]' "
                         "(or matplotlib), or write a trace.html")
-    check_output(path, folder=False)
+    check_output(path, folder=False, reads=reads)
 
 
 def write_trace(path: str, trace: Trace) -> None:

@@ -30,6 +30,7 @@ import torch
 from ..attention import set_attention
 from ..recipe import Recipe
 from ..train.build import ModelWithLoss, scheduled_lr
+from ..train.checkpoint import run_inputs
 from ..train.collectives import all_reduce_sum
 from ..train.export import export_model
 from ..train.lock import run_lock
@@ -64,7 +65,7 @@ def train_rl(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
     """Run an rl recipe to the end (or to a signal) and export the result to output_dir/model."""
     recipe, rows, eval_rows = prepared_recipe(recipe)
     rewards = load_rewards(recipe.rl, rows + eval_rows)
-    with run_lock(recipe.output_dir):
+    with run_lock(recipe.output_dir, reads=run_inputs(recipe)):
         run = start_run(recipe, overwrite, module=PolicyEstimate, open_data=partial(_open_prompts, rows=rows))
         try:
             parts = Parts(rewards, _load_reference(run), eval_rows)

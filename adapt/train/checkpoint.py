@@ -41,6 +41,23 @@ def complete_checkpoints(output_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def run_inputs(recipe: Recipe) -> list[str]:
+    """The paths a run reads (model, data, teacher, prompts, reference, DeepSpeed config) that its outputs
+    must not overlap (`outputs.check_output`). A run writes and clears only its RUN_ARTEFACTS in output_dir,
+    so an input beside them is safe; and a resumed run may start from its own output_dir/model, which it
+    replaces only once it has finished."""
+    data, rl = recipe.data, recipe.rl
+    paths = [recipe.model.path, data.path, data.validation_path, *(source.path for source in data.sources),
+             recipe.distill.teacher, rl.prompts, rl.eval_prompts, rl.reference, recipe.distributed.deepspeed_config]
+    output_dir = Path(recipe.output_dir).expanduser().resolve()
+    written = [output_dir / name for name in RUN_ARTEFACTS if not (recipe.resume is not None and name == EXPORT_DIR)]
+
+    def at_risk(path: str) -> bool:  # outside output_dir (it may sit inside), or where the run writes
+        path = Path(path).expanduser().resolve()
+        return output_dir not in path.parents or any(out == path or out in path.parents for out in written)
+    return [path for path in paths if path and at_risk(path)]
+
+
 def resume_checkpoint(recipe: Recipe) -> Path | None:
     """The checkpoint `recipe.resume` asks for (None: a fresh run), refusing a fresh run over checkpoints."""
     output_dir = Path(recipe.output_dir)

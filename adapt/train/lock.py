@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 @contextmanager
-def run_lock(output_dir: str | os.PathLike):
-    """Hold the lock of `output_dir` (checked writable, created if absent) while the block runs.
+def run_lock(output_dir: str | os.PathLike, reads: tuple = ()):
+    """Hold the lock of `output_dir` (checked writable and clear of the paths the run `reads`, created if
+    absent) while the block runs.
 
     Folders it had to create are removed again if the run leaves them empty (a run refused at once).
     """
@@ -35,7 +36,7 @@ def run_lock(output_dir: str | os.PathLike):
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    check_output(output_dir, folder=True)
+    check_output(output_dir, folder=True, reads=reads)
     created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
     output_dir.mkdir(parents=True, exist_ok=True)
     fd = _acquire(output_dir / LOCK_FILE)

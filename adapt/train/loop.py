@@ -42,7 +42,7 @@ from .alignment import load_alignment
 from .distill import load_teacher, student_continuations
 from .build import ModelWithLoss, apply_lora, load_model, make_scheduler, param_groups, scheduled_lr
 from .checkpoint import (PROGRESS_EXPORTS, clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint,
-                         save_checkpoint)
+                         run_inputs, save_checkpoint)
 from .collectives import all_reduce_sum
 from .export import export_model
 from .lock import run_lock
@@ -58,7 +58,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
     deletes that run's checkpoints, logs, metrics and model first. The run holds output_dir's lock
     throughout (lock.py): a second run on the same folder is refused.
     """
-    with run_lock(recipe.output_dir):
+    with run_lock(recipe.output_dir, reads=run_inputs(recipe)):
         return _run_to_the_end(recipe, overwrite)
 
 
