@@ -47,7 +47,7 @@ from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
 from .flags import shown
 from .flops import train_flops
-from .settings import at_least, check_settings
+from .settings import above, at_least, check_settings
 from .strict_json import to_json
 from .timing import timed
 
@@ -108,7 +108,7 @@ class BenchSettings:
         default_factory=lambda: ["train", "sampling", "elbo"], metadata={"help": "what to measure"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "the device's peak TFLOP/s in this dtype, for MFU (default: known for "
-                f"{', '.join(PEAK_BF16_TFLOPS)})"})
+                f"{', '.join(PEAK_BF16_TFLOPS)})", **above(0)})
     threads: int | None = field(default=None, metadata={
         "help": "CPU threads for torch (default: torch's choice); 1 is faster on a crowded machine", **at_least(1)})
     quick: bool = field(default=False, metadata={

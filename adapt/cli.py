@@ -164,6 +164,7 @@ def _is_main_process() -> bool:
 def _add_convert(subparsers) -> None:
     from .convert import DEFAULT_SEQ_LEN, DEFAULT_STEPS, convert_recipe
     from .diffusion import DiffusionTraining
+    from .flags import finite_float
     from .recipe import ModelSection
     from .settings import choices_of, default_of
 
@@ -176,12 +177,12 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--data", required=True, help="text/jsonl/parquet file or folder (or a Hub dataset name)")
     parser.add_argument("--out", required=True, help="output folder; the model lands in OUT/model")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--tokens", type=float, help="token budget, e.g. 2e6 (rounded up to whole steps)")
+    budget.add_argument("--tokens", type=finite_float, help="token budget, e.g. 2e6 (rounded up to whole steps)")
     budget.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seq-len", type=int, help=f"block length (default {DEFAULT_SEQ_LEN} or the model's limit)")
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help=f"sequences per process per step (default {batch_size})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate, cosine decay (default {lr})")
+    parser.add_argument("--lr", type=finite_float, default=lr, help=f"peak learning rate, cosine decay (default {lr})")
     parser.add_argument("--anneal-steps", type=int, help="steps from causal to bidirectional (default: half the run)")
     parser.add_argument("--mask-token", choices=choices_of(ModelSection, "mask_token"), default=mask_token,
                         help=f"add a new mask token or reuse an existing id (default {mask_token})")
@@ -479,9 +480,10 @@ def _run_eval(args) -> int:
     from .evaluate.tasks import EvalSettings, check_tasks, format_table, run_tasks
     from .export import load
     from .flags import settings_from
-    from .modeling import check_device, load_model
+    from .modeling import check_device, load_model, load_tokenizer
     from .outputs import check_output
     from .strict_json import to_json
+    from .train.distill import check_same_tokenizer
 
     check_tasks(args.task)
     if args.output:
@@ -491,6 +493,10 @@ def _run_eval(args) -> int:
     if "samples" in args.task and not (args.ar or args.source):
         raise UserError("task samples scores the samples under the AR model; pass --source AR_MODEL (the causal "
                         "model the checkpoint was adapted from), or --ar to sample a causal model itself")
+    if args.source:  # figures side by side, or samples scored under the source, must count the same tokens
+        check_same_tokenizer(load_tokenizer(args.model, **_loading_kwargs(args)),
+                             load_tokenizer(args.source, **_loading_kwargs(args)), f"--source {args.source}",
+                             "the model's")
 
     def causal(path):
         model, tokenizer = load_model(path, dtype=args.dtype, **_loading_kwargs(args))
@@ -544,6 +550,7 @@ def _run_bench(args) -> int:
 
 
 def _add_plan(subparsers) -> None:
+    from .flags import finite_float
     from .plan import PlanSettings
     from .settings import choices_of
 
@@ -559,7 +566,7 @@ def _add_plan(subparsers) -> None:
     parser.add_argument("--gpu", choices=choices_of(PlanSettings, "gpu"), default=default.gpu,
                         help=f"for its peak bf16 FLOP/s and memory (default: {default.gpu})")
     parser.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB or 141GB (default: the --gpu's)")
-    parser.add_argument("--mfu", type=float, default=default.mfu,
+    parser.add_argument("--mfu", type=finite_float, default=default.mfu,
                         help=f"assumed model FLOPs utilisation for the time estimate (default: {default.mfu})")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
     parser.set_defaults(handler=_run_plan)

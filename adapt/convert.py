@@ -65,7 +65,8 @@ def convert_recipe(
         if tokens < 1:
             raise UserError(f"--tokens must be positive, got {tokens}")
         steps = math.ceil(tokens / (batch_size * seq_len * world))
-    steps = steps or DEFAULT_STEPS
+    if steps is None:
+        steps = DEFAULT_STEPS
     if steps < 1:
         raise UserError(f"--steps must be positive, got {steps}")
     base = {
@@ -73,7 +74,7 @@ def convert_recipe(
         "diffusion": {"mode": mode, "block_size": block_size, "draft_size": draft_size},
         "data": {"path": data, "seq_len": seq_len, "validation_fraction": _validation_fraction(data, seq_len)},
         "train": {"batch_size": batch_size, "max_steps": steps,
-                  "anneal_steps": anneal_steps or max(1, steps // 2), "eval_every": max(1, steps // 10)},
+                  "anneal_steps": max(1, steps // 2) if anneal_steps is None else anneal_steps, "eval_every": max(1, steps // 10)},
         "optim": {"lr": lr, "schedule": "cosine", "warmup_steps": steps // 20},
         "checkpoint": {"every": max(1, steps // 10)},
         "output_dir": out,

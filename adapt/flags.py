@@ -9,7 +9,8 @@ field whose metadata has "may_be_empty" also accepts the flag alone (an empty li
 `settings_from(args, cls)` builds the dataclass back from the parsed flags by field name, so its own
 checks (`settings.check_settings`) hold the values to their ranges: a value out of range is a
 `UserError`, one line and exit code 2. A new field is a new flag with no CLI code to write, and its
-default, choices, range and help are written once, on the field.
+default, choices, range and help are written once, on the field. A float option made by hand takes
+`finite_float`, which refuses NaN and infinity as the settings' checks do.
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ def settings_from(args, cls, **fixed):
     """Dataclass `cls` from the parsed flags named like its fields, the fields in `fixed` set as given."""
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls) if field.name not in fixed}
     return cls(**values, **fixed)
+
+
+def finite_float(text: str) -> float:
+    """argparse's type for a float option that no settings dataclass checks: a finite number (float() also
+    reads nan and inf, which would pass every range check after it)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a finite number")
+    return value
 
 
 def shown(value) -> str:

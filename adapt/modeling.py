@@ -56,6 +56,15 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """The tokenizer of what `load_model` would load from `path`, without its weights: for the checks that
+    must hold before any model is loaded (two models compared side by side must share one)."""
+    path = str(path)
+    source, gguf = from_pretrained_args(path)
+    _check_source(path, source, gguf, allow_pickle)
+    return _load_tokenizer(path, source, {"trust_remote_code": trust_remote_code, **gguf})
+
+
 def _check_source(path: str, source: str, gguf: dict, allow_pickle: bool) -> None:
     """A missing local path, a file or a run folder for a model folder, or pickle-only weights, refused
     before transformers is asked (which would try the Hub for each, then fail obscurely)."""

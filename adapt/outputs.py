@@ -70,8 +70,8 @@ def _refuse_overlap(path: Path, reads: Iterable[str | os.PathLike | None]) -> No
         source = source.resolve()
         if output == source or source in output.parents or output in source.parents:
             relation = "is" if output == source else "sits inside" if source in output.parents else "holds"
-            raise UserError(f"the output {path} {relation} {read}, which this command reads; writing there would "
-                            "destroy it, so choose an output path outside it")
+            raise UserError(f"the output {path} {relation} {read}, which this command reads, so writing it could "
+                            f"overwrite or delete what is read; choose an output path outside {read}")
 
 
 @contextmanager

@@ -151,7 +151,7 @@ def source_answerer(source_path: str, tokenizer, *, length: int, options, dtype=
     from .train.distill import check_same_tokenizer
 
     source, source_tokenizer = load_model(source_path, dtype=dtype)
-    check_same_tokenizer(tokenizer, source_tokenizer, f"--source {source_path}")
+    check_same_tokenizer(tokenizer, source_tokenizer, f"--source {source_path}", "the student's")
     source.to(device or "cpu").eval()
     sampling = {"do_sample": False} if options.temperature == 0 else {
         "do_sample": True, "temperature": options.temperature, "top_k": options.top_k or 0, "top_p": options.top_p or 1.0}

@@ -3,7 +3,8 @@
 Every setting is a dataclass field with a default. The type annotation decides what a value may be,
 `Literal[...]` lists the valid choices, and `field(metadata=at_least(n))` (or `above`, `between`) states
 a range (of each item, for a list); a "help" in the metadata says what the setting does, for the flag
-`adapt.flags` makes of it. `from_dict` builds a dataclass from plain values (parsed YAML or JSON);
+`adapt.flags` makes of it. A float is finite (NaN and infinity pass no range check by themselves) unless
+its metadata says what infinity means ("infinity", which its help must then say too). `from_dict` builds a dataclass from plain values (parsed YAML or JSON);
 `check_settings` holds a dataclass built in Python to the same choices and ranges. An unknown key, a
 wrong type or a value out of its choices or range is a `UserError` that names the key and what it accepts.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -185,6 +187,8 @@ def _check_value(hint, value, key: str, metadata) -> None:
         raise UserError(f"{key} = {_show(value)} is not a valid choice; choose one of: {', '.join(map(str, args))}")
     elif "range" in metadata and value not in metadata["range"]:
         raise UserError(f"{key} = {value} is out of range; it must be {metadata['range']}")
+    elif isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and "infinity" in metadata):
+        raise UserError(f"{key} = {value} is not a finite number; give a finite value")
 
 
 def _type_name(hint) -> str:

@@ -88,7 +88,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     _refused(capsys, _distill(model_dir, empty, tmp_path / "a"), "has no prompts; give a file with at least one prompt")
-    _refused(capsys, _distill(model_dir, _prompts(tmp_path), model_dir / "out"), "overlaps")
+    _refused(capsys, _distill(model_dir, _prompts(tmp_path), model_dir / "out"), "which this command reads")
     _refused(capsys, _distill(model_dir, _prompts(tmp_path), tmp_path / "b", "--set=diffusion.certainty_temperature=0"),
              "diffusion.certainty_temperature = 0.0 is out of range")
     other = tmp_path / "other"

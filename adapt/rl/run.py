@@ -100,7 +100,7 @@ def _load_reference(run: Run):
         return None
     path = settings.reference or run.recipe.model.path
     reference, tokenizer = load_frozen(path, run.recipe.model, run.accelerator.device)
-    check_same_tokenizer(run.tokenizer, tokenizer, f"rl.reference {path}")
+    check_same_tokenizer(run.tokenizer, tokenizer, f"rl.reference {path}", "the policy's")
     set_attention(reference, run.layout_at(run.step)[1])
     return reference
 

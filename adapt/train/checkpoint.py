@@ -2,7 +2,7 @@
 
 A checkpoint holds the backend's state files (model, optimizer, scheduler, RNG), each process's data
 position (data_rank{r}.json) and trainer_state.json (step, tokens, diffusion settings, recipe, model
-fingerprint), written last. A crash while saving leaves a .tmp- folder that is never taken for one.
+fingerprint, what the weights are trained for: `run_meaning`), written last. A crash while saving leaves a .tmp- folder that is never taken for one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..outputs import check_output, tensor_bytes, writing
 from ..recipe import Recipe
 from .collectives import all_reduce_sum
-from .report import METRICS_FILE
+from .report import METRICS_FILE, warn
 from .state import Run
 from .stops import NumericalFault
 
@@ -99,6 +99,16 @@ def model_shapes(model: nn.Module) -> dict:
             "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
+def run_meaning(run: Run) -> dict:
+    """What a checkpoint's weights are trained for beyond their shapes: the kind of model and its size, the
+    sequence length, the objective, the shift and the mask token. Recorded in every checkpoint: resuming
+    under other values would silently go on training towards another model from these weights."""
+    diffusion = run.diffusion
+    return {**{f"diffusion.{key}": value for key, value in diffusion.mode.to_dict().items()},
+            "data.seq_len": run.recipe.data.seq_len, "diffusion.objective": diffusion.objective,
+            "shift": diffusion.shift, "mask_token_id": diffusion.mask_token_id}
+
+
 def optimizer_groups(optimizer) -> list[str]:
     """The kinds of the optimizer's parameter groups (build.param_groups), in order: what its state's layout
     depends on, so a resume with other lr_multipliers is refused before torch fails to load it."""
@@ -124,7 +134,8 @@ def save_checkpoint(run: Run) -> Path:
             diffusion = dataclasses.replace(run.diffusion, objective_state=run.objective.state_dict())
             state = {"step": run.step, "tokens_trained": run.tokens_trained, "world_size": accelerator.num_processes,
                      "diffusion": diffusion.to_dict(), "recipe": run.recipe.to_dict(),
-                     "model_shapes": run.model_shapes, "optimizer_groups": optimizer_groups(run.optimizer)}
+                     "model_shapes": run.model_shapes, "optimizer_groups": optimizer_groups(run.optimizer),
+                     "meaning": run_meaning(run)}
             (temp / STATE_FILE).write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             temp.rename(final)
@@ -152,6 +163,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
                         f"model.path {state['recipe']['model']['path']}) than this run's "
                         f"({run.model_shapes['parameters']:,}); resume with the model it was trained from, or "
                         "start a fresh output_dir")
+    _refuse_other_meaning(run, path, state.get("meaning"))
     accelerator = run.accelerator
     if state["world_size"] != accelerator.num_processes:
         raise UserError(f"{path} was written by {state['world_size']} processes but this run has "
@@ -166,6 +178,21 @@ def load_checkpoint(run: Run, path: Path) -> None:
     run.step, run.tokens_trained = int(state["step"]), int(state["tokens_trained"])
     # what the objective measured at the run's first step (checkpoints of every version of adapt)
     run.objective.load_state_dict(DiffusionConfig.from_dict(state["diffusion"]).objective_state)
+
+
+def _refuse_other_meaning(run: Run, path: Path, saved: dict | None) -> None:
+    """Refuse to resume `path` (whose recorded `run_meaning` is `saved`) under other settings, naming each."""
+    if saved is None:  # written before checkpoints recorded it
+        warn(run.accelerator, f"{path} does not record its mode, seq_len and objective (an older adapt wrote it), "
+                              "so a resume under other settings cannot be refused; check they are the run's")
+        return
+    now = run_meaning(run)
+    changed = [f"{key} (was {saved[key]}, now {value})" for key, value in now.items()
+               if key in saved and saved[key] != value]  # a key added later: not recorded, not compared
+    if changed:
+        raise UserError(f"{path} was written under other settings: {', '.join(changed)}; resume with the settings "
+                        "it was written with (a convert or distill run: its recipe.yaml), or start afresh with "
+                        "--overwrite or another output_dir")
 
 
 def _refuse_nonfinite_weights(run: Run) -> None:

@@ -62,15 +62,16 @@ def load_teacher(recipe: Recipe, tokenizer, device) -> Teacher | None:
     path = settings.teacher or recipe.model.path
     model, teacher_tokenizer = load_frozen(path, recipe.model, device)
     set_attention(model, 0.0)  # the next-token distribution given the clean prefix: causal, whatever it was saved at
-    check_same_tokenizer(tokenizer, teacher_tokenizer, f"distill.teacher {path}")
+    check_same_tokenizer(tokenizer, teacher_tokenizer, f"distill.teacher {path}", "the student's")
     return Teacher(model, len(teacher_tokenizer))
 
 
-def check_same_tokenizer(student, teacher, name: str) -> None:
-    """Refuse a teacher (`name` says which) whose tokenizer gives any of its tokens another id than the
-    student's does: its distributions would be over other tokens."""
-    known = student.get_vocab()
-    differing = [token for token, index in teacher.get_vocab().items() if known.get(token) != index]
+def check_same_tokenizer(tokenizer, other, name: str, whose: str) -> None:
+    """Refuse a model (`name` says which: a teacher, a source scored side by side, a reference) whose
+    tokenizer `other` gives any of its tokens another id than `tokenizer` (`whose`, e.g. "the student's")
+    does: its distributions, losses and perplexities would be over other tokens."""
+    known = tokenizer.get_vocab()
+    differing = [token for token, index in other.get_vocab().items() if known.get(token) != index]
     if differing:
-        raise UserError(f"{name}: its tokenizer differs from the student's ({len(differing)} tokens with other ids, "
-                        f"e.g. {differing[0]!r}); give a teacher with the source's tokenizer")
+        raise UserError(f"{name}: its tokenizer differs from {whose} ({len(differing)} tokens with other ids, "
+                        f"e.g. {differing[0][:40]!r}); give a model with the same tokenizer")
