@@ -64,7 +64,8 @@ def convert_recipe(
     if tokens is not None:
         if tokens < 1:
             raise UserError(f"--tokens must be positive, got {tokens}")
-        steps = math.ceil(tokens / (batch_size * seq_len * world))
+        # max(1, ...): a batch size or seq_len below 1 is refused by the recipe's own range check below
+        steps = math.ceil(tokens / max(1, batch_size * seq_len * world))
     if steps is None:
         steps = DEFAULT_STEPS
     if steps < 1:
