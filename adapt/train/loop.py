@@ -36,6 +36,7 @@ from ..attention import get_attention_ratio, set_attention
 from ..diffusion import (TeacherTerm, complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions,
                          objective_of)
 from ..forward import predict_logits
+from ..plan import check_memory
 from ..recipe import Recipe
 from .backends import open_backend
 from .alignment import load_alignment
@@ -98,6 +99,8 @@ def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = 
     set_seed(recipe.train.seed)
     # As the backend holds it: a whole copy, ZeRO-3's slices, or FSDP2's meta device until prepare shards it.
     model, tokenizer, diffusion = load_model(recipe, backend)
+    if open_data is None:  # the corpus loop, whose micro-batches `adapt plan` estimates (not rl's rollouts)
+        check_memory(recipe, backend.accelerator.device, backend.accelerator.num_processes, _local_processes())
     anneal_from = get_attention_ratio(model)  # the source's: a continued diffusion model stays bidirectional
     objective = objective_of(diffusion, recipe.diffusion)
     alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0
@@ -120,6 +123,13 @@ def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = 
     run.reporter = Reporter(run.accelerator, recipe, output_dir, run.step)
     run.stop = StopSignal()
     return run
+
+
+def _local_processes() -> int:
+    """Processes on this machine, as torchrun and accelerate launch say (1 when run directly)."""
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _open_corpus(recipe: Recipe, tokenizer, accelerator):
