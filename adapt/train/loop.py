@@ -49,7 +49,7 @@ from .export import export_model
 from .lock import run_lock
 from .report import Reporter, log, warn
 from .state import Run, TrainResult
-from .stops import Interrupted, NumericalFault, StopSignal
+from .stops import Interrupted, NumericalFault, Stopping, StopSignal
 
 
 def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
@@ -70,7 +70,12 @@ def _run_to_the_end(recipe: Recipe, overwrite: bool) -> TrainResult:
                                                  world_size=run.accelerator.num_processes)
         run.wrapped.train()
         while run.step < recipe.train.max_steps:
-            record = train_step(run, micro_batches)
+            position = run.train_blocks.state_dict()
+            try:
+                record = train_step(run, micro_batches)
+            except Stopping as stop:  # between micro-batches: the weights are still the last step's
+                run.train_blocks.load_state_dict(position)  # the step's batches were drawn, never trained on
+                raise Interrupted(stop.signum, save_checkpoint(run)) from None
             end_of_step(run, record)
         model_dir = export_model(run)
     finally:
@@ -169,7 +174,9 @@ def train_step(run: Run, micro_batches) -> dict:
     # loss, masked CE sum, tokens, alignment distance sum, AR CE sum (a hybrid model's), teacher KL sum
     totals = torch.zeros(6, dtype=torch.float64, device=accelerator.device)
     finite, grad_norm = True, None
-    for micro in micros:
+    for index, micro in enumerate(micros):
+        if index:  # a long step stops between its micro-batches, before its update (Stopping)
+            run.stop.check(accelerator.device)
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.wrapped), accelerator.autocast():
             micro_loss, out, distance = _micro_objective(run, micro, (denominator, maskable, num_masked), mode,
@@ -322,9 +329,14 @@ def end_of_step(run: Run, record: dict) -> None:
         run.reporter.write(record)
     run.reporter.advance()
     if run.validation_blocks is not None and ((train.eval_every and step % train.eval_every == 0) or last):
-        run.validation = validate(run, record["ratio"])
-        run.validation["step"] = step
-        run.reporter.write(run.validation)
+        try:
+            with run.stop.checked_before_every_forward(run.inner_model, run.accelerator.device):
+                run.validation = validate(run, record["ratio"])
+        except Stopping:
+            pass  # the step is complete, so is its checkpoint below; only this validation is left out
+        else:
+            run.validation["step"] = step
+            run.reporter.write(run.validation)
         run.wrapped.train()
 
     exports = run.recipe.checkpoint.export_every
@@ -354,8 +366,8 @@ def validate(run: Run, ratio: float) -> dict:
     accelerator, train, inner = run.accelerator, run.recipe.train, run.inner_model
     was_training = inner.training
     inner.eval()
-    batches = list(itertools.islice(run.validation_blocks.batches(
-        train.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes), train.eval_batches))
+    batches = itertools.islice(run.validation_blocks.batches(  # drawn one at a time: eval_batches may be many
+        train.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes), train.eval_batches)
     generator = micro_batch_generator(train.seed + 1, accelerator.process_index, accelerator.device)
     set_attention(inner, ratio, generator=generator)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # ELBO, tokens, AR NLL
