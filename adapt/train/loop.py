@@ -38,6 +38,7 @@ from ..diffusion import (TeacherTerm, complementary_pairs, draw_noise, elbo_nll,
 from ..forward import predict_logits
 from ..plan import check_memory
 from ..recipe import Recipe
+from ..structure import decoder_layers
 from .backends import open_backend
 from .alignment import load_alignment
 from .distill import load_teacher, student_continuations
@@ -330,7 +331,7 @@ def end_of_step(run: Run, record: dict) -> None:
     run.reporter.advance()
     if run.validation_blocks is not None and ((train.eval_every and step % train.eval_every == 0) or last):
         try:
-            with run.stop.checked_before_every_forward(run.inner_model, run.accelerator.device):
+            with run.stop.checked_before_every_call(decoder_layers(run.inner_model)[0], run.accelerator.device):
                 run.validation = validate(run, record["ratio"])
         except Stopping:
             pass  # the step is complete, so is its checkpoint below; only this validation is left out

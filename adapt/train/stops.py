@@ -76,10 +76,11 @@ class StopSignal:
             raise Stopping(signum)
 
     @contextlib.contextmanager
-    def checked_before_every_forward(self, model, device):
-        """While the block runs, every forward of `model` first `check`s: a phase of many forwards (a
-        validation of many Monte Carlo samples) stops within one forward of a signal."""
-        handle = model.register_forward_pre_hook(lambda module, args: self.check(device))
+    def checked_before_every_call(self, module, device):
+        """While the block runs, every call of `module` first `check`s. Given a model's first decoder layer,
+        which every forward passes (the sampler's and the ELBO's call the layers, not the model), a phase
+        of many forwards (a validation of many Monte Carlo samples) stops within one forward of a signal."""
+        handle = module.register_forward_pre_hook(lambda module, args: self.check(device))
         try:
             yield
         finally:
