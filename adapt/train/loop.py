@@ -71,11 +71,14 @@ def _run_to_the_end(recipe: Recipe, overwrite: bool) -> TrainResult:
                                                  world_size=run.accelerator.num_processes)
         run.wrapped.train()
         while run.step < recipe.train.max_steps:
-            position = run.train_blocks.state_dict()
+            position, micro_steps = run.train_blocks.state_dict(), run.accelerator.step
             try:
                 record = train_step(run, micro_batches)
             except Stopping as stop:  # between micro-batches: the weights are still the last step's
-                run.train_blocks.load_state_dict(position)  # the step's batches were drawn, never trained on
+                # Back to the step's start, as its checkpoint records it: its batches were drawn and some run
+                # (accelerate counted them towards gradient accumulation) but none was applied.
+                run.train_blocks.load_state_dict(position)
+                run.accelerator.step = micro_steps
                 raise Interrupted(stop.signum, save_checkpoint(run)) from None
             end_of_step(run, record)
         model_dir = export_model(run)
