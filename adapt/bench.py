@@ -47,7 +47,9 @@ from .diffusion import DiffusionConfig, diffusion_loss, elbo_nll
 from .errors import UserError
 from .flags import shown
 from .flops import train_flops
-from .settings import above, at_least, check_settings
+from .limits import check_context
+from .sampling import MAX_NUM_SAMPLES
+from .settings import above, at_least, between, check_settings
 from .strict_json import to_json
 from .timing import timed
 
@@ -60,12 +62,15 @@ TRAIN_RATIOS = (1.0, 0.5)
 
 # The settings whose default depends on `quick` (None in BenchSettings): (full run, quick run).
 BY_RUN_LENGTH = {"repeats": (5, 2), "sample_length": (256, 64), "sample_steps": ([32, 64], [8, 16])}
+# Measured rounds of one configuration: the median of this many is as steady as timing gets, and more only
+# makes the run longer (each round is a full train step, ELBO call or sampling run).
+MAX_REPEATS = 100
 
 
-def _by_run_length(name: str, help: str) -> dict:
-    """The metadata of a count whose default is in BY_RUN_LENGTH: its help shows both defaults."""
+def _by_run_length(name: str, help: str, most: int | None = None) -> dict:
+    """The metadata of a count whose default is in BY_RUN_LENGTH: its help shows both defaults; at most `most`."""
     full, quick = map(shown, BY_RUN_LENGTH[name])
-    return {"help": f"{help} (default: {full}, --quick {quick})", **at_least(1)}
+    return {"help": f"{help} (default: {full}, --quick {quick})", **(between(1, most) if most else at_least(1))}
 
 
 @dataclass
@@ -84,23 +89,26 @@ class BenchSettings:
     attn: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = field(default="sdpa", metadata={
         "help": "attention implementation, printed with the results (flex_attention takes the explicit masks as "
                 "block-sparse FlexAttention masks; flash_attention_2 cannot run ratio 0.5, that row is skipped)"})
-    batch: int = field(default=4, metadata={"help": "training and ELBO batch size", **at_least(1)})
+    batch: int = field(default=4, metadata={"help": "training and ELBO batch size", **between(1, MAX_NUM_SAMPLES)})
+    # checked against the model's positions once it is loaded (`check_context`)
     seq_len: int = field(default=256, metadata={"help": "training and ELBO sequence length", **at_least(1)})
     repeats: int | None = field(default=None, metadata=_by_run_length(
-        "repeats", "measured rounds of the train and ELBO configurations"))
+        "repeats", "measured rounds of the train and ELBO configurations", MAX_REPEATS))
     sample_length: int | None = field(default=None, metadata=_by_run_length("sample_length", "tokens to sample"))
     sample_steps: list[int] | None = field(default=None, metadata=_by_run_length(
         "sample_steps", "diffusion steps to sample with"))
     sample_batch: list[int] = field(default_factory=lambda: [1, 8], metadata={
-        "help": "sampling batch sizes", **at_least(1)})
-    sample_repeats: int = field(default=1, metadata={"help": "measured rounds of sampling", **at_least(1)})
+        "help": "sampling batch sizes", **between(1, MAX_NUM_SAMPLES)})
+    sample_repeats: int = field(default=1, metadata={"help": "measured rounds of sampling",
+                                                     **between(1, MAX_REPEATS)})
     sample_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7], metadata={
         "help": "threshold decoding rows, one per threshold, under each cache mode and as a block model",
         "may_be_empty": True})
     sample_block_size: int = field(default=32, metadata={
         "help": "blocks of the threshold rows: the sampler's for the bidirectional model, the block model's own",
         **at_least(1)})
-    elbo_samples: int = field(default=4, metadata={"help": "Monte Carlo samples per ELBO call", **at_least(1)})
+    elbo_samples: int = field(default=4, metadata={"help": "Monte Carlo samples per ELBO call",
+                                                   **between(1, MAX_NUM_SAMPLES)})
     train_block_sizes: list[int] = field(default_factory=lambda: [32], metadata={
         "help": "block diffusion train steps measured beside the bidirectional ones, one per block size",
         "may_be_empty": True})
@@ -127,6 +135,7 @@ def run(settings: BenchSettings) -> dict:
     dtype_name, dtype_reason = native_dtype(device) if settings.dtype == "auto" else (settings.dtype, "--dtype")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     model, tokenizer, source = load_bench_model(settings.model, dtype, device, settings.attn)
+    _check_lengths(settings, model, tokenizer)
     _log(f"dtype {dtype_name} ({dtype_reason})")  # once the model has loaded: bad input stays one line
     config = _diffusion_config(model, tokenizer)
     vocab = config.vocab_size or model.get_input_embeddings().weight.shape[0]  # never an alignment padding row
@@ -160,6 +169,17 @@ def run(settings: BenchSettings) -> dict:
                                              repeats=settings.sample_repeats, thresholds=settings.sample_thresholds,
                                              block_size=settings.sample_block_size)
     return results
+
+
+def _check_lengths(settings: BenchSettings, model, tokenizer) -> None:
+    """The sequences the parts will build, against the model's positions, before any part runs."""
+    from .sampling import context_ids
+
+    check_context(model.config, settings.seq_len, "--seq-len (the train and ELBO sequence length)", overridable=False)
+    if "sampling" in settings.parts:
+        length = len(context_ids(tokenizer, None)) + settings.sample_length  # the start bench_sampling puts first
+        check_context(model.config, length, f"--sample-length: the start and {settings.sample_length:,} tokens",
+                      overridable=False)
 
 
 def _resolved(settings: BenchSettings) -> BenchSettings:

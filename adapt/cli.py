@@ -2,12 +2,18 @@
 
 Every subcommand registers itself below with `_add_<name>(subparsers)`; its handler takes the parsed
 arguments and returns an exit code. A `UserError` anywhere becomes one line on stderr and exit code 2.
+SIGTERM and SIGINT stop any command where it is, as Ctrl-C does (locks released, temporary files removed
+on the way out), with one line and exit code 143 or 130; a training run catches them itself once loaded,
+to checkpoint first (adapt/train/stops.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from .errors import UserError, exit_code_of
 
@@ -30,6 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT, raised wherever the command is, as Python raises Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM and SIGINT raise `_Stopped` while the block runs (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -43,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     prog = "adapt"
     try:  # Ctrl-C while the parser imports torch is an interruption like any other, not a traceback
-        args = build_parser().parse_args(argv)
-        prog = f"adapt {args.command}"
-        return exit_code_of(lambda: args.handler(args), prog)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        with _signals_raise():
+            args = build_parser().parse_args(argv)
+            prog = f"adapt {args.command}"
+            return exit_code_of(lambda: args.handler(args), prog)
+    except KeyboardInterrupt as stop:
+        from .train.stops import EXIT_CODES
+
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"{prog}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return EXIT_CODES[signum]
 
 
 def _add_loading_options(parser) -> None:

@@ -8,12 +8,34 @@ for bad input; programming errors stay ordinary exceptions so they keep their tr
 
 from __future__ import annotations
 
+import reprlib
 import sys
 from typing import Callable
+
+QUOTED_CHARS = 60  # the most characters of a user's value a message quotes
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr that stops early at every level: a few items of a list or mapping, a few levels deep, so a
+    value that is huge once expanded (a YAML alias bomb: a 1 KB file, gigabytes as text) is never built."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 4, 4, 4, 4
+        self.maxstring = self.maxother = self.maxlong = QUOTED_CHARS
+
+
+_SHORT_REPR = _ShortRepr()
 
 
 class UserError(Exception):
     """Bad input from the user: a path, a setting, a file. The message says what to do about it."""
+
+
+def quoted(value) -> str:
+    """`value` as a message quotes it: its repr, cut to QUOTED_CHARS characters with an ellipsis."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS - 3] + "..."
 
 
 def check_type(name: str, value, expected: type | tuple[type, ...], hint: str) -> None:

@@ -56,7 +56,7 @@ def check_output(path: str | os.PathLike, *, folder: bool, needed_bytes: int = 0
                         "choose a folder you can write to") from None
     free = shutil.disk_usage(parent).free
     if needed_bytes > free:
-        raise UserError(f"{path} needs about {_size(needed_bytes)} but {parent} has {_size(free)} free; "
+        raise UserError(f"{path} needs about {human_size(needed_bytes)} but {parent} has {human_size(free)} free; "
                         "free some space or choose another output path")
 
 
@@ -103,7 +103,8 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _size(count: float) -> str:
+def human_size(count: float) -> str:
+    """A number of bytes as a message shows it: 394 KB, 12.3 GB."""
     for unit in ("bytes", "KB", "MB"):
         if count < 1000:
             return f"{count:,.0f} {unit}"

@@ -33,6 +33,9 @@ Per GPU, three kinds of memory:
 Time: PaLM-style model FLOPs (`adapt.flops.train_flops`, the LM head counted on the expected masked
 half of the positions) over the GPUs' dense bf16 peak at an assumed model FLOPs utilisation, printed
 with the result and set with --mfu.
+
+The same estimate guards `adapt train` (and convert): `check_memory` refuses a micro-batch that clearly
+cannot fit in the memory the device has free, in one line, before the data is read.
 """
 
 from __future__ import annotations
@@ -98,7 +101,6 @@ def plan(recipe, settings: PlanSettings) -> dict:
     gpu_memory = parse_bytes(settings.gpu_memory) if settings.gpu_memory else default_memory
     model, shape = meta_model(recipe)
     states = model_states(recipe, shape, settings.gpus, per_node)
-    per_sequence = activation_bytes(recipe, shape, batch=1)
     fixed = sum(states["gpu"].values())
     budget = gpu_memory * (1 - HEADROOM)
     batch = recipe.train.batch_size
@@ -116,13 +118,55 @@ def plan(recipe, settings: PlanSettings) -> dict:
         "deepspeed_model_states_estimate": states.get("deepspeed_gpu_estimate"),  # the rows' sum, by DeepSpeed
         "fits": total <= budget,
         "headroom": HEADROOM,
-        "largest_micro_batch": max(0, math.floor((budget - fixed) / sum(per_sequence.values()))),
+        "largest_micro_batch": largest_micro_batch(recipe, shape, budget - fixed),
         "per_node_cpu_bytes": states["cpu"],
         "tokens_per_step": tokens_per_step,
         "tokens": tokens_per_step * recipe.train.max_steps,
         "flops_per_step": step_flops,
         "seconds": seconds,
     }
+
+
+def largest_micro_batch(recipe, shape: ModelShape, room: float) -> int:
+    """The most sequences whose activations (and LM head, mask, ...) fit in `room` bytes."""
+    return max(0, math.floor(room / sum(activation_bytes(recipe, shape, batch=1).values())))
+
+
+def check_memory(recipe, device, processes: int, per_node: int) -> None:
+    """Refuse a run whose micro-batch clearly cannot fit on `device` (this process's), before data is read.
+
+    Called once the model is loaded (so its path and config are known good), the weights already in memory:
+    what the run still needs is the plan's estimate without them (gradients, optimizer states, the frozen
+    copies of alignment and distillation, a micro-batch's activations), against what the device has free.
+    """
+    from .outputs import human_size
+
+    _, shape = meta_model(recipe)
+    states = model_states(recipe, shape, processes, per_node)["gpu"]
+    fixed = sum(states.values()) - states["weights"]
+    batch, seq_len = recipe.train.batch_size, recipe.data.seq_len
+    needed = fixed + sum(activation_bytes(recipe, shape, batch).values())
+    available = available_memory(device)
+    if needed <= available:
+        return
+    largest = largest_micro_batch(recipe, shape, available - fixed)
+    fixes = [f"lower train.batch_size to {largest} and raise train.grad_accum to keep the tokens per step"
+             if largest else "use a smaller model, lora.r > 0 or a device with more memory"]
+    if not recipe.train.gradient_checkpointing:
+        fixes.append("set train.gradient_checkpointing: true")
+    raise UserError(f"train.batch_size = {batch} with data.seq_len = {seq_len} needs about {human_size(needed)} on "
+                    f"{device} besides the loaded weights (adapt plan's estimate), but only {human_size(available)} "
+                    f"is free; {', or '.join(fixes)}")
+
+
+def available_memory(device) -> int:
+    """Bytes still free on `device`: CUDA's own count for a GPU, else the RAM the system has available."""
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
 
 
 def _layout(settings: PlanSettings) -> tuple[int, int]:

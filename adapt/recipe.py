@@ -22,8 +22,8 @@ import yaml
 from .backend_names import BACKEND_NAMES
 from .data import DataConfig
 from .diffusion import MODES, DiffusionTraining
-from .errors import UserError
-from .sampling import DECODINGS, STRATEGIES
+from .errors import UserError, quoted
+from .sampling import DECODINGS, MAX_NUM_SAMPLES, STRATEGIES
 from .settings import above, at_least, between, default_of, from_dict
 
 
@@ -52,7 +52,9 @@ class ModelSection:
 class TrainSection:
     """Batch, length of the run, the diffusion objective and numerics."""
 
-    batch_size: int = field(default=8, metadata=at_least(1))  # sequences per process per micro-step
+    # sequences per process per micro-step: one batch (MAX_NUM_SAMPLES at most, and what the device's memory
+    # holds by `adapt plan`'s estimate, checked before the data is read)
+    batch_size: int = field(default=8, metadata=between(1, MAX_NUM_SAMPLES))
     grad_accum: int = field(default=1, metadata=at_least(1))  # micro-steps per optimizer step
     max_steps: int = field(default=1000, metadata=at_least(1))  # optimizer steps in the whole run
     # Optimizer steps over which attention goes from the source's ratio (0 = causal, an AR model) to
@@ -65,7 +67,8 @@ class TrainSection:
     seed: int = field(default=0, metadata=at_least(0))  # model init of new rows, dropout, noise levels, masks
     eval_every: int = field(default=0, metadata=at_least(0))  # validation ELBO every N steps (0 = only at the end)
     eval_batches: int = field(default=4, metadata=at_least(0))  # validation batches per process (0 = no validation)
-    eval_samples: int = field(default=4, metadata=at_least(1))  # Monte Carlo masks per validation sequence (elbo_nll)
+    # Monte Carlo masks per validation sequence (elbo_nll), a forward each: at most MAX_NUM_SAMPLES
+    eval_samples: int = field(default=4, metadata=between(1, MAX_NUM_SAMPLES))
     log_every: int = field(default=1, metadata=at_least(1))  # print a log line every N steps
     # A step with a non-finite loss or gradient is skipped (weights unchanged, a warning); after this many
     # in a row the run stops with a checkpoint of the last finite weights (exit code 3).
@@ -336,7 +339,7 @@ def _read_yaml(path: Path) -> dict:
 def _parse_override(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise UserError(f"override {text!r} is not key=value; write e.g. optim.lr=1e-4 or data.seq_len=512")
+        raise UserError(f"override {quoted(text)} is not key=value; write e.g. optim.lr=1e-4 or data.seq_len=512")
     try:
         value = yaml.load(raw, Loader=_RecipeLoader) if raw else ""
     except yaml.YAMLError:

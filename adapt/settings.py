@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import UserError
+from .errors import UserError, quoted
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def _check_value(hint, value, key: str, metadata) -> None:
     elif origin is Literal and value not in args:
         raise UserError(f"{key} = {_show(value)} is not a valid choice; choose one of: {', '.join(map(str, args))}")
     elif "range" in metadata and value not in metadata["range"]:
-        raise UserError(f"{key} = {value} is out of range; it must be {metadata['range']}")
+        raise UserError(f"{key} = {quoted(value)} is out of range; it must be {metadata['range']}")
     elif isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and "infinity" in metadata):
         raise UserError(f"{key} = {value} is not a finite number; give a finite value")
 
@@ -196,4 +196,4 @@ def _type_name(hint) -> str:
 
 
 def _show(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{quoted(value)} ({type(value).__name__})"

@@ -19,6 +19,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from adapt.errors import UserError
 from adapt.recipe import load_recipe
 from adapt.train import EXIT_CODES, EXIT_NONFINITE, NumericalFault, complete_checkpoints, train
 
-from .tiny_runs import ENV, assert_same_tensors, recipe, run_cli, tensors
+from .tiny_runs import ENV, assert_same_tensors, corpus, diffusion_folder, recipe, run_cli, tensors
 
 STEPS = 6
 
@@ -73,6 +74,51 @@ def test_a_signal_writes_a_complete_checkpoint_and_exits_with_its_code(tmp_path,
     assert not (tmp_path / "run-recipe" / "model").exists()
     # That such a checkpoint resumes to the uninterrupted run's weights is proved in-process by
     # tests/test_train.py::test_signal_checkpoints_and_resume_ends_with_identical_weights.
+
+
+def _stopped_within_seconds(process: subprocess.Popen, signum: int) -> str:
+    """Send `signum` to the still-running `process`; its stderr once it has exited, well before the hours
+    its work would take (generously bounded: these machines are noisy)."""
+    assert process.poll() is None, f"the work ended before the signal: {process.stderr.read()[-2000:]}"
+    process.send_signal(signum)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    assert time.monotonic() - sent < 30, f"took {time.monotonic() - sent:.0f} s to stop"
+    assert process.returncode == EXIT_CODES[signum], stderr[-2000:]
+    assert "Traceback" not in stderr
+    return stderr
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_long_validation_stops_it_and_keeps_the_steps_checkpoint(tmp_path):
+    """train.eval_samples at its bound (1024 forwards per validation batch) once made a validation that
+    ignored SIGTERM for hours: every forward now checks the stop vote; the step's checkpoint is written."""
+    from adapt.train.lock import LOCK_FILE
+
+    path = recipe(tmp_path, train__max_steps=3, train__eval_every=1, train__eval_batches=1000,
+                  train__eval_samples=1024, checkpoint__every=0)
+    process = _start(path)
+    _wait_for(process, "step 1 ")  # validation follows at once
+    time.sleep(2)
+    stderr = _stopped_within_seconds(process, signal.SIGTERM)
+    assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1]
+    run = tmp_path / "run-recipe"
+    assert [p.name for p in complete_checkpoints(run)] == ["step-000001"]
+    assert "val_elbo_nll" not in (run / "metrics.jsonl").read_text()  # the cut validation is not reported
+    assert not (run / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_eval_stops_within_seconds_of_sigterm(tmp_path):
+    """`adapt eval` has no checkpoint to write: it stops where it is, with one line and exit code 143."""
+    model, data = diffusion_folder(tmp_path / "diffusion"), corpus(tmp_path / "corpus.jsonl")
+    process = subprocess.Popen([sys.executable, "-m", "adapt", "eval", str(model), "--task", "elbo", "--data", str(data),
+                                "--samples", "1024", "--seq-len", "32", "--output", str(tmp_path / "eval.json")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(15)  # loading or scoring: either stops
+    stderr = _stopped_within_seconds(process, signal.SIGTERM)
+    assert stderr.strip().splitlines() == ["adapt eval: stopped by SIGTERM"]
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_a_signal_landing_during_the_stop_vote_counts_at_the_next_vote(monkeypatch):

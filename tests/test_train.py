@@ -119,8 +119,9 @@ def test_signal_checkpoints_and_resume_ends_with_identical_weights(tmp_path, mon
     with pytest.raises(Interrupted) as stop:
         train(recipe)
     assert stop.value.exit_code == code
-    # batch 5 is the first micro-batch of step 3: the step finishes, then the checkpoint is written
-    assert [p.name for p in complete_checkpoints(recipe.output_dir)] == ["step-000003"]
+    # batch 5 is the first micro-batch of step 3, drawn with the second before either trains: the step stops
+    # between them, before its update, and the checkpoint is step 2's with the data rewound to step 3's start
+    assert [p.name for p in complete_checkpoints(recipe.output_dir)] == ["step-000002"]
     assert signal.getsignal(signum) is not None and not (Path(recipe.output_dir) / "model").exists()
 
     monkeypatch.setattr(adapt.data, "open_dataset", open_dataset)

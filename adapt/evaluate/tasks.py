@@ -38,10 +38,11 @@ class EvalSettings:
                 "(default: the shipped one)"})
     limit: int | None = field(default=None, metadata={
         "help": "only the first N examples (blocks for elbo)", **at_least(1)})
-    samples: int = field(default=32, metadata={"help": "Monte Carlo masks per ELBO", **at_least(1)})
+    samples: int = field(default=32, metadata={"help": "Monte Carlo masks per ELBO", **between(1, MAX_NUM_SAMPLES)})
     seed: int = field(default=0, metadata={
         "help": "seeds the noise levels, held-out documents, code lines and samples (sample i: seed + i)"})
-    batch_size: int = field(default=8, metadata={"help": "elbo: blocks per forward", **at_least(1)})
+    batch_size: int = field(default=8, metadata={"help": "elbo: blocks per forward",
+                                                 **between(1, MAX_NUM_SAMPLES)})
     seq_len: int = field(default=512, metadata={"help": "elbo: block length in tokens", **at_least(2)})
     validation_fraction: float = field(default=0.0, metadata={
         "help": "elbo: score only the documents a training run with this fraction and --seed held out (0 = all)",

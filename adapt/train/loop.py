@@ -36,7 +36,9 @@ from ..attention import get_attention_ratio, set_attention
 from ..diffusion import (TeacherTerm, complementary_pairs, draw_noise, elbo_nll, loss_denominator, maskable_positions,
                          objective_of)
 from ..forward import predict_logits
+from ..plan import check_memory
 from ..recipe import Recipe
+from ..structure import decoder_layers
 from .backends import open_backend
 from .alignment import load_alignment
 from .distill import load_teacher, student_continuations
@@ -48,7 +50,7 @@ from .export import export_model
 from .lock import run_lock
 from .report import Reporter, log, warn
 from .state import Run, TrainResult
-from .stops import Interrupted, NumericalFault, StopSignal
+from .stops import Interrupted, NumericalFault, Stopping, StopSignal
 
 
 def train(recipe: Recipe, *, overwrite: bool = False) -> TrainResult:
@@ -69,7 +71,15 @@ def _run_to_the_end(recipe: Recipe, overwrite: bool) -> TrainResult:
                                                  world_size=run.accelerator.num_processes)
         run.wrapped.train()
         while run.step < recipe.train.max_steps:
-            record = train_step(run, micro_batches)
+            position, micro_steps = run.train_blocks.state_dict(), run.accelerator.step
+            try:
+                record = train_step(run, micro_batches)
+            except Stopping as stop:  # between micro-batches: the weights are still the last step's
+                # Back to the step's start, as its checkpoint records it: its batches were drawn and some run
+                # (accelerate counted them towards gradient accumulation) but none was applied.
+                run.train_blocks.load_state_dict(position)
+                run.accelerator.step = micro_steps
+                raise Interrupted(stop.signum, save_checkpoint(run)) from None
             end_of_step(run, record)
         model_dir = export_model(run)
     finally:
@@ -98,6 +108,8 @@ def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = 
     set_seed(recipe.train.seed)
     # As the backend holds it: a whole copy, ZeRO-3's slices, or FSDP2's meta device until prepare shards it.
     model, tokenizer, diffusion = load_model(recipe, backend)
+    if open_data is None:  # the corpus loop, whose micro-batches `adapt plan` estimates (not rl's rollouts)
+        check_memory(recipe, backend.accelerator.device, backend.accelerator.num_processes, _local_processes())
     anneal_from = get_attention_ratio(model)  # the source's: a continued diffusion model stays bidirectional
     objective = objective_of(diffusion, recipe.diffusion)
     alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0
@@ -120,6 +132,13 @@ def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = 
     run.reporter = Reporter(run.accelerator, recipe, output_dir, run.step)
     run.stop = StopSignal()
     return run
+
+
+def _local_processes() -> int:
+    """Processes on this machine, as torchrun and accelerate launch say (1 when run directly)."""
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _open_corpus(recipe: Recipe, tokenizer, accelerator):
@@ -159,7 +178,9 @@ def train_step(run: Run, micro_batches) -> dict:
     # loss, masked CE sum, tokens, alignment distance sum, AR CE sum (a hybrid model's), teacher KL sum
     totals = torch.zeros(6, dtype=torch.float64, device=accelerator.device)
     finite, grad_norm = True, None
-    for micro in micros:
+    for index, micro in enumerate(micros):
+        if index:  # a long step stops between its micro-batches, before its update (Stopping)
+            run.stop.check(accelerator.device)
         set_attention(run.inner_model, ratio, generator=micro.generator)
         with accelerator.accumulate(run.wrapped), accelerator.autocast():
             micro_loss, out, distance = _micro_objective(run, micro, (denominator, maskable, num_masked), mode,
@@ -312,9 +333,14 @@ def end_of_step(run: Run, record: dict) -> None:
         run.reporter.write(record)
     run.reporter.advance()
     if run.validation_blocks is not None and ((train.eval_every and step % train.eval_every == 0) or last):
-        run.validation = validate(run, record["ratio"])
-        run.validation["step"] = step
-        run.reporter.write(run.validation)
+        try:
+            with run.stop.checked_before_every_call(decoder_layers(run.inner_model)[0], run.accelerator.device):
+                run.validation = validate(run, record["ratio"])
+        except Stopping:
+            pass  # the step is complete, so is its checkpoint below; only this validation is left out
+        else:
+            run.validation["step"] = step
+            run.reporter.write(run.validation)
         run.wrapped.train()
 
     exports = run.recipe.checkpoint.export_every
@@ -344,8 +370,8 @@ def validate(run: Run, ratio: float) -> dict:
     accelerator, train, inner = run.accelerator, run.recipe.train, run.inner_model
     was_training = inner.training
     inner.eval()
-    batches = list(itertools.islice(run.validation_blocks.batches(
-        train.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes), train.eval_batches))
+    batches = itertools.islice(run.validation_blocks.batches(  # drawn one at a time: eval_batches may be many
+        train.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes), train.eval_batches)
     generator = micro_batch_generator(train.seed + 1, accelerator.process_index, accelerator.device)
     set_attention(inner, ratio, generator=generator)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # ELBO, tokens, AR NLL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -32,6 +33,14 @@ class NumericalFault(Interrupted):
         self.checkpoint = checkpoint
 
 
+class Stopping(Exception):
+    """A signal cut a long phase short (a validation, the micro-batches of a step); the loop ends the run there."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits. A second
     signal of the same kind gets the default behaviour (kill), for when saving hangs."""
@@ -58,6 +67,24 @@ class StopSignal:
         if not seen:
             return None
         return local if local is not None else signal.SIGTERM
+
+    def check(self, device) -> None:
+        """Raise `Stopping` once any process has seen a signal. A vote (`agreed`): every process calls it at
+        the same point, so all of them leave the phase together."""
+        signum = self.agreed(device)
+        if signum is not None:
+            raise Stopping(signum)
+
+    @contextlib.contextmanager
+    def checked_before_every_call(self, module, device):
+        """While the block runs, every call of `module` first `check`s. Given a model's first decoder layer,
+        which every forward passes (the sampler's and the ELBO's call the layers, not the model), a phase
+        of many forwards (a validation of many Monte Carlo samples) stops within one forward of a signal."""
+        handle = module.register_forward_pre_hook(lambda module, args: self.check(device))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def restore(self):
         for signum, handler in self._previous.items():
