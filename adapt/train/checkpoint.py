@@ -59,14 +59,11 @@ def run_inputs(recipe: Recipe) -> list[str]:
 
 
 def resume_checkpoint(recipe: Recipe) -> Path | None:
-    """The checkpoint `recipe.resume` asks for (None: a fresh run), refusing a fresh run over checkpoints."""
+    """The checkpoint `recipe.resume` asks for (None: a fresh run, which `previous_run` keeps off old checkpoints)."""
     output_dir = Path(recipe.output_dir)
-    existing = complete_checkpoints(output_dir)
     if recipe.resume is None:
-        if existing:
-            raise UserError(f"{output_dir} already has checkpoints ({existing[-1].name}); continue with --resume "
-                            "(resume=auto), or choose another output_dir")
         return None
+    existing = complete_checkpoints(output_dir)
     if recipe.resume == "auto":
         return existing[-1] if existing else None
     path = Path(recipe.resume)
@@ -76,15 +73,18 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
     return path
 
 
-def clear_previous_run(output_dir: Path, overwrite: bool, accelerator) -> None:
-    """Refuse to start a fresh run over a previous one unless `overwrite`, which deletes that run."""
+def previous_run(output_dir: Path, overwrite: bool) -> list[Path]:
+    """The outputs of a previous run in `output_dir`, which a fresh run replaces: refused unless `overwrite`."""
     previous = [output_dir / name for name in RUN_ARTEFACTS if (output_dir / name).exists()]
-    if not previous:
-        return
-    if not overwrite:
+    if previous and not overwrite:
         raise UserError(f"{output_dir} already has checkpoints or other outputs of a run ({', '.join(p.name for p in previous)}); "
                         "continue it with --resume, replace it with --overwrite, or choose another output_dir")
-    if accelerator.is_main_process:
+    return previous
+
+
+def delete_previous_run(previous: list[Path], accelerator) -> None:
+    """Delete what `previous_run` found, once the new run has passed every check (a refused run deletes nothing)."""
+    if previous and accelerator.is_main_process:
         for path in previous:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     accelerator.wait_for_everyone()

@@ -43,8 +43,8 @@ from .backends import open_backend
 from .alignment import load_alignment
 from .distill import load_teacher, student_continuations
 from .build import ModelWithLoss, apply_lora, load_model, make_scheduler, param_groups, scheduled_lr
-from .checkpoint import (PROGRESS_EXPORTS, clear_previous_run, load_checkpoint, model_shapes, resume_checkpoint,
-                         run_inputs, save_checkpoint)
+from .checkpoint import (PROGRESS_EXPORTS, delete_previous_run, load_checkpoint, model_shapes, previous_run,
+                         resume_checkpoint, run_inputs, save_checkpoint)
 from .collectives import all_reduce_sum
 from .export import export_model
 from .lock import run_lock
@@ -99,8 +99,7 @@ def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = 
 
     output_dir = Path(recipe.output_dir)
     backend = open_backend(recipe, output_dir)
-    if recipe.resume is None:
-        clear_previous_run(output_dir, overwrite, backend.accelerator)
+    previous = previous_run(output_dir, overwrite) if recipe.resume is None else []
     resume_from = resume_checkpoint(recipe)
     if recipe.resume is not None and resume_from is None:
         log(backend.accelerator, f"nothing to resume in {output_dir} (no complete checkpoint); starting a fresh run")
@@ -123,6 +122,7 @@ def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = 
                                                     partial(param_groups, optim=recipe.optim),
                                                     partial(make_scheduler, recipe=recipe))
     train_blocks, validation_blocks = (open_data or _open_corpus)(recipe, tokenizer, backend.accelerator)
+    delete_previous_run(previous, backend.accelerator)  # every check passed: only now is the old run replaced
     run = Run(recipe, backend, wrapped, objective, optimizer, scheduler, tokenizer, diffusion, train_blocks,
               validation_blocks, shapes, anneal_from, tokens_trained=diffusion.tokens_trained, alignment=alignment,
               teacher=teacher)
