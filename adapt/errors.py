@@ -16,6 +16,13 @@ class UserError(Exception):
     """Bad input from the user: a path, a setting, a file. The message says what to do about it."""
 
 
+def shortened(value, limit: int = 30) -> str:
+    """`repr(value)` cut to `limit` characters: a value quoted in a message (an edited file may hold
+    megabytes where a number belongs) must not bury the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_type(name: str, value, expected: type | tuple[type, ...], hint: str) -> None:
     """A clear TypeError for a public API argument of the wrong type (a list for a tensor, a str for an
     int, the model and tokenizer swapped), where the internals would fail with an AttributeError."""

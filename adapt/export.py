@@ -122,7 +122,7 @@ def load(
     if diffusion is None or diffusion.mask_token_id is None:
         raise UserError(f"{path} is not a diffusion checkpoint (config.json has no 'diffusion' section with a "
                         "mask token id); convert or train it with adapt first")
-    set_attention(model, float(getattr(model.config, "attention_ratio", 0.0)))
+    set_attention(model, get_attention_ratio(model))
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer, diffusion

@@ -16,10 +16,11 @@ import dataclasses
 import inspect
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import UserError
+from .errors import UserError, shortened
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,22 @@ def from_dict(cls, values, prefix: str = ""):
     settings = _build(cls, values, prefix)
     check_settings(settings, prefix)
     return settings
+
+
+@contextmanager
+def read_from(source: str):
+    """Checks of values read from a file: their `UserError` names the file, `source`, before the key."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
+
+
+def config_source(model_config) -> str:
+    """Where a transformers config was read from, for messages: its folder's config.json (a Hub id's, for
+    one from the Hub), or "the model's config" for one built in Python."""
+    name = str(getattr(model_config, "name_or_path", "") or "")
+    return f"{name.rstrip('/')}/config.json" if name else "the model's config"
 
 
 def _build(cls, values, prefix: str):
@@ -192,4 +209,4 @@ def _type_name(hint) -> str:
 
 
 def _show(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{shortened(value)} ({type(value).__name__})"
