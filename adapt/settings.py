@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import types
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from .errors import UserError, shortened
@@ -99,6 +101,20 @@ def read_from(source: str):
         raise UserError(f"{source}: {err}") from None
 
 
+def read_json(path, fix: str) -> dict:
+    """The JSON object in file `path`; one that cannot be read, is not JSON or holds no object is a
+    `UserError` naming the file, ending with `fix` (what to do about it)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path} ({err.strerror if isinstance(err, OSError) else err}); {fix}") from None
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} holds a JSON {type(values).__name__}, not an object; {fix}")
+    return values
+
+
 def config_source(model_config) -> str:
     """Where a transformers config was read from, for messages: its folder's config.json (a Hub id's, for
     one from the Hub), or "the model's config" for one built in Python."""
@@ -136,6 +152,10 @@ def _convert(hint, value, key: str):
         raise UserError(f"{key} cannot be null; give a {_type_name(hint)}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
+    if dict in (hint, origin):
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping of keys, got {_show(value)}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             value = [value] if isinstance(value, (str, dict)) else value
