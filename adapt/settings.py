@@ -81,24 +81,26 @@ def choices_of(cls, name: str) -> tuple:
 # From plain values: keys and types first, then the checks a dataclass built in Python gets too
 
 
-def from_dict(cls, values, prefix: str = ""):
+def from_dict(cls, values, prefix: str = "", whole: str = "the recipe"):
     """Build dataclass `cls` from a dict, checking keys, types, choices and ranges recursively.
 
     `prefix` is where `values` sit in the whole file ("data." for the recipe's data section), so that
-    messages name the key as the user wrote it.
+    messages name the key as the user wrote it; `whole` is what messages call the top level.
     """
-    settings = _build(cls, values, prefix)
+    settings = _build(cls, values, prefix, whole)
     check_settings(settings, prefix)
     return settings
 
 
 @contextmanager
-def read_from(source: str):
-    """Checks of values read from a file: their `UserError` names the file, `source`, before the key."""
+def read_from(source: str, fix: str | None = None):
+    """Checks of values read from a file: their `UserError` names the file, `source`, before the key; with
+    `fix`, that replaces the message's own (what to do about a file differs from what to do in a recipe)."""
     try:
         yield
     except UserError as err:
-        raise UserError(f"{source}: {err}") from None
+        message = str(err) if fix is None else f"{str(err).split('; ')[0]}; {fix}"
+        raise UserError(f"{source}: {message}") from None
 
 
 def read_json(path, fix: str) -> dict:
@@ -122,8 +124,8 @@ def config_source(model_config) -> str:
     return f"{name.rstrip('/')}/config.json" if name else "the model's config"
 
 
-def _build(cls, values, prefix: str):
-    where = prefix.rstrip(".") or "the recipe"
+def _build(cls, values, prefix: str, whole: str):
+    where = prefix.rstrip(".") or whole
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -151,7 +153,7 @@ def _convert(hint, value, key: str):
     if value is None:
         raise UserError(f"{key} cannot be null; give a {_type_name(hint)}")
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return _build(hint, value, key + ".", key)
     if dict in (hint, origin):
         if not isinstance(value, dict):
             raise UserError(f"{key} must be a mapping of keys, got {_show(value)}")
