@@ -58,6 +58,12 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
     return {"range": Range(low, high, low_open=low_open, high_open=high_open)}
 
 
+# The seeds the libraries take: torch's generators [0, 2**64); numpy's legacy seeding, which accelerate's
+# set_seed also seeds, ends at 2**32 - 1. Out of them a seed fails deep inside the library.
+TORCH_SEEDS = between(0, 2**64 - 1)
+NUMPY_SEEDS = between(0, 2**32 - 1)
+
+
 def default_of(owner, name: str):
     """The default of setting `name`: a dataclass field's or a function's keyword argument's.
 
