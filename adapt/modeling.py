@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -158,6 +159,9 @@ def _load_weights(path: str, source: str, kwargs: dict):
     except SafetensorError as err:
         raise UserError(f"the safetensors weights in {path!r} are damaged or incomplete ({_first_line(err)}); "
                         "copy or download them again") from None
+    except pickle.UnpicklingError:  # refused by weights_only; torch's message suggests turning it off: never
+        raise UserError(f"the pickle weights in {path!r} are not tensors alone (damaged, or holding objects whose "
+                        "loading could run code); copy or download them again, as safetensors if you can") from None
 
 
 class _HeldRecords(logging.Handler):
