@@ -87,7 +87,8 @@ class DiffusionConfig:
             raise UserError(f"diffusion.mode = {shortened(name)} is not a mode this version of adapt knows; "
                             f"choose one of: {', '.join(MODES)}")
         own = {f.name for f in dataclasses.fields(MODES[name])}
-        unknown = sorted(set(values) - own - {f.name for f in dataclasses.fields(cls)})
+        known = {f.name for kind in (cls, *MODES.values()) for f in dataclasses.fields(kind)}
+        unknown = sorted(set(values) - known)
         if unknown:  # a key a newer adapt writes is no typo: say so, rather than list the valid keys
             raise UserError(f"diffusion.{unknown[0]} is a key this version of adapt does not know (a newer one may "
                             "have written it); upgrade adapt, or remove the key")
