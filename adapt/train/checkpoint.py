@@ -141,15 +141,6 @@ class TrainerState:
     optimizer_groups: list[str] | None = None  # None: written before lr_multipliers existed
 
 
-@dataclass
-class DataPosition:
-    """data_rank{r}.json: where process r's data stream stood (`Blocks.state_dict`)."""
-
-    epoch: int = field(metadata=at_least(0))
-    document: int = field(metadata=at_least(0))
-    offset: int = field(metadata=at_least(0))
-
-
 def read_checkpoint_file(path: Path, name: str, cls):
     """File `name` of checkpoint `path` as dataclass `cls`: a damaged or edited one is a UserError naming
     it, and the way on without it."""
@@ -157,6 +148,17 @@ def read_checkpoint_file(path: Path, name: str, cls):
     with read_from(str(path / name), _damaged(path)):
         known = {f.name for f in dataclasses.fields(cls)}
         return from_dict(cls, {key: value for key, value in values.items() if key in known}, whole="the file")
+
+
+def _load_data_position(run: Run, path: Path) -> None:
+    """Restore where this process's data stream stood from its data_rank{r}.json. Each stream (training
+    blocks, rl's prompt feed) has its own layout, so its `load_state_dict` is what checks it."""
+    file = path / f"data_rank{run.accelerator.process_index}.json"
+    try:
+        run.train_blocks.load_state_dict(read_json(file, _damaged(path)))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{file} does not hold the data position this run reads (its keys or values are not those "
+                        f"adapt writes); {_damaged(path)}") from None
 
 
 def _damaged(path: Path) -> str:
@@ -185,9 +187,8 @@ def load_checkpoint(run: Run, path: Path) -> None:
                         f"(optim.lr_multipliers {state.recipe.get('optim', {}).get('lr_multipliers')}) but this run "
                         f"has {', '.join(groups)}; resume with the lr_multipliers it was trained with, or start a "
                         "fresh output_dir")
-    position = read_checkpoint_file(path, f"data_rank{accelerator.process_index}.json", DataPosition)
+    _load_data_position(run, path)  # before the weights and optimizer: a damaged file costs no minutes of loading
     run.backend.load_state(path, run.wrapped, run.optimizer, run.scheduler)
-    run.train_blocks.load_state_dict(dataclasses.asdict(position))
     run.step, run.tokens_trained = state.step, state.tokens_trained
     # what the objective measured at the run's first step (checkpoints of every version of adapt)
     run.objective.load_state_dict(diffusion.objective_state)
