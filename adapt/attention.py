@@ -17,9 +17,12 @@ ratio 1 reloads bidirectional even in plain transformers, through `is_causal`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
+from .settings import between, config_source, from_dict, read_from
 from .structure import decoder_backbone, unwrap_model
 
 # Implementations that accept an arbitrary 4D mask. flash_attention_* take only a causal flag (and
@@ -169,7 +172,21 @@ def anneal_ratio(step: int, steps: int, start: float = 0.0) -> float:
 
 def get_attention_ratio(model: nn.Module) -> float:
     """The ratio last set with `set_attention` (0.0 for an untouched causal model)."""
-    return float(getattr(unwrap_model(model).config, "attention_ratio", 0.0))
+    return attention_ratio_of(unwrap_model(model).config)
+
+
+@dataclass
+class _SavedAttention:
+    attention_ratio: float = field(default=0.0, metadata=between(0, 1))
+
+
+def attention_ratio_of(model_config) -> float:
+    """The attention ratio a transformers config records (0.0 if none), checked: config.json is input,
+    and a ratio of 5 or "x" there names that file."""
+    if not hasattr(model_config, "attention_ratio"):
+        return _SavedAttention.attention_ratio
+    with read_from(config_source(model_config)):
+        return from_dict(_SavedAttention, {"attention_ratio": model_config.attention_ratio}).attention_ratio
 
 
 def sliding_window(config) -> int | None:

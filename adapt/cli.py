@@ -422,17 +422,14 @@ def _add_export(subparsers) -> None:
 
 
 def _run_export(args) -> int:
-    import json
-    from pathlib import Path
-
-    from .export import export
+    from .export import card_fields, export
+    from .settings import read_from, read_json
 
     card = None
     if args.card:
-        try:
-            card = json.loads(Path(args.card).read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read the model card fields from {args.card}: {err}; pass a JSON file") from None
+        card = read_json(args.card, "pass a JSON object of model card fields, such as {\"license\": \"mit\"}")
+        with read_from(args.card):
+            card_fields(card)  # before minutes of loading
     out = export(args.src, args.out, dtype=args.dtype, card=card, overwrite=args.overwrite,
                  max_shard_size=args.max_shard_size, **_loading_kwargs(args))
     print(f"adapt export: wrote {out}")

@@ -20,7 +20,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, quoted
 
 MAX_ROWS_WITHOUT_TEXT = 0.5  # fraction of rows with null/missing text above which the data is refused
 
@@ -70,7 +70,7 @@ def rows_with_text(rows, columns: list[str], where: str):
                                               if v is not None and not isinstance(v, str)), None)
         if wrong is not None:
             row, value = wrong
-            raise UserError(f"{where}: row {row + 1} has {type(value).__name__} {_short(value)} in column {column!r}, "
+            raise UserError(f"{where}: row {row + 1} has {type(value).__name__} {quoted(value)} in column {column!r}, "
                             "not text; make every value of that column a string (or null to skip the row)")
         missing |= pc.is_null(rows.data.column(column)).to_numpy(zero_copy_only=False)
     skipped = int(missing.sum())
@@ -116,7 +116,3 @@ def _first_problem(file: Path) -> str | None:
                     "write one object with a text field per line")
     return None
 
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 30 else text[:27] + "..."

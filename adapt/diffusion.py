@@ -29,11 +29,12 @@ from torch import nn
 from .bidirectional import BidirectionalMode
 from .block import BlockMode
 from .hybrid import HybridMode
-from .errors import UserError, check_type
+from .errors import UserError, check_type, quoted
 from .forward import output_logits
 from .mode import Mode
 from .objectives import OBJECTIVES, Objective, certainty_entropy, teacher_kl
-from .settings import Range, above, at_least, between, check_settings, default_of, from_dict
+from .settings import (Range, above, at_least, between, check_settings, config_source, default_of, from_dict,
+                       read_from)
 
 MODES = {mode.name: mode for mode in (BidirectionalMode, BlockMode, HybridMode)}
 # Keys of config.json's `diffusion` section that checkpoints written before the split recorded: the
@@ -77,12 +78,20 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "DiffusionConfig":
         """From config.json's section (a checkpoint of any version of adapt), every key checked."""
+        if not isinstance(values, dict):
+            raise UserError(f"diffusion must be a mapping of keys, got {quoted(values)} "
+                            f"({type(values).__name__}); write the section adapt saved, or remove it")
         values = _upgraded(dict(values))
         name = values.pop("mode", BidirectionalMode.name)
         if name not in MODES:
-            raise UserError(f"diffusion.mode = {name!r} is not a mode this version of adapt knows; "
+            raise UserError(f"diffusion.mode = {quoted(name)} is not a mode this version of adapt knows; "
                             f"choose one of: {', '.join(MODES)}")
         own = {f.name for f in dataclasses.fields(MODES[name])}
+        known = {f.name for kind in (cls, *MODES.values()) for f in dataclasses.fields(kind)}
+        unknown = sorted(set(values) - known)
+        if unknown:  # a key a newer adapt writes is no typo: say so, rather than list the valid keys
+            raise UserError(f"diffusion.{unknown[0]} is a key this version of adapt does not know (a newer one may "
+                            "have written it); upgrade adapt, or remove the key")
         mode = from_dict(MODES[name], {key: values.pop(key) for key in own if key in values}, "diffusion.")
         return dataclasses.replace(from_dict(cls, values, "diffusion."), mode=mode)
 
@@ -92,8 +101,13 @@ class DiffusionConfig:
 
     @classmethod
     def from_model_config(cls, model_config) -> "DiffusionConfig | None":
+        """The `diffusion` section of a transformers config (None: a causal LM), checked; a mistake in it
+        names the config.json it was read from."""
         values = getattr(model_config, "diffusion", None)
-        return None if values is None else cls.from_dict(dict(values))
+        if values is None:
+            return None
+        with read_from(config_source(model_config)):
+            return cls.from_dict(values)
 
 
 def _upgraded(values: dict) -> dict:

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from .attention import get_attention_ratio, set_attention
 from .diffusion import DiffusionConfig
 from .errors import UserError
 from .outputs import check_output, tensor_bytes, writing
+from .settings import from_dict, read_from, read_json
 from .structure import unwrap_model
 
 REMOTE_MODULE = "modeling_adapt_diffusion"
@@ -40,7 +42,25 @@ REMOTE_CODE_FILES = (f"{REMOTE_MODULE}.py", "sampling.py", "draw.py", "speculati
                      "mode.py", "bidirectional.py", "block.py", "hybrid.py", "forward.py", "objectives.py",
                      "structure.py", "settings.py", "errors.py", "limits.py")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
-CARD_KEYS = ("license", "datasets", "tags", "evaluation", "description", "base_model")
+REEXPORT = "write the folder again with `adapt export SRC OUT`"
+
+
+@dataclass
+class CardFields:
+    """What a model card may say beyond the diffusion settings (`card=` / `adapt export --card`), typed:
+    `tags: "chat"` is one tag, not one per letter."""
+
+    license: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    evaluation: dict = field(default_factory=dict)  # {metric: value}
+    description: str | None = None
+    base_model: str | None = None
+
+
+def card_fields(card: dict | None) -> CardFields:
+    """`card` checked: its keys are CardFields', each of its type."""
+    return from_dict(CardFields, card or {}, "card.")
 
 
 def save_checkpoint(
@@ -70,9 +90,7 @@ def save_checkpoint(
         raise UserError("the model has no diffusion settings (config.diffusion with a mask token id); "
                         "convert it first (adapt.ensure_mask_token) before exporting")
     diffusion.annealing_finished = get_attention_ratio(model) >= 1.0
-    unknown = set(card or {}) - set(CARD_KEYS)
-    if unknown:
-        raise UserError(f"unknown model card fields {sorted(unknown)}; known fields: {', '.join(CARD_KEYS)}")
+    fields = card_fields(card)
     check_destination(out_dir, overwrite, needed_bytes=tensor_bytes(model.parameters()))
     _check_shard_size(max_shard_size)
     tokenizer = _with_mask_token(tokenizer, diffusion.mask_token_id)
@@ -94,7 +112,7 @@ def save_checkpoint(
         package = Path(__file__).parent
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(package / name, staging / name)
-        (staging / "README.md").write_text(model_card(model, diffusion, card or {}))
+        (staging / "README.md").write_text(model_card(model, diffusion, fields))
         for path in staging.iterdir():
             path.chmod(0o644)  # some writers create private files; a checkpoint is meant to be shared
         _move_into_place(staging, out_dir)
@@ -122,7 +140,7 @@ def load(
     if diffusion is None or diffusion.mask_token_id is None:
         raise UserError(f"{path} is not a diffusion checkpoint (config.json has no 'diffusion' section with a "
                         "mask token id); convert or train it with adapt first")
-    set_attention(model, float(getattr(model.config, "attention_ratio", 0.0)))
+    set_attention(model, get_attention_ratio(model))
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer, diffusion
@@ -154,18 +172,15 @@ def check_export(folder: str | os.PathLike) -> None:
         raise UserError(f"{folder} is not a folder; pass the output folder of `adapt export`")
     missing = []
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else None
-    if config is None:
+    if not config_path.is_file():
         missing.append("config.json")
     else:
-        if (config.get("diffusion") or {}).get("mask_token_id") is None:
-            missing.append("the 'diffusion' section of config.json")
-        if REMOTE_MODULE not in json.dumps(config.get("auto_map", {})):
-            missing.append("'auto_map' in config.json")
+        missing += _missing_from_config(config_path)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        missing += sorted(shard for shard in shards if not (folder / shard).is_file())
+        with read_from(str(index)):
+            weight_map = from_dict(_ShardIndex, read_json(index, REEXPORT)).weight_map
+        missing += sorted({shard for shard in weight_map.values() if not (folder / str(shard)).is_file()})
     elif not (folder / "model.safetensors").is_file():
         missing.append("safetensors weights")
     if not (folder / "tokenizer_config.json").is_file() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -176,25 +191,46 @@ def check_export(folder: str | os.PathLike) -> None:
                         "write it with `adapt export SRC OUT`")
 
 
-def model_card(model: nn.Module, diffusion: DiffusionConfig, card: dict) -> str:
+@dataclass
+class _ShardIndex:
+    """model.safetensors.index.json, as far as a push reads it."""
+
+    weight_map: dict
+    metadata: dict = field(default_factory=dict)
+
+
+def _missing_from_config(config_path: Path) -> list[str]:
+    """What an export's config.json lacks: its diffusion section (checked as a load checks it) or auto_map."""
+    config = read_json(config_path, REEXPORT)
+    missing = []
+    with read_from(str(config_path)):
+        section = config.get("diffusion")
+        if section is None or DiffusionConfig.from_dict(section).mask_token_id is None:
+            missing.append("the 'diffusion' section of config.json")
+    if REMOTE_MODULE not in json.dumps(config.get("auto_map", {})):
+        missing.append("'auto_map' in config.json")
+    return missing
+
+
+def model_card(model: nn.Module, diffusion: DiffusionConfig, card: CardFields) -> str:
     """README.md: YAML metadata for the Hub, then how to use the model and what it was trained with."""
     from huggingface_hub import ModelCardData
 
-    base_model = card.get("base_model") or diffusion.base_model
+    base_model = card.base_model or diffusion.base_model
     metadata = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=["adapt", "diffusion", "masked-diffusion-lm", *card.get("tags", [])],
-        datasets=card.get("datasets") or None,
-        license=card.get("license"),
+        tags=["adapt", "diffusion", "masked-diffusion-lm", *card.tags],
+        datasets=card.datasets or None,
+        license=card.license,
     )
     lines = [
         "---", metadata.to_yaml(), "---", "",
         f"# {'Diffusion LM adapted from ' + base_model if base_model else 'Masked diffusion LM'}", "",
     ]
-    if card.get("description"):
-        lines += [card["description"], ""]
+    if card.description:
+        lines += [card.description, ""]
     if diffusion.tokens_trained > 0:
         lines += [f"A {type(model).__name__} turned into a masked discrete-diffusion language model with `adapt`: "
                   f"DiffuLLaMA-style continued pretraining on {diffusion.tokens_trained:,} tokens, attention "
@@ -225,10 +261,9 @@ def model_card(model: nn.Module, diffusion: DiffusionConfig, card: dict) -> str:
     if trained_with:
         lines += ["", "## Training settings (the recipe's `diffusion:` section)", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in trained_with.items()]
-    evaluation = card.get("evaluation") or {}
-    if evaluation:
+    if card.evaluation:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {_format_figure(value)} |" for name, value in evaluation.items()]
+        lines += [f"| {name} | {_format_figure(value)} |" for name, value in card.evaluation.items()]
     return "\n".join(lines) + "\n"
 
 

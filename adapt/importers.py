@@ -18,6 +18,7 @@ and with plain transformers (`trust_remote_code=True` for the sampler).
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from .attention import set_attention
 from .diffusion import DiffusionConfig
-from .errors import UserError
+from .errors import UserError, quoted
 from .export import check_destination, save_checkpoint
 
 # The mask ids the published checkpoints reused (DiffuLLaMA paper and code).
@@ -73,6 +74,9 @@ def import_checkpoint(
 
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     state = to_transformers_keys(state, model)
+    if _input_embedding_key(model) not in state:
+        raise UserError(f"the checkpoint in {src} has no {_input_embedding_key(model)} (its input embedding); "
+                        "check --format and --base")
     rows = state[_input_embedding_key(model)].shape[0]
     if rows != model.get_input_embeddings().weight.shape[0]:  # DiffuGPT padded the vocabulary
         model.resize_token_embeddings(rows, mean_resizing=False)
@@ -114,7 +118,12 @@ def to_transformers_keys(state: dict[str, torch.Tensor], model: nn.Module) -> di
 
 def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load `state`; every parameter must be covered (a tied head may be absent) and nothing left over."""
-    state = {k: v for k, v in state.items() if not (k.endswith(STALE_BUFFERS) and k not in model.state_dict())}
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.endswith(STALE_BUFFERS) and k not in expected)}
+    wrong = next((k for k, v in state.items() if k in expected and v.shape != expected[k].shape), None)
+    if wrong is not None:
+        raise UserError(f"the checkpoint's {wrong} has shape {list(state[wrong].shape)} but the model config wants "
+                        f"{list(expected[wrong].shape)}; check --format and --base (the model it was adapted from)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
@@ -125,21 +134,37 @@ def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def _read_weights(src: Path) -> dict[str, torch.Tensor]:
+    files = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
+    if not files:
+        raise UserError(f"no weights (*.safetensors or *.bin) in {src}; pass the checkpoint folder")
+    state = {}
+    for file in files:
+        state.update(_read_weights_file(file))
+    return state
+
+
+def _read_weights_file(file: Path) -> dict[str, torch.Tensor]:
+    """One weights file as {name: tensor}; a damaged file, a pickle of other objects than tensors (refused
+    by weights_only, so no code runs) or one that holds no state dict is a UserError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(src.glob("*.safetensors"))
-    if files:
-        state = {}
-        for file in files:
-            state.update(load_file(file))
-        return state
-    pickles = sorted(src.glob("*.bin"))
-    if pickles:  # weights_only: tensors only, no code runs
-        state = {}
-        for file in pickles:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
-        return state
-    raise UserError(f"no weights (*.safetensors or *.bin) in {src}; pass the checkpoint folder")
+    again = "download it again, or pass the folder of the published checkpoint"
+    try:
+        state = load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu",
+                                                                                 weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never for a download
+        raise UserError(f"{file} is not a pickle of tensors alone (it is damaged, or holds objects whose loading "
+                        f"could run code); {again}") from None
+    except (SafetensorError, RuntimeError, EOFError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{file} cannot be read as weights ({reason}); {again}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file} holds a {type(state).__name__}, not a state dict of named tensors; {again}")
+    name, value = next(((k, v) for k, v in state.items() if not torch.is_tensor(v)), (None, None))
+    if name is not None:
+        raise UserError(f"{file} holds {quoted(name)}: a {type(value).__name__}, not a tensor; {again}")
+    return state
 
 
 def _load_tokenizer(src: Path, base: str):

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .attention import attention_ratio_of
 from .diffusion import DiffusionConfig
 from .errors import UserError
+from .settings import config_source
 from .structure import unwrap_model
 
 MASK_TOKEN = "<|mdm_mask|>"
@@ -41,6 +44,8 @@ def load_model(
     load_kwargs: dict = {"trust_remote_code": trust_remote_code, **gguf}
     _check_source(path, source, gguf, allow_pickle)
     config = _load_config(path, source, load_kwargs)
+    diffusion = DiffusionConfig.from_model_config(config)  # config.json is input: checked before the weights load
+    attention_ratio_of(config)
     kwargs = dict(load_kwargs)
     if dtype is not None:
         kwargs["dtype"] = _torch_dtype(dtype)
@@ -51,6 +56,8 @@ def load_model(
         kwargs["attn_implementation"] = _supported_implementation(config, attn_implementation)
     model = _load_weights(path, source, kwargs)
     tokenizer = _load_tokenizer(path, source, load_kwargs)
+    if diffusion is not None:
+        _check_token_ids(diffusion, model, tokenizer)
     if gguf:
         _detach_gguf_quantizer(model)
     return model, tokenizer
@@ -63,6 +70,21 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False, 
     source, gguf = from_pretrained_args(path)
     _check_source(path, source, gguf, allow_pickle)
     return _load_tokenizer(path, source, {"trust_remote_code": trust_remote_code, **gguf})
+
+
+def _check_token_ids(diffusion: DiffusionConfig, model: nn.Module, tokenizer) -> None:
+    """The ids config.json's diffusion section gives must be rows of the embedding the weights brought:
+    an out-of-range mask id fails deep inside the first forward, far from the file that holds it."""
+    rows = _rows(model.get_input_embeddings().weight)
+    source = config_source(model.config)
+    if diffusion.mask_token_id is not None and not 0 <= diffusion.mask_token_id < rows:
+        own = (f"the tokenizer's mask token has id {tokenizer.mask_token_id}" if tokenizer.mask_token_id is not None
+               else "the tokenizer has no mask token")
+        raise UserError(f"{source}: diffusion.mask_token_id = {diffusion.mask_token_id} is not a row of the model's "
+                        f"embedding ({rows:,} rows); set it to the model's mask token id ({own})")
+    if diffusion.vocab_size is not None and diffusion.vocab_size > rows:
+        raise UserError(f"{source}: diffusion.vocab_size = {diffusion.vocab_size} is more than the model's embedding "
+                        f"has rows ({rows:,}); set it to at most {rows}, or remove it")
 
 
 def _check_source(path: str, source: str, gguf: dict, allow_pickle: bool) -> None:
@@ -146,6 +168,9 @@ def _load_weights(path: str, source: str, kwargs: dict):
     except SafetensorError as err:
         raise UserError(f"the safetensors weights in {path!r} are damaged or incomplete ({_first_line(err)}); "
                         "copy or download them again") from None
+    except pickle.UnpicklingError:  # refused by weights_only; torch's message suggests turning it off: never
+        raise UserError(f"the pickle weights in {path!r} are not tensors alone (damaged, or holding objects whose "
+                        "loading could run code); copy or download them again, as safetensors if you can") from None
 
 
 class _HeldRecords(logging.Handler):

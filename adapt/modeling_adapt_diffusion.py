@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import transformers
 
-from .attention import set_attention
+from .attention import attention_ratio_of, set_attention
 from .diffusion import DiffusionConfig
 from .sampling import generate, generate_with_details, infill, infill_with_details
 
@@ -38,7 +38,8 @@ class DiffusionGenerationMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        ratio = float(getattr(config, "attention_ratio", 0.0))
+        DiffusionConfig.from_model_config(config)  # config.json's section, checked before anything samples with it
+        ratio = attention_ratio_of(config)
         if ratio > 0:
             set_attention(self, ratio)
 

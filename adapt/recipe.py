@@ -24,7 +24,7 @@ from .data import DataConfig
 from .diffusion import MODES, DiffusionTraining
 from .errors import UserError, quoted
 from .sampling import DECODINGS, MAX_NUM_SAMPLES, STRATEGIES
-from .settings import above, at_least, between, default_of, from_dict
+from .settings import NUMPY_SEEDS, above, at_least, between, default_of, from_dict
 
 
 @dataclass
@@ -64,7 +64,7 @@ class TrainSection:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast (weights stay in model.dtype)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     max_grad_norm: float = field(default=1.0, metadata=at_least(0))  # clip the global norm; 0 = no clipping
-    seed: int = field(default=0, metadata=at_least(0))  # model init of new rows, dropout, noise levels, masks
+    seed: int = field(default=0, metadata=NUMPY_SEEDS)  # model init of new rows, dropout, noise levels, masks
     eval_every: int = field(default=0, metadata=at_least(0))  # validation ELBO every N steps (0 = only at the end)
     eval_batches: int = field(default=4, metadata=at_least(0))  # validation batches per process (0 = no validation)
     # Monte Carlo masks per validation sequence (elbo_nll), a forward each: at most MAX_NUM_SAMPLES

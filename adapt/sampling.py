@@ -63,7 +63,7 @@ from .draw import pick, shaped, without_mask_token
 from .errors import UserError, check_type
 from .limits import EXTRAPOLATION_FACTOR, check_context
 from .speculative import DRAFT_GROUPS, speculate
-from .settings import at_least, between, check_settings, default_of
+from .settings import TORCH_SEEDS, at_least, between, check_settings, default_of
 
 STRATEGIES = ("random", "confidence", "margin", "entropy")
 CACHES = ("exact", "none", "prefix", "dual")  # see SamplingOptions.cache
@@ -92,7 +92,8 @@ class SamplingOptions:
     block_size: int | None = field(default=None, metadata={
         "help": "denoise in blocks of this many tokens, left to right (default: one block)", **at_least(1)})
     num_samples: int = field(default=1, metadata={"help": "samples denoised as one batch", **at_least(1)})
-    seed: int | None = field(default=None, metadata={"help": "same seed, same output (default: a fresh one)"})
+    seed: int | None = field(default=None, metadata={"help": "same seed, same output (default: a fresh one)",
+                                                       **TORCH_SEEDS})
     progress: bool | None = field(default=False, metadata={"help": "a progress bar; None = when stderr is a terminal"})
     # what limits.check_context allows past the model's positions
     allow_longer: bool = field(default=False, metadata={

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from .errors import UserError, quoted
@@ -57,6 +60,12 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
     return {"range": Range(low, high, low_open=low_open, high_open=high_open)}
 
 
+# The seeds the libraries take: torch's generators [0, 2**64); numpy's legacy seeding, which accelerate's
+# set_seed also seeds, ends at 2**32 - 1. Out of them a seed fails deep inside the library.
+TORCH_SEEDS = between(0, 2**64 - 1)
+NUMPY_SEEDS = between(0, 2**32 - 1)
+
+
 def default_of(owner, name: str):
     """The default of setting `name`: a dataclass field's or a function's keyword argument's.
 
@@ -80,19 +89,51 @@ def choices_of(cls, name: str) -> tuple:
 # From plain values: keys and types first, then the checks a dataclass built in Python gets too
 
 
-def from_dict(cls, values, prefix: str = ""):
+def from_dict(cls, values, prefix: str = "", whole: str = "the recipe"):
     """Build dataclass `cls` from a dict, checking keys, types, choices and ranges recursively.
 
     `prefix` is where `values` sit in the whole file ("data." for the recipe's data section), so that
-    messages name the key as the user wrote it.
+    messages name the key as the user wrote it; `whole` is what messages call the top level.
     """
-    settings = _build(cls, values, prefix)
+    settings = _build(cls, values, prefix, whole)
     check_settings(settings, prefix)
     return settings
 
 
-def _build(cls, values, prefix: str):
-    where = prefix.rstrip(".") or "the recipe"
+@contextmanager
+def read_from(source: str, fix: str | None = None):
+    """Checks of values read from a file: their `UserError` names the file, `source`, before the key; with
+    `fix`, that replaces the message's own (what to do about a file differs from what to do in a recipe)."""
+    try:
+        yield
+    except UserError as err:
+        message = str(err) if fix is None else f"{str(err).split('; ')[0]}; {fix}"
+        raise UserError(f"{source}: {message}") from None
+
+
+def read_json(path, fix: str) -> dict:
+    """The JSON object in file `path`; one that cannot be read, is not JSON or holds no object is a
+    `UserError` naming the file, ending with `fix` (what to do about it)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path} ({err.strerror if isinstance(err, OSError) else err}); {fix}") from None
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} holds a JSON {type(values).__name__}, not an object; {fix}")
+    return values
+
+
+def config_source(model_config) -> str:
+    """Where a transformers config was read from, for messages: its folder's config.json (a Hub id's, for
+    one from the Hub), or "the model's config" for one built in Python."""
+    name = str(getattr(model_config, "name_or_path", "") or "")
+    return f"{name.rstrip('/')}/config.json" if name else "the model's config"
+
+
+def _build(cls, values, prefix: str, whole: str):
+    where = prefix.rstrip(".") or whole
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -120,7 +161,11 @@ def _convert(hint, value, key: str):
     if value is None:
         raise UserError(f"{key} cannot be null; give a {_type_name(hint)}")
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return _build(hint, value, key + ".", key)
+    if dict in (hint, origin):
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping of keys, got {_show(value)}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             value = [value] if isinstance(value, (str, dict)) else value

@@ -252,11 +252,13 @@ def test_a_section_written_before_modes_and_objective_states_loads_as_what_it_me
     ({"mode": "block", "block_size": 0}, "diffusion.block_size = 0 is out of range"),
     ({"mode": "spiral"}, "diffusion.mode = 'spiral' is not a mode this version of adapt knows"),
     ({"mode": "block"}, "diffusion.block_size is missing"),
-    ({"mystery": 1}, "unknown key diffusion.mystery"),
+    ({"mystery": 1}, "diffusion.mystery is a key this version of adapt does not know"),
+    ({"mode": "bidirectional", "block_size": 4}, "unknown key diffusion.block_size"),  # known, but not this mode's
+    ("block", "diffusion must be a mapping of keys, got 'block' (str)"),
 ])
 def test_config_json_is_checked_key_by_key(values, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        DiffusionConfig.from_dict({"mask_token_id": 5, **values})
+        DiffusionConfig.from_dict({"mask_token_id": 5, **values} if isinstance(values, dict) else values)
 
 
 @pytest.mark.parametrize("field,value", [("loss_norm", "mean"), ("eps", 0.0), ("t_max", 1.5), ("objective", "x")])

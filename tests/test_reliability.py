@@ -41,7 +41,8 @@ DATA, CONTEXT, OUTPUTS, RUNS, OPTIONS, API = (
     "Bad data contents", "Context limits", "Output paths", "Concurrent runs", "Options, models and recipes",
     "Python API")
 GUESSES, OVERLAPS, BOUNDS = "Silent guesses", "Outputs overlapping inputs", "Bounded work"
-GROUPS = (DATA, CONTEXT, OUTPUTS, RUNS, OPTIONS, API, GUESSES, OVERLAPS, BOUNDS)
+FILES, LIBRARIES = "Files read from disk", "Library errors"
+GROUPS = (DATA, CONTEXT, OUTPUTS, RUNS, OPTIONS, API, FILES, LIBRARIES, GUESSES, OVERLAPS, BOUNDS)
 
 
 @dataclass
@@ -73,6 +74,10 @@ def _convert(fx, data, out, *args):
 
 def _generate(fx, *args, model="diffusion"):
     return ["generate", fx[model], *args]
+
+
+def _import(fx, src, out):
+    return ["import", fx[src], "--format", "diffullama", "--base", fx["causal"], "--out", out, "--mask-id", "5"]
 
 
 def _elbo(fx, data, *args):
@@ -406,6 +411,60 @@ CASES = [
          "rl.num_generations = 1000000000 is out of range", lambda fx: [_run_dir(fx, "rl-many")]),
     Case(BOUNDS, "serve --max-batch 1e9", lambda fx: ["serve", fx["diffusion"], "--max-batch", "1000000000"],
          "max_batch = 1000000000 is out of range"),
+    # -- files read from disk (issue 33): config.json, checkpoint state, card and imported weights ----------
+    Case(FILES, "info: config.json's diffusion section is a string", lambda fx: ["info", fx["diffusion_string"]],
+         "config.json: diffusion must be a mapping of keys, got 'yes' (str)", subprocess=True),
+    Case(FILES, "info: config.json has a key a newer adapt wrote", lambda fx: ["info", fx["newer_key"]],
+         "diffusion.written_by_a_newer_adapt is a key this version of adapt does not know"),
+    Case(FILES, "generate: a mask_token_id past the embedding's rows",
+         lambda fx: _generate(fx, "--length", "4", "--steps", "4", model="mask_past_rows"),
+         "diffusion.mask_token_id = 100000 is not a row of the model's embedding"),
+    Case(FILES, "generate: attention_ratio \"x\" in config.json",
+         lambda fx: _generate(fx, "--length", "4", "--steps", "4", model="ratio_word"),
+         "config.json: attention_ratio must be a number, got 'x' (str)"),
+    Case(FILES, "eval: a block size of 0 in config.json",
+         lambda fx: ["eval", fx["block_size_0"], "--task", "elbo", "--data", fx["corpus"], "--samples", "1"],
+         "diffusion.block_size = 0 is out of range"),
+    Case(FILES, "eval: shift \"no\" (a string) in config.json",
+         lambda fx: ["eval", fx["shift_word"], "--task", "elbo", "--data", fx["corpus"], "--samples", "1"],
+         "diffusion.shift must be true or false, got 'no' (str)"),
+    Case(FILES, "export: attention_ratio 5 in config.json", lambda fx: ["export", fx["ratio_5"], fx["root"] / "out-ratio"],
+         "attention_ratio = 5.0 is out of range", lambda fx: [fx["root"] / "out-ratio"]),
+    Case(FILES, "export --card with a license that is a number",
+         lambda fx: ["export", fx["diffusion"], fx["root"] / "out-card", "--card", fx["card_number"]],
+         "card.license must be a string, got 5 (int)", lambda fx: [fx["root"] / "out-card"]),
+    Case(FILES, "push --dry-run of an export whose config.json is not JSON",
+         lambda fx: ["push", fx["export_bad_json"], "someone/model", "--dry-run"], "config.json is not valid JSON"),
+    Case(FILES, "train --resume: trainer_state.json is not JSON",
+         lambda fx: _train(fx, "state-not-json", "--resume", model__path=str(fx["causal"]), train__max_steps=2),
+         "trainer_state.json is not valid JSON", lambda fx: [_run_dir(fx, "state-not-json")], subprocess=True),
+    Case(FILES, "train --resume: a step that is a word in trainer_state.json",
+         lambda fx: _train(fx, "state-step-word", "--resume", model__path=str(fx["causal"]), train__max_steps=2),
+         "step must be a whole number, got 'two' (str); the checkpoint is damaged",
+         lambda fx: [_run_dir(fx, "state-step-word")]),
+    Case(FILES, "import: a .bin that holds a list, not a state dict",
+         lambda fx: _import(fx, "import_list", fx["root"] / "out-import-list"), "holds a list, not a state dict",
+         lambda fx: [fx["root"] / "out-import-list"]),
+    Case(FILES, "import: a tensor of the wrong shape",
+         lambda fx: _import(fx, "import_shape", fx["root"] / "out-import-shape"), "has shape [7, 3]",
+         lambda fx: [fx["root"] / "out-import-shape"]),
+    # -- library errors (issue 33): what numpy, torch and peft would raise, refused first in our words ------
+    Case(LIBRARIES, "train: train.seed 2**64 (numpy's seeds end at 2**32 - 1)",
+         lambda fx: _train(fx, "seed-64", train__seed=2**64), "train.seed = 18446744073709551616 is out of range",
+         lambda fx: [_run_dir(fx, "seed-64")]),
+    Case(LIBRARIES, "generate --seed -1", lambda fx: _generate(fx, "--length", "4", "--steps", "4", "--seed", "-1"),
+         "seed = -1 is out of range", subprocess=True),
+    Case(LIBRARIES, "distill --seed 2**64",
+         lambda fx: ["distill", fx["diffusion"], "--data", fx["file"], "--out", fx["root"] / "out-distill-seed",
+                     "--length", "4", "--seed", str(2**64)],
+         "seed = 18446744073709551616 is out of range", lambda fx: [fx["root"] / "out-distill-seed"]),
+    Case(LIBRARIES, "train: lora.target_modules names no module",
+         lambda fx: _train(fx, "lora-typo", lora={"r": 4, "target_modules": ["q_proj", "qv_proj"]}),
+         "lora.target_modules[1] = 'qv_proj' names no module", lambda fx: [_run_dir(fx, "lora-typo")]),
+    Case(LIBRARIES, "info --allow-pickle: a pickle of objects that are not tensors",
+         lambda fx: ["info", fx["pickle_objects"], "--allow-pickle"], "are not tensors alone"),
+    Case(LIBRARIES, "import: a .bin that is no pickle", lambda fx: _import(fx, "import_garbage", fx["root"] / "out-garbage-bin"),
+         "is not a pickle of tensors alone", lambda fx: [fx["root"] / "out-garbage-bin"]),
 ]
 
 MESSAGES: dict[str, str] = {}  # case name -> the message users see (the test folder shown as $TMP)
@@ -460,7 +519,46 @@ def fx(tmp_path_factory):
     (paths["occupied"] / "notes.txt").write_text("someone's work\n")
     # a finished one-step run of the llama model, for the output-folder and wrong-model resume cases
     train(load_recipe(recipe(root, "finished", model__path=str(paths["causal"]), train__max_steps=1)))
+    paths.update(_damaged_files(root, paths))
     return paths
+
+
+def _edited_json(path: Path, edit) -> None:
+    values = json.loads(path.read_text())
+    edit(values)
+    path.write_text(json.dumps(values))
+
+
+def _damaged_files(root: Path, paths: dict) -> dict:
+    """The files adapt reads back, each damaged or edited one way: config.json's, checkpoints', cards, imports."""
+    edits = {"diffusion_string": lambda c: c.update(diffusion="yes"),
+             "newer_key": lambda c: c["diffusion"].update(written_by_a_newer_adapt=1),
+             "mask_past_rows": lambda c: c["diffusion"].update(mask_token_id=100000),
+             "ratio_word": lambda c: c.update(attention_ratio="x"),
+             "ratio_5": lambda c: c.update(attention_ratio=5),
+             "block_size_0": lambda c: c["diffusion"].update(mode="block", block_size=0),
+             "shift_word": lambda c: c["diffusion"].update(shift="no")}
+    files = {}
+    for name, edit in edits.items():
+        files[name] = shutil.copytree(paths["diffusion"], root / name.replace("_", "-"))
+        _edited_json(files[name] / "config.json", edit)
+    files["export_bad_json"] = shutil.copytree(paths["diffusion"], root / "export-bad-json")
+    (files["export_bad_json"] / "config.json").write_text('{"diffusion": {"mask_token_id": 128,\n')
+    files["card_number"] = root / "card.json"
+    files["card_number"].write_text(json.dumps({"license": 5, "tags": ["chat"]}))
+    state = Path("checkpoints/step-000001/trainer_state.json")
+    for run in ("state-not-json", "state-step-word"):
+        shutil.copytree(_run_dir({"root": root}, "finished"), root / f"run-{run}")
+    (root / "run-state-not-json" / state).write_text('{"step": 1,\n')
+    _edited_json(root / "run-state-step-word" / state, lambda s: s.update(step="two"))
+    weights = torch.load(paths["pickle"] / "pytorch_model.bin", weights_only=True)
+    for name, contents in {"import_list": [1, 2], "import_shape": {**weights, "model.embed_tokens.weight": torch.zeros(7, 3)},
+                           "pickle_objects": {"model.embed_tokens.weight": Path("not a tensor")}}.items():
+        files[name] = shutil.copytree(paths["pickle"], root / name.replace("_", "-"))
+        torch.save(contents, files[name] / "pytorch_model.bin")
+    files["import_garbage"] = shutil.copytree(paths["pickle"], root / "import-garbage")
+    (files["import_garbage"] / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    return files
 
 
 @pytest.fixture(autouse=True, scope="module")

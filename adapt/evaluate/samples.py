@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
 
+from ..diffusion import DiffusionConfig
 from ..errors import UserError
 from ..limits import check_context, max_positions
 from ..sampling import (OnStep, SamplingOptions, anchor_id, context_ids, decided_lengths, generate_with_details,
@@ -151,11 +152,12 @@ class _TextHoldsStop(StoppingCriteria):
 def _never_drawn(model) -> list[int]:
     """The ids of a diffusion checkpoint that are no prediction: its mask token and the rows past its
     vocabulary (`DiffusionConfig.vocab_size`); none for a causal model."""
-    diffusion = getattr(model.config, "diffusion", None) or {}
+    diffusion = DiffusionConfig.from_model_config(model.config)
+    if diffusion is None:
+        return []
     rows = model.get_output_embeddings().weight.shape[0]
-    vocab = diffusion.get("vocab_size") or rows
-    mask = [diffusion["mask_token_id"]] if diffusion.get("mask_token_id") is not None else []
-    return mask + list(range(vocab, rows))
+    mask = [diffusion.mask_token_id] if diffusion.mask_token_id is not None else []
+    return mask + list(range(diffusion.vocab_size or rows, rows))
 
 
 class _StopStringReached(Exception):

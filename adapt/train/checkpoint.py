@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ..diffusion import DiffusionConfig
 from ..errors import UserError
 from ..outputs import check_output, tensor_bytes, writing
 from ..recipe import Recipe
+from ..settings import at_least, from_dict, read_from, read_json
 from .collectives import all_reduce_sum
 from .report import METRICS_FILE, warn
 from .state import Run
@@ -154,30 +156,71 @@ def _checkpoint_bytes(run: Run) -> int:
     return tensor_bytes(weights) + tensor_bytes(moments)
 
 
+@dataclass
+class TrainerState:
+    """trainer_state.json, as a resume reads it (keys it does not read are left alone)."""
+
+    step: int = field(metadata=at_least(0))
+    tokens_trained: int = field(metadata=at_least(0))
+    world_size: int = field(metadata=at_least(1))
+    diffusion: dict
+    recipe: dict
+    model_shapes: dict | None = None
+    optimizer_groups: list[str] | None = None  # None: written before lr_multipliers existed
+
+
+def read_checkpoint_file(path: Path, name: str, cls):
+    """File `name` of checkpoint `path` as dataclass `cls`: a damaged or edited one is a UserError naming
+    it, and the way on without it."""
+    values = read_json(path / name, _damaged(path))
+    with read_from(str(path / name), _damaged(path)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return from_dict(cls, {key: value for key, value in values.items() if key in known}, whole="the file")
+
+
+def _load_data_position(run: Run, path: Path) -> None:
+    """Restore where this process's data stream stood from its data_rank{r}.json. Each stream (training
+    blocks, rl's prompt feed) has its own layout, so its `load_state_dict` is what checks it."""
+    file = path / f"data_rank{run.accelerator.process_index}.json"
+    try:
+        run.train_blocks.load_state_dict(read_json(file, _damaged(path)))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{file} does not hold the data position this run reads (its keys or values are not those "
+                        f"adapt writes); {_damaged(path)}") from None
+
+
+def _damaged(path: Path) -> str:
+    """What to do about a checkpoint whose files are damaged: go on from the one before it, or another."""
+    return f"the checkpoint is damaged: delete {path} to resume from the one before it, or resume from another (resume=PATH)"
+
+
 def load_checkpoint(run: Run, path: Path) -> None:
     """Restore the state and the progress (step, tokens) that `save_checkpoint` wrote into `run`."""
-    state = json.loads((path / STATE_FILE).read_text())
-    saved_shapes = state.get("model_shapes")
+    state = read_checkpoint_file(path, STATE_FILE, TrainerState)
+    with read_from(str(path / STATE_FILE), _damaged(path)):
+        diffusion = DiffusionConfig.from_dict(state.diffusion)
+    saved_shapes = state.model_shapes
     if saved_shapes is not None and saved_shapes != run.model_shapes:
-        raise UserError(f"{path} was written for a different model ({saved_shapes['parameters']:,} parameters, "
-                        f"model.path {state['recipe']['model']['path']}) than this run's "
+        raise UserError(f"{path} was written for a different model ({saved_shapes.get('parameters', 0):,} parameters, "
+                        f"model.path {state.recipe.get('model', {}).get('path')}) than this run's "
                         f"({run.model_shapes['parameters']:,}); resume with the model it was trained from, or "
                         "start a fresh output_dir")
     _refuse_other_meaning(run, path, state.get("meaning"))
     accelerator = run.accelerator
-    if state["world_size"] != accelerator.num_processes:
-        raise UserError(f"{path} was written by {state['world_size']} processes but this run has "
+    if state.world_size != accelerator.num_processes:
+        raise UserError(f"{path} was written by {state.world_size} processes but this run has "
                         f"{accelerator.num_processes}; resume with the same process count")
-    saved_groups, groups = state.get("optimizer_groups"), optimizer_groups(run.optimizer)
-    if saved_groups is not None and saved_groups != groups:  # None: written before lr_multipliers existed
-        raise UserError(f"{path} was written with optimizer groups {', '.join(saved_groups)} (optim.lr_multipliers "
-                        f"{state['recipe']['optim']['lr_multipliers']}) but this run has {', '.join(groups)}; "
-                        "resume with the lr_multipliers it was trained with, or start a fresh output_dir")
+    groups = optimizer_groups(run.optimizer)
+    if state.optimizer_groups is not None and state.optimizer_groups != groups:
+        raise UserError(f"{path} was written with optimizer groups {', '.join(state.optimizer_groups)} "
+                        f"(optim.lr_multipliers {state.recipe.get('optim', {}).get('lr_multipliers')}) but this run "
+                        f"has {', '.join(groups)}; resume with the lr_multipliers it was trained with, or start a "
+                        "fresh output_dir")
+    _load_data_position(run, path)  # before the weights and optimizer: a damaged file costs no minutes of loading
     run.backend.load_state(path, run.wrapped, run.optimizer, run.scheduler)
-    run.train_blocks.load_state_dict(json.loads((path / f"data_rank{accelerator.process_index}.json").read_text()))
-    run.step, run.tokens_trained = int(state["step"]), int(state["tokens_trained"])
+    run.step, run.tokens_trained = state.step, state.tokens_trained
     # what the objective measured at the run's first step (checkpoints of every version of adapt)
-    run.objective.load_state_dict(DiffusionConfig.from_dict(state["diffusion"]).objective_state)
+    run.objective.load_state_dict(diffusion.objective_state)
 
 
 def _refuse_other_meaning(run: Run, path: Path, saved: dict | None) -> None:
