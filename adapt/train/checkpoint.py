@@ -167,6 +167,7 @@ class TrainerState:
     recipe: dict
     model_shapes: dict | None = None
     optimizer_groups: list[str] | None = None  # None: written before lr_multipliers existed
+    meaning: dict | None = None  # run_meaning; None: written before it was recorded
 
 
 def read_checkpoint_file(path: Path, name: str, cls):
@@ -205,7 +206,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
                         f"model.path {state.recipe.get('model', {}).get('path')}) than this run's "
                         f"({run.model_shapes['parameters']:,}); resume with the model it was trained from, or "
                         "start a fresh output_dir")
-    _refuse_other_meaning(run, path, state.get("meaning"))
+    _refuse_other_meaning(run, path, state.meaning)
     accelerator = run.accelerator
     if state.world_size != accelerator.num_processes:
         raise UserError(f"{path} was written by {state.world_size} processes but this run has "
