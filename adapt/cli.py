@@ -2,9 +2,9 @@
 
 Every subcommand registers itself below with `_add_<name>(subparsers)`; its handler takes the parsed
 arguments and returns an exit code. A `UserError` anywhere becomes one line on stderr and exit code 2.
-SIGTERM and SIGINT stop any command where it is, as Ctrl-C does (locks released, temporary files removed
-on the way out), with one line and exit code 143 or 130; a training run catches them itself once loaded,
-to checkpoint first (adapt/train/stops.py).
+SIGTERM and SIGINT stop any command where it is, raised as Python raises Ctrl-C (locks released, temporary
+files removed on the way out), with one line and exit code 143 or 130; a training run catches them itself
+once loaded, to checkpoint first (adapt/train/stops.py).
 """
 
 from __future__ import annotations
@@ -36,30 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGINT, raised wherever the command is, as Python raises Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+class _Terminated(BaseException):
+    """SIGTERM, raised wherever the command is, as Python raises KeyboardInterrupt for SIGINT: a
+    BaseException, so every cleanup runs, but not a KeyboardInterrupt, which chat takes for "stop this answer"."""
 
 
-def _raise_stopped(signum, frame):
-    raise _Stopped(signum)
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 @contextlib.contextmanager
-def _signals_raise():
-    """SIGTERM and SIGINT raise `_Stopped` while the block runs (only the main thread may set handlers)."""
+def _sigterm_raises():
+    """SIGTERM raises `_Terminated` while the block runs (only the main thread may set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     prog = "adapt"
     try:  # Ctrl-C while the parser imports torch is an interruption like any other, not a traceback
-        with _signals_raise():
+        with _sigterm_raises():
             args = build_parser().parse_args(argv)
             prog = f"adapt {args.command}"
             return exit_code_of(lambda: args.handler(args), prog)
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, _Terminated) as stop:
         from .train.stops import EXIT_CODES
 
-        signum = getattr(stop, "signum", signal.SIGINT)
-        print(f"{prog}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        signum = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
+        print(f"{prog}: stopped by {signum.name}", file=sys.stderr)
         return EXIT_CODES[signum]
 
 

@@ -153,6 +153,25 @@ def test_ctrl_c_during_an_answer_returns_to_the_prompt_and_keeps_the_history_as_
     assert chat.turns == fresh.turns
 
 
+def test_sigterm_during_an_answer_ends_the_chat_not_only_the_answer():
+    """Ctrl-C stops one answer; SIGTERM (raised by the CLI as `_Terminated`) must end the command."""
+    from adapt.cli import _Terminated
+
+    class Terminating(Lines):
+        def answering(self):
+            from contextlib import nullcontext
+
+            return nullcontext(self._terminate)
+
+        def _terminate(self, text):
+            raise _Terminated()
+
+    chat = _chat()
+    with pytest.raises(_Terminated):
+        _converse(chat, ["w5", "w6"], Terminating)
+    assert chat.turns == []
+
+
 def test_the_end_of_turn_token_is_read_off_the_template():
     _, tokenizer = diffusion_model()
     tokenizer.chat_template = PAD_TEMPLATE
