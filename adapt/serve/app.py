@@ -2,7 +2,8 @@
 
 A request is read into a `Job` (`adapt.serve.api`) and checked before it waits: a bad body, an unknown
 model, max_tokens over the cap or a prompt too long for the context is a 400 with OpenAI's error body,
-a full queue a 429. The worker (`adapt.serve.batcher`) then decodes it, maybe batched with others. A
+a full queue a 429, a body larger than any prompt the model could take a 413 (before it is read), a path
+or method the server does not have a 404 or 405, all with OpenAI's error body. The worker (`adapt.serve.batcher`) then decodes it, maybe batched with others. A
 plain answer is sent when decoded; a stream (server-sent events) sends each answer's text as its
 committed prefix grows (`adapt.serve.text`), then the rest, a last chunk with the finish reason, and
 `[DONE]`. A stream answers only after its first step, so a setting the sampler refuses (a UserError,
@@ -24,8 +25,10 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import UserError
+from ..limits import usable_positions
 from ..sampling import MAX_NUM_SAMPLES, SamplingOptions, text_end
 from ..settings import between, check_settings
 from . import api
@@ -33,6 +36,12 @@ from .batcher import Batcher, Done, Failed, Job, Progress, QueueFull
 from .text import ChoiceText
 
 POLL_SECONDS = 0.2  # how often a waiting request checks that its client is still there
+# The largest body read: this many bytes per position the model can take (a token is a few characters,
+# JSON escapes one in up to 6 bytes), at least MIN_BODY_BYTES. Larger ones could only be refused after
+# seconds of parsing and tokenizing, during which the server answers no one.
+BODY_BYTES_PER_POSITION = 64
+MIN_BODY_BYTES = 1 << 20
+ENDPOINTS = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models and GET /health"
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ def create_app(model, tokenizer, name: str, settings: ServeSettings, defaults: S
     shift = DiffusionConfig.from_model_config(model.config).shift
     app.state.batcher = batcher = Batcher(model, tokenizer, max_queue=settings.max_queue, max_batch=settings.max_batch)
     _answer_errors(app)
+    _limit_body(app, max_body_bytes(model.config))
 
     @app.get("/health")
     async def health():
@@ -142,9 +152,34 @@ def _answer_errors(app: FastAPI) -> None:
     async def invalid(request: Request, error: RequestValidationError):
         return JSONResponse(_invalid_body(error).body(), status_code=400)
 
+    @app.exception_handler(HTTPException)  # a path or method the server does not have (404, 405)
+    async def not_served(request: Request, error: HTTPException):
+        refusal = api.ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}; this server "
+                                                  f"has {ENDPOINTS}")
+        return JSONResponse(refusal.body(), status_code=error.status_code, headers=error.headers)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception):  # no traceback for the client; uvicorn logs it
         return JSONResponse(_refusal(error).body(), status_code=500)
+
+
+def max_body_bytes(model_config) -> int:
+    """The largest request body the server reads for this model (see BODY_BYTES_PER_POSITION)."""
+    positions = usable_positions(model_config, allow_longer=True) or 0  # a request may set allow_longer
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_POSITION * positions)
+
+
+def _limit_body(app: FastAPI, limit: int) -> None:
+    """A 413 for a body whose Content-Length is over `limit`, before it is read."""
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            refusal = api.ApiError(413, f"the body is {int(length):,} bytes, more than this server reads for its model "
+                                        f"({limit:,}); send a shorter prompt", code="body_too_large")
+            return JSONResponse(refusal.body(), status_code=413)
+        return await call_next(request)
 
 
 def _job(body: api.OpenAIRequest, tokenizer, model_config, shift: bool, settings: ServeSettings,
