@@ -93,7 +93,7 @@ def create_app(model, tokenizer, name: str, settings: ServeSettings, defaults: S
     shift = DiffusionConfig.from_model_config(model.config).shift
     app.state.batcher = batcher = Batcher(model, tokenizer, max_queue=settings.max_queue, max_batch=settings.max_batch)
     _answer_errors(app)
-    _limit_body(app, max_body_bytes(model.config))
+    app.add_middleware(_BodyLimit, limit=max_body_bytes(model.config))
 
     @app.get("/health")
     async def health():
@@ -169,17 +169,21 @@ def max_body_bytes(model_config) -> int:
     return max(MIN_BODY_BYTES, BODY_BYTES_PER_POSITION * positions)
 
 
-def _limit_body(app: FastAPI, limit: int) -> None:
-    """A 413 for a body whose Content-Length is over `limit`, before it is read."""
+class _BodyLimit:
+    """A 413 for a body whose Content-Length is over `limit`, before it is read. Plain ASGI: Starlette's
+    `BaseHTTPMiddleware` would hide from the endpoints that their client went away."""
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if scope["type"] == "http" and length.isdigit() and int(length) > self.limit:
             refusal = api.ApiError(413, f"the body is {int(length):,} bytes, more than this server reads for its model "
-                                        f"({limit:,}); send a shorter prompt", code="body_too_large")
-            return JSONResponse(refusal.body(), status_code=413)
-        return await call_next(request)
+                                        f"({self.limit:,}); send a shorter prompt", code="body_too_large")
+            await JSONResponse(refusal.body(), status_code=413)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _job(body: api.OpenAIRequest, tokenizer, model_config, shift: bool, settings: ServeSettings,
