@@ -12,8 +12,9 @@ change, so nothing after it can change the text. Only a finished answer joins th
 
 `converse` is the loop. It reads messages (and the commands /reset and /exit) from a display and hands
 it each answer; a line that is no message (empty, an unknown /command, bytes that are not UTF-8) gets
-none, and the display says why. The display is `Terminal` (rich: a prompt, and the answer live as it denoises unless `live` is off) or
-`Lines` (stdin not a terminal, or --json: one message per input line, one answer per output line).
+none, and the display says why. The display is `Terminal` (rich: a prompt, and the answer live as it
+denoises unless `live` is off) or `Lines` (stdin not a terminal, or --json: one message per input line,
+one answer per output line).
 """
 
 from __future__ import annotations

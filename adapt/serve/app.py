@@ -2,12 +2,13 @@
 
 A request is read into a `Job` (`adapt.serve.api`) and checked before it waits: a bad body, an unknown
 model, max_tokens over the cap or a prompt too long for the context is a 400 with OpenAI's error body,
-a full queue a 429, a body larger than any prompt the model could take a 413 (before it is read), a path
-or method the server does not have a 404 or 405, all with OpenAI's error body. The worker (`adapt.serve.batcher`) then decodes it, maybe batched with others. A
-plain answer is sent when decoded; a stream (server-sent events) sends each answer's text as its
-committed prefix grows (`adapt.serve.text`), then the rest, a last chunk with the finish reason, and
-`[DONE]`. A stream answers only after its first step, so a setting the sampler refuses (a UserError,
-the same for the whole batch) is still a 400 rather than an error inside a 200. A client that goes
+a full queue a 429, a body larger than any prompt the model could take a 413 (before it is read), a
+path or method the server does not have a 404 or 405, each with OpenAI's error body. The worker
+(`adapt.serve.batcher`) then decodes it, maybe batched with others. A plain answer is sent when
+decoded; a stream (server-sent events) sends each answer's text as its committed prefix grows
+(`adapt.serve.text`), then the rest, a last chunk with the finish reason, and `[DONE]`. A stream
+answers only after its first step, so a setting the sampler refuses (a UserError, the same for the
+whole batch) is still a 400 rather than an error inside a 200. A client that goes
 away cancels its job, and a batch whose clients have all gone stops decoding.
 
 Besides OpenAI's fields, each choice carries `forwards` (the model forwards its batch ran) and
@@ -299,9 +300,10 @@ def check_address(settings: ServeSettings) -> None:
     try:
         with socket.create_server((settings.host, settings.port)):
             pass
-    except OSError as err:
-        raise UserError(f"cannot listen on {settings.host}:{settings.port} ({err.strerror or err}); pass another "
-                        "--port, or a --host of this machine") from None
+    except OSError as err:  # the system's words, without the address create_server appends (the message has it)
+        reason = (err.strerror or str(err)).split(" (while attempting to bind")[0]
+        raise UserError(f"cannot listen on {settings.host}:{settings.port} ({reason}); pass another --port, or a "
+                        "--host of this machine") from None
 
 
 def serve(model, tokenizer, name: str, settings: ServeSettings, defaults: SamplingOptions) -> None:

@@ -70,7 +70,9 @@ def check_same_tokenizer(student, teacher, name: str) -> None:
     """Refuse a teacher (`name` says which) whose tokenizer gives any of its tokens another id than the
     student's does: its distributions would be over other tokens."""
     known = student.get_vocab()
-    differing = [token for token, index in teacher.get_vocab().items() if known.get(token) != index]
+    # in id order, so that the example named is the same every run (a vocabulary's dict order is not)
+    differing = [token for token, index in sorted(teacher.get_vocab().items(), key=lambda item: item[1])
+                 if known.get(token) != index]
     if differing:
         raise UserError(f"{name}: its tokenizer differs from the student's ({len(differing)} tokens with other ids, "
                         f"e.g. {differing[0]!r}); give a teacher with the source's tokenizer")
