@@ -11,13 +11,16 @@ change, so nothing after it can change the text. Only a finished answer joins th
 (`Chat.remember`): one stopped with Ctrl-C leaves the history as it was.
 
 `converse` is the loop. It reads messages (and the commands /reset and /exit) from a display and hands
-it each answer: `Terminal` (rich: a prompt, and the answer live as it denoises unless `live` is off) or
-`Lines` (stdin not a terminal, or --json: one message per input line, one answer per output line).
+it each answer; a line that is no message (empty, an unknown /command, bytes that are not UTF-8) gets
+none, and the display says why. The display is `Terminal` (rich: a prompt, and the answer live as it
+denoises unless `live` is off) or `Lines` (stdin not a terminal, or --json: one message per input line,
+one answer per output line).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -32,10 +35,11 @@ from rich.text import Text
 
 from .chat_template import render_chat
 from .errors import UserError
-from .limits import usable_positions
-from .sampling import SamplingOptions, context_ids, generate_with_details, verifies
+from .limits import check_context, usable_positions
+from .sampling import SamplingOptions, check_positive, check_steps, context_ids, generate_with_details, verifies
 
 DEFAULT_MAX_TOKENS = 128
+COMMANDS = ("/reset", "/exit")
 PLACEHOLDER = "░"  # a still-masked position of the answer, in the live view
 _PROBE = "adapt-probe-answer"  # an assistant message whose end in the rendered template shows the end-of-turn token
 
@@ -130,8 +134,9 @@ class Chat:
         if not tokenizer.chat_template:
             raise UserError("the tokenizer has no chat template; pass one with --template FILE (a Jinja chat "
                             "template, such as the chat_template.jinja of an instruct model of the same family)")
-        if max_tokens < 1 or (steps is not None and not 1 <= steps <= max_tokens):
-            raise UserError(f"max tokens must be >= 1 and steps between 1 and max tokens; got {max_tokens} and {steps}")
+        check_positive(max_tokens=max_tokens)
+        if steps is not None:
+            check_steps(steps, max_tokens)
         self.verifying = verifies(config, options)
         if steps is not None and self.verifying:
             raise UserError("a hybrid model verifying its drafts takes no steps; drop --steps, or pass "
@@ -141,7 +146,11 @@ class Chat:
         self.turns: list[tuple[str, str]] = []  # (user message, answer), oldest first
         self.stops = stop_ids(tokenizer)
         self.positions = usable_positions(model.config, options.allow_longer)
-        self._render([], "hi")  # a template that refuses the system prompt does so now, not at every turn
+        # A template that refuses the system prompt, or a system prompt that leaves no room for an answer,
+        # is refused now, not at every turn.
+        shortest = context_ids(tokenizer, self._render([], ""), anchor=config.shift)
+        check_context(model.config, len(shortest) + 1, "the system prompt (--system) through the chat template, "
+                      "with an empty message and a one-token answer", allow_longer=options.allow_longer)
 
     def plan(self, message: str) -> Plan:
         """The prompt for `message` after the newest turns that fit with a full answer, and the answer's
@@ -211,6 +220,9 @@ def converse(chat: Chat, display) -> int:
             chat.reset()
             display.notice("history cleared")
             continue
+        if (reason := no_message(line)) is not None:
+            display.no_answer(f"not answered: {reason}")
+            continue
         try:
             plan = chat.plan(line)
         except UserError as refused:  # this turn only: the session goes on
@@ -227,6 +239,21 @@ def converse(chat: Chat, display) -> int:
         chat.remember(plan, reply)
         display.answer(plan, reply)
     return 0
+
+
+def no_message(line: str) -> str | None:
+    """Why `line` is not a message to answer (None when it is one): empty, a command that does not exist,
+    or bytes that are not UTF-8 (which stdin hands over as lone surrogates)."""
+    if not line.strip():
+        return f"the line is empty; type a message, or {' or '.join(COMMANDS)}"
+    if re.fullmatch(r"/\w+", line.strip()):
+        return f"unknown command {line.strip()[:30]}; the commands are {' and '.join(COMMANDS)}"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:  # a surrogate stands for the byte 0xDC00 below it
+        byte = ord(line[err.start]) - 0xDC00
+        return f"byte 0x{byte:02x} (character {err.start + 1}) is not UTF-8 text; send UTF-8"
+    return None
 
 
 class Terminal:

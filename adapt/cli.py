@@ -645,19 +645,27 @@ def _run_distill(args) -> int:
 
     from .convert import RECIPE_FILE, write_recipe
     from .export import load
+    from .sampling import check_positive, check_steps
     from .self_distill import (check_distill_output, distill_recipe, read_prompts, source_answerer,
                                write_targets)
 
     out = Path(args.out)
     options = _sampling_options(args, num_samples=1)
+    check_positive(length=args.length)  # before anything is written: a refused answer would leave a partial file
+    if args.steps is not None:
+        check_steps(args.steps, args.length)
     check_distill_output(out, args.model, args.data, args.source)
     prompts = read_prompts(args.data)
     recipe = distill_recipe(args.model, out / "targets.jsonl", out, _loading_overrides(args) + list(args.overrides))
     model, tokenizer, config = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     answer = None
     if args.targets == "source":
-        answer = source_answerer(args.source or config.base_model, tokenizer, length=args.length, options=options,
-                                 dtype=args.dtype, device=args.device)
+        source = args.source or config.base_model
+        if source is None:
+            raise UserError(f"--targets source needs the AR model {args.model} was adapted from, and its config names "
+                            "no base_model; pass --source AR_MODEL")
+        answer = source_answerer(source, tokenizer, length=args.length, options=options, dtype=args.dtype,
+                                 device=args.device)
     out.mkdir(parents=True, exist_ok=True)
     targets = write_targets(model, tokenizer, prompts, out, length=args.length, steps=args.steps, options=options,
                             answer=answer)

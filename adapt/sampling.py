@@ -258,7 +258,7 @@ def generate_ids(
     concurrent requests. `num_samples` is not read here: the rows are the samples. Sampling settings: as
     for `generate`. Returns the whole sequences, prompts included."""
     options = SamplingOptions.with_overrides(options, overrides)
-    _check_positive(length=length)
+    check_positive(length=length)
     if len({len(prompt) for prompt in prompts}) != 1:
         raise ValueError("every prompt must have the same number of tokens (one or more prompts)")
     config = _diffusion_config(model)
@@ -267,7 +267,7 @@ def generate_ids(
         raise UserError("a hybrid model verifying its drafts takes as many forwards as its drafts are accepted; "
                         "drop the steps, or pass decoding 'diffusion' to denoise in that many steps")
     steps = length if steps is None else steps  # one per token; 0 stays 0 and is refused
-    _check_steps(steps, length)
+    check_steps(steps, length)
     prompt_length = len(prompts[0])
     check_context(model.config, prompt_length + length, f"the prompt and {length:,} new tokens",
                   allow_longer=options.allow_longer)
@@ -326,7 +326,7 @@ def infill_with_details(
     if options.decoding == "verify":
         raise UserError("verification decodes left to right, and infilling fills spans between given texts; use "
                         "decoding 'auto' or 'diffusion'")
-    _check_positive(span_length=span_length)
+    check_positive(span_length=span_length)
     config = _diffusion_config(model)
     pieces = split_infill_text(text, mask_marker, span_length)
     # the spans alone first, before lists of their size are built
@@ -339,7 +339,7 @@ def infill_with_details(
     sequence, spans = _infill_sequence(tokenizer, pieces, config)
     masked = sum(end - start for start, end in spans)
     steps = masked if steps is None else steps
-    _check_steps(steps, masked)
+    check_steps(steps, masked)
     check_context(model.config, len(sequence), "the text with its spans", allow_longer=options.allow_longer)
 
     ids = torch.tensor([sequence] * options.num_samples, device=_device(model))
@@ -468,7 +468,7 @@ def denoise(
     counts = fill.sum(dim=1)
     if len(set(counts.tolist())) != 1:
         raise ValueError("every row must have the same number of positions to fill")
-    _check_steps(steps, int(counts[0]))
+    check_steps(steps, int(counts[0]))
     if config.shift and fill[:, 0].any():
         raise UserError("position 0 cannot be generated with the shift (it is never predicted); start with a "
                         "given token such as BOS")
@@ -679,14 +679,16 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def _check_positive(**values) -> None:
+def check_positive(**values) -> None:
+    """Counts that must be whole and at least 1 (the sampler's; chat and distill check theirs with it)."""
     for name, value in values.items():
         check_type(name, value, int, "a whole number")
         if value < 1:
             raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
 
 
-def _check_steps(steps: int, tokens: int) -> None:
+def check_steps(steps: int, tokens: int) -> None:
+    """Denoising steps for `tokens` tokens: at least 1, at most one a token."""
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
     if steps > tokens:

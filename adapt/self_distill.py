@@ -24,6 +24,7 @@ import json
 import os
 from pathlib import Path
 
+from .data_errors import reading
 from .errors import UserError
 from .recipe import Recipe, load_recipe
 
@@ -77,8 +78,10 @@ def read_prompt_rows(path: str | os.PathLike, name: str = "--data") -> list[dict
     if path.suffix not in (".txt", ".jsonl"):
         raise UserError(f"{name} {path}: a {path.suffix or 'suffixless'} file; give .txt (a prompt a line) or "
                         ".jsonl (a 'prompt' field a row)")
+    with reading([path]):  # bytes that are not UTF-8: the byte and line, as for every corpus
+        text = path.read_text(encoding="utf-8")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         row = {"prompt": line} if path.suffix == ".txt" else _row_of(line, path, number, name)

@@ -216,5 +216,29 @@ def test_a_piped_session_answers_each_line_and_reset_clears_the_history(tmp_path
 def test_steps_that_cannot_apply_are_refused_when_the_chat_starts():
     with pytest.raises(UserError, match="a hybrid model verifying its drafts takes no steps"):
         _chat(model=_hybrid(), steps=4)
-    with pytest.raises(UserError, match="steps between 1 and max tokens; got 8 and 9"):
+    with pytest.raises(UserError, match="9 steps for 8 tokens would waste forwards"):  # the sampler's own check
         _chat(max_tokens=8, steps=9)
+
+
+def test_lines_that_are_no_message_get_no_answer_and_the_session_goes_on():
+    """An empty line, an unknown /command and bytes that are not UTF-8 (stdin hands them over as lone
+    surrogates) are not sent to the model: each gets an empty answer line and a reason on stderr."""
+    chat = _chat()
+    out, err = io.StringIO(), io.StringIO()
+    lines = ["", "/unknown", "w5 \udcff w6", "w7"]
+    converse(chat, Lines(io.StringIO("".join(line + "\n" for line in lines)), out, err))
+    assert out.getvalue().splitlines()[:3] == ["", "", ""] and out.getvalue().splitlines()[3]
+    assert [user for user, _ in chat.turns] == ["w7"]  # only the real message reached the model
+    assert err.getvalue().splitlines() == [
+        "adapt chat: not answered: the line is empty; type a message, or /reset or /exit",
+        "adapt chat: not answered: unknown command /unknown; the commands are /reset and /exit",
+        "adapt chat: not answered: byte 0xff (character 4) is not UTF-8 text; send UTF-8"]
+
+
+def test_a_system_prompt_that_leaves_no_room_for_an_answer_is_refused_when_the_chat_starts():
+    model, tokenizer = diffusion_model()
+    model.config.max_position_embeddings = 40
+    config = DiffusionConfig.from_model_config(model.config)
+    with pytest.raises(UserError, match=r"the system prompt \(--system\).*: 4[0-9] tokens, more than the model's 40"):
+        Chat(model, tokenizer, config, options=SamplingOptions(), system=_words(10, 38), template=TEMPLATE)
+    Chat(model, tokenizer, config, options=SamplingOptions(), system=_words(10, 30), template=TEMPLATE)  # fits

@@ -55,7 +55,7 @@ def test_a_named_callable_gets_the_rows_fields_and_one_that_raises_on_a_sample_s
     rewards = _rewards([{"prompt": "q", "level": 2}], rewards=[f"{name}:picky"])
     scores = score(rewards, ["q"] * 3, ["ab", "boom", "abc"], {"level": [2, 2, 2]})
     assert scores.total == [4.0, 0.0, 6.0] and scores.errors == 1
-    assert "cannot read boom" in capsys.readouterr().err
+    assert "raised ValueError: cannot read boom on the prompt, completion 2; it scores 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, functions, message", [
@@ -86,3 +86,36 @@ def test_a_built_in_reward_needs_its_field_in_every_row():
 def test_a_format_pattern_that_is_no_regular_expression_is_refused():
     with pytest.raises(UserError, match="is not a regular expression"):
         _rewards([{"prompt": "q"}], rewards=["format"], format_pattern="(unclosed")
+
+
+def test_a_reward_that_raises_on_every_completion_of_a_prompt_stops_the_run_naming_it(capsys):
+    """A group scored all 0 teaches nothing: a function that fails on everything (here a wrong signature)
+    stops the run in one line naming the reward, the prompt and the error, without a warning per sample."""
+    name = _module("rl_reward_signature", narrow=lambda prompts, completions: [1.0] * len(completions))
+    rewards = _rewards([{"prompt": "q", "answer": "1"}], rewards=[f"{name}:narrow"])
+    with pytest.raises(UserError) as refused:
+        score(rewards, ["q", "q"], ["a", "b"], {"answer": ["1", "1"]}, "prompt 3 of rl.prompts")
+    assert str(refused.value).startswith(f"rl.rewards: {name}:narrow raised on every completion of prompt 3 of "
+                                         "rl.prompts (TypeError: ")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("returned, problem", [
+    ([1.0, float("nan")], "returned nan for completion 2 on prompt 1 of rl.prompts"),
+    ([1.0, "high"], "returned 'high' for completion 2"),
+    ([1.0], "returned a list of 1 on prompt 1"),
+    (None, "returned a NoneType on prompt 1"),
+])
+def test_what_a_bad_reward_returned_is_named_with_the_prompt(returned, problem):
+    name = _module("rl_reward_values", values=lambda prompts, completions, **_: returned)
+    rewards = _rewards([{"prompt": "q"}], rewards=[f"{name}:values"])
+    with pytest.raises(UserError, match="one finite number per completion") as refused:
+        score(rewards, ["q", "q"], ["a", "b"], {}, "prompt 1 of rl.prompts")
+    assert problem in str(refused.value)
+
+
+def test_an_array_of_rewards_is_taken():
+    import numpy as np
+
+    name = _module("rl_reward_array", array=lambda prompts, completions, **_: np.array([0.5, 1.0]))
+    assert score(_rewards([{"prompt": "q"}], rewards=[f"{name}:array"]), ["q", "q"], ["a", "b"], {}).total == [0.5, 1.0]

@@ -10,7 +10,7 @@ from adapt.cli import main
 from adapt.export import load
 from adapt.sampling import generate
 
-from .tiny_runs import causal_folder, diffusion_folder
+from .tiny_runs import causal_folder, diffusion_folder, other_tokenizer_folder
 from .tiny_runs import tensors as weights
 
 PROMPTS = ["w5 w6 w7", "w8 w9", "w10 w11 w12 w13"]
@@ -99,13 +99,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_a_source_with_another_tokenizer_is_refused(tmp_path, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    other = causal_folder(tmp_path / "other", tokenizer=False)
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(other)
+    other = other_tokenizer_folder(tmp_path / "other")
     code = _distill(diffusion_folder(tmp_path / "model"), _prompts(tmp_path), tmp_path / "out", "--targets", "source",
                     "--source", str(other))
     _refused(capsys, code, f"--source {other}: its tokenizer differs from the student's")

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -27,7 +24,7 @@ from adapt.serve.api import ApiError, ChatRequest, prompt_ids
 from adapt.sampling import generate_ids, generate_with_details, text_end
 from adapt.serve.text import ChoiceText, cut_at_stop, settled
 
-from .tiny_runs import ENV, diffusion_folder, free_port, hybrid_model, run_cli
+from .tiny_runs import diffusion_folder, hybrid_model, run_cli, serving, wait_until
 
 TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}w3"  # words the tiny vocabulary has
 MAX_TOKENS, MAX_QUEUE, MAX_BATCH = 250, 3, 4
@@ -49,19 +46,8 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(folder):
     """(base URL, model id) of `adapt serve` running in its own process."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "adapt", "serve", str(folder), "--port", str(port), "--max-queue", str(MAX_QUEUE),
-         "--max-batch", str(MAX_BATCH), "--max-tokens", str(MAX_TOKENS)],
-        env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(lambda: _up(url), what="the server to start")
+    with serving(folder, "--max-queue", MAX_QUEUE, "--max-batch", MAX_BATCH, "--max-tokens", MAX_TOKENS) as url:
         yield url, str(folder)
-    finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
-        assert "Traceback" not in output, output
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +55,6 @@ def local(folder):
     """The same checkpoint in this process: what the sampler answers without a server."""
     model, tokenizer, _ = adapt.load(folder)
     return model, tokenizer
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _wait_until(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _client(server) -> openai.OpenAI:
@@ -101,7 +73,7 @@ def _busy(server, pool: ThreadPoolExecutor):
     """Start a long request and return its future once the model is decoding it: later requests wait."""
     before = _health(server)["batches"]
     blocker = pool.submit(_post, server, "completions", LONG)
-    _wait_until(lambda: _health(server)["running"] == 1 or _health(server)["batches"] > before, "the long request")
+    wait_until(lambda: _health(server)["running"] == 1 or _health(server)["batches"] > before, "the long request")
     assert _health(server)["running"] == 1, "the long request ended before the test could queue behind it"
     return blocker
 
@@ -251,7 +223,7 @@ def test_agreeing_requests_are_one_batch_and_each_answer_is_its_answer_alone(ser
         blocker = _busy(server, pool)
         waiting = [pool.submit(_post, server, "completions", {"prompt": p, "max_tokens": 24, "temperature": 0})
                    for p in prompts]
-        _wait_until(lambda: _health(server)["waiting"] == len(prompts) or blocker.done(), "the requests to queue")
+        wait_until(lambda: _health(server)["waiting"] == len(prompts) or blocker.done(), "the requests to queue")
         assert not blocker.done()
         batched = [future.result().json() for future in waiting]
     alone = [_post(server, "completions", {"prompt": p, "max_tokens": 24, "temperature": 0}).json() for p in prompts]
@@ -266,7 +238,7 @@ def test_a_seeded_random_draw_runs_alone_and_repeats(server):
     with ThreadPoolExecutor(8) as pool:
         blocker = _busy(server, pool)
         answers = [pool.submit(_post, server, "completions", body) for _ in range(2)]
-        _wait_until(lambda: _health(server)["waiting"] == 2 or blocker.done(), "the requests to queue")
+        wait_until(lambda: _health(server)["waiting"] == 2 or blocker.done(), "the requests to queue")
         answers = [future.result().json() for future in answers]
     assert [answer["batch_rows"] for answer in answers] == [1, 1]
     assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
@@ -277,7 +249,7 @@ def test_a_full_queue_is_a_429_and_the_queued_requests_are_answered(server):
         blocker = _busy(server, pool)
         queued = [pool.submit(_post, server, "completions", {"prompt": f"w{40 + i}", "max_tokens": 8})
                   for i in range(MAX_QUEUE)]
-        _wait_until(lambda: _health(server)["waiting"] == MAX_QUEUE or blocker.done(), "the queue to fill")
+        wait_until(lambda: _health(server)["waiting"] == MAX_QUEUE or blocker.done(), "the queue to fill")
         refused = _post(server, "completions", {"prompt": "w5", "max_tokens": 8})
         assert not blocker.done()
         assert [future.result().status_code for future in queued] == [200] * MAX_QUEUE
@@ -300,7 +272,7 @@ def _leave_a_plain_request(server) -> None:
 def test_a_client_that_goes_away_stops_its_decoding(server, leave):
     before = _health(server)
     leave(server)
-    _wait_until(lambda: _health(server)["running"] == 0 and _health(server)["waiting"] == 0, "the decoding to stop")
+    wait_until(lambda: _health(server)["running"] == 0 and _health(server)["waiting"] == 0, "the decoding to stop")
     after = _health(server)
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["stopped_batches"] == before["stopped_batches"] + 1  # stopped mid-way, not run to the end

@@ -12,6 +12,8 @@ import os
 import random
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -103,6 +105,19 @@ def adapted_and_source(trained, folder: Path, chat_template: str | None = None) 
     model, tokenizer, _ = trained
     model.save_pretrained(folder / "source")
     tokenizer.save_pretrained(folder / "source")
+
+
+def other_tokenizer_folder(path: Path) -> Path:
+    """A tiny causal LM whose tokenizer gives the tiny vocabulary's words other ids (no specials): a teacher
+    or source that a tiny student must refuse."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    causal_folder(path, tokenizer=False)
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(path)
+    return path
 
 
 def diffusion_folder(path: Path, family: str = "llama") -> Path:
@@ -283,6 +298,40 @@ def train_two_processes(recipe: Recipe, folder: Path, launcher: str = "torchrun"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([*command, "-m", "adapt", "train", str(recipe_file)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def wait_until(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(folder: Path, *flags):
+    """`adapt serve FOLDER FLAGS` in its own process on a free port: its base URL while the block runs; then
+    it is stopped, and its output must hold no traceback."""
+    import httpx
+
+    def up() -> bool:
+        assert process.poll() is None, f"the server ended: {process.communicate()[0]}"
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "adapt", "serve", str(folder), "--port", str(port),
+                                *map(str, flags)], env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(up, what="the server to start")
+        yield url
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+        assert "Traceback" not in output, output
 
 
 def free_port() -> int:

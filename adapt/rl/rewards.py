@@ -12,8 +12,12 @@ reward function works here unchanged). Built in:
 * `format`: `rl.format_pattern` is found in the completion (re.search).
 
 A reward that raises is called again one completion at a time; a completion on which it still raises
-scores 0 and is counted (`reward_errors` in the log), so one bad sample never stops a run. A callable
-that cannot be imported, or returns something other than one number per completion, is bad input.
+scores 0, with a warning naming the reward, the prompt and the completion, and is counted
+(`reward_errors` in the log), so one bad sample never stops a run. A reward that raises on every
+completion of a prompt stops the run in one line naming the reward, the prompt and the error: a group
+scored all 0 teaches nothing, and a function that fails on everything (a wrong signature, a missing
+field) would otherwise train a whole run on zeros. A callable that cannot be imported, or returns
+something other than one finite number per completion (a wrong count, a string, NaN), is bad input too.
 """
 
 from __future__ import annotations
@@ -130,53 +134,73 @@ class Scores:
     errors: int  # completions on which a reward raised (scored 0)
 
 
-def score(rewards: list[Reward], prompts: list[str], completions: list[str], fields: dict[str, list]) -> Scores:
-    """Every reward of every completion (`fields`: the rows' other columns, one value per completion)."""
+def score(rewards: list[Reward], prompts: list[str], completions: list[str], fields: dict[str, list],
+          where: str = "the prompt") -> Scores:
+    """Every reward of every completion (`fields`: the rows' other columns, one value per completion);
+    `where` names the prompt in messages ("prompt 3 of rl.prompts")."""
     total, by_reward, errors = [0.0] * len(completions), {}, 0
     for reward in rewards:
-        values, failed = _call(reward, prompts, completions, fields)
+        values, failed = _call(reward, prompts, completions, fields, where)
         errors += failed
         by_reward[reward.name] = sum(values) / len(values)
         total = [t + reward.weight * v for t, v in zip(total, values)]
     return Scores(total, by_reward, errors)
 
 
-def _call(reward: Reward, prompts, completions, fields) -> tuple[list[float], int]:
+def _call(reward: Reward, prompts, completions, fields, where: str) -> tuple[list[float], int]:
     """(one float per completion, how many scored 0 because the reward raised on them)."""
     try:
-        return _checked(reward, reward.function(prompts, completions, **fields), len(completions)), 0
+        return _checked(reward, reward.function(prompts, completions, **fields), len(completions), where), 0
     except UserError:
         raise
     except Exception:
         pass  # find which completions it fails on
-    values, failed = [], 0
+    values, failures = [], {}  # completion index -> what it raised
     for index in range(len(completions)):
         one = {key: column[index:index + 1] for key, column in fields.items()}
         try:
-            values += _checked(reward, reward.function(prompts[index:index + 1], completions[index:index + 1], **one), 1)
+            values += _checked(reward, reward.function(prompts[index:index + 1], completions[index:index + 1], **one),
+                               1, f"{where}, completion {index + 1}")
         except UserError:
             raise
         except Exception as err:
-            print(f"adapt rl: warning: reward {reward.name} raised {type(err).__name__}: {err}; the completion "
-                  "scores 0", file=sys.stderr, flush=True)
+            failures[index] = f"{type(err).__name__}: {_short(err)}"
             values.append(0.0)
-            failed += 1
-    return values, failed
+    if len(failures) == len(completions):
+        raise UserError(f"rl.rewards: {reward.name} raised on every completion of {where} ({failures[0]}); fix the "
+                        "function (it is called as f(prompts, completions, **row_fields)), or return 0 where it "
+                        "cannot score")
+    for index, error in failures.items():
+        print(f"adapt rl: warning: reward {reward.name} raised {error} on {where}, completion {index + 1}; it scores 0",
+              file=sys.stderr, flush=True)
+    return values, len(failures)
 
 
-def _checked(reward: Reward, values, count: int) -> list[float]:
-    """`values` as floats, refused unless it is `count` finite numbers."""
+def _checked(reward: Reward, values, count: int, where: str) -> list[float]:
+    """`values` (a list, a tuple, an array) as floats, refused unless it is `count` finite numbers."""
+    kind = type(values).__name__
     try:
-        floats = [float(value) for value in values]
+        values = list(values)
+    except TypeError:
+        problem = f"a {kind}"
+    else:
+        problem = next((f"{_short(value)} for completion {index + 1}" for index, value in enumerate(values)
+                        if not _finite(value)), None)
+        if len(values) != count:
+            problem = f"a {kind} of {len(values)}"
+        elif problem is None:
+            return [float(value) for value in values]
+    raise UserError(f"rl.rewards: {reward.name} returned {problem} on {where}; it must return one finite number per "
+                    f"completion (a list of {count} floats)")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
     except (TypeError, ValueError):
-        floats = None
-    if floats is None or len(floats) != count or not all(math.isfinite(value) for value in floats):
-        raise UserError(f"rl.rewards: {reward.name} returned {_describe(values)} for {count} completions; it must "
-                        f"return one finite number per completion (a list of {count} floats)")
-    return floats
+        return False
 
 
-def _describe(values) -> str:
-    if isinstance(values, (list, tuple)):
-        return f"a {type(values).__name__} of {len(values)}"
-    return f"a {type(values).__name__}"
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, Exception) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -62,13 +62,14 @@ class PromptFeed:
         self.drawn = 0  # prompts this process has taken
         self.rollout: Rollout | None = None
 
-    def next_row(self) -> dict:
+    def next_row(self) -> tuple[int, dict]:
+        """(the row's index in the prompts, the row)."""
         index = self.drawn * self.world_size + self.rank
         passes, place = divmod(index, len(self.rows))
         order = list(range(len(self.rows)))
         random.Random(self.seed * 1_000_003 + passes).shuffle(order)
         self.drawn += 1
-        return self.rows[order[place]]
+        return order[place], self.rows[order[place]]
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn, "rollout": None if self.rollout is None else self.rollout.to_state()}

@@ -190,11 +190,11 @@ def draw_rollout(run: Run, config, ratio: float, parts: Parts) -> Rollout:
     set_attention(model, ratio)
     with run.backend.full_weights(run.wrapped), accelerator.autocast():
         for index in range(run.recipe.train.grad_accum):
-            row = run.train_blocks.next_row()
+            number, row = run.train_blocks.next_row()
             seed = _draws(run, "sampling", _place(run, run.step, index)).initial_seed()
             ids, prompt_len, texts = completions_of(model, run.tokenizer, row["prompt"], settings,
                                                     settings.num_generations, seed)
-            scores = _scores(parts, row, texts)
+            scores = _scores(parts, row, texts, f"prompt {number + 1} of rl.prompts")
             reward = torch.tensor(scores.total, device=accelerator.device)
             groups.append(Group(ids.to(accelerator.device), prompt_len, advantages(reward), []))
             rewards.append(reward)
@@ -219,10 +219,10 @@ def _over_processes(figures: dict, accelerator) -> dict:
     return {name: int(value) if name == "reward_errors" else value / world for name, value in zip(names, values)}
 
 
-def _scores(parts: Parts, row: dict, texts: list[str]):
+def _scores(parts: Parts, row: dict, texts: list[str], where: str):
     count = len(texts)
     fields = {key: [value] * count for key, value in row.items() if key != "prompt"}
-    return score(parts.rewards, [row["prompt"]] * count, texts, fields)
+    return score(parts.rewards, [row["prompt"]] * count, texts, fields, where)
 
 
 def held_out_reward(run: Run, parts: Parts) -> dict:
@@ -238,7 +238,7 @@ def held_out_reward(run: Run, parts: Parts) -> dict:
             seed = _draws(run, "held_out", index).initial_seed()  # the same at every evaluation
             _, _, texts = completions_of(model, run.tokenizer, row["prompt"], settings, settings.num_generations,
                                          seed)
-            mean = sum(_scores(parts, row, texts).total) / len(texts)
+            mean = sum(_scores(parts, row, texts, f"prompt {index + 1} of rl.eval_prompts").total) / len(texts)
             totals += torch.tensor([mean, mean * mean, 1.0], dtype=torch.float64, device=accelerator.device)
     total, squares, count = all_reduce_sum(totals).tolist()
     mean = total / count

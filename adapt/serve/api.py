@@ -9,6 +9,7 @@ defaults (its flags), so a bad value is refused by `SamplingOptions` itself, in 
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +21,7 @@ from ..settings import from_dict
 
 NOT_IN_BODY = ("num_samples", "progress")  # n is OpenAI's name for the samples; a server shows no progress bar
 MAX_STOPS = 4  # as OpenAI's API
+ROLES = ("system", "user", "assistant")  # the roles chat templates render
 
 
 class ApiError(Exception):
@@ -73,7 +75,7 @@ class CompletionRequest(OpenAIRequest):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: str
+    role: Literal[ROLES]
     content: str
 
 
@@ -100,7 +102,9 @@ def sampling_options(request: OpenAIRequest, defaults: SamplingOptions) -> Sampl
 def stop_strings(request: OpenAIRequest) -> list[str]:
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOPS or "" in stops:
-        raise ApiError(400, f"stop takes up to {MAX_STOPS} non-empty strings, got {stops!r}", param="stop")
+        got = "an empty one" if "" in stops else f"{len(stops)}"
+        raise ApiError(400, f"stop takes up to {MAX_STOPS} non-empty strings, got {got}; send at most {MAX_STOPS} "
+                            "non-empty strings", param="stop")
     return stops
 
 

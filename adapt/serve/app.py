@@ -2,11 +2,13 @@
 
 A request is read into a `Job` (`adapt.serve.api`) and checked before it waits: a bad body, an unknown
 model, max_tokens over the cap or a prompt too long for the context is a 400 with OpenAI's error body,
-a full queue a 429. The worker (`adapt.serve.batcher`) then decodes it, maybe batched with others. A
-plain answer is sent when decoded; a stream (server-sent events) sends each answer's text as its
-committed prefix grows (`adapt.serve.text`), then the rest, a last chunk with the finish reason, and
-`[DONE]`. A stream answers only after its first step, so a setting the sampler refuses (a UserError,
-the same for the whole batch) is still a 400 rather than an error inside a 200. A client that goes
+a full queue a 429, a body larger than any prompt the model could take a 413 (before it is read), a
+path or method the server does not have a 404 or 405, each with OpenAI's error body. The worker
+(`adapt.serve.batcher`) then decodes it, maybe batched with others. A plain answer is sent when
+decoded; a stream (server-sent events) sends each answer's text as its committed prefix grows
+(`adapt.serve.text`), then the rest, a last chunk with the finish reason, and `[DONE]`. A stream
+answers only after its first step, so a setting the sampler refuses (a UserError, the same for the
+whole batch) is still a 400 rather than an error inside a 200. A client that goes
 away cancels its job, and a batch whose clients have all gone stops decoding.
 
 Besides OpenAI's fields, each choice carries `forwards` (the model forwards its batch ran) and
@@ -24,8 +26,10 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import UserError
+from ..limits import usable_positions
 from ..sampling import MAX_NUM_SAMPLES, SamplingOptions, text_end
 from ..settings import between, check_settings
 from . import api
@@ -33,6 +37,12 @@ from .batcher import Batcher, Done, Failed, Job, Progress, QueueFull
 from .text import ChoiceText
 
 POLL_SECONDS = 0.2  # how often a waiting request checks that its client is still there
+# The largest body read: this many bytes per position the model can take (a token is a few characters,
+# JSON escapes one in up to 6 bytes), at least MIN_BODY_BYTES. Larger ones could only be refused after
+# seconds of parsing and tokenizing, during which the server answers no one.
+BODY_BYTES_PER_POSITION = 64
+MIN_BODY_BYTES = 1 << 20
+ENDPOINTS = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models and GET /health"
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ def create_app(model, tokenizer, name: str, settings: ServeSettings, defaults: S
     shift = DiffusionConfig.from_model_config(model.config).shift
     app.state.batcher = batcher = Batcher(model, tokenizer, max_queue=settings.max_queue, max_batch=settings.max_batch)
     _answer_errors(app)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes(model.config))
 
     @app.get("/health")
     async def health():
@@ -142,9 +153,38 @@ def _answer_errors(app: FastAPI) -> None:
     async def invalid(request: Request, error: RequestValidationError):
         return JSONResponse(_invalid_body(error).body(), status_code=400)
 
+    @app.exception_handler(HTTPException)  # a path or method the server does not have (404, 405)
+    async def not_served(request: Request, error: HTTPException):
+        refusal = api.ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}; this server "
+                                                  f"has {ENDPOINTS}")
+        return JSONResponse(refusal.body(), status_code=error.status_code, headers=error.headers)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception):  # no traceback for the client; uvicorn logs it
         return JSONResponse(_refusal(error).body(), status_code=500)
+
+
+def max_body_bytes(model_config) -> int:
+    """The largest request body the server reads for this model (see BODY_BYTES_PER_POSITION)."""
+    positions = usable_positions(model_config, allow_longer=True) or 0  # a request may set allow_longer
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_POSITION * positions)
+
+
+class _BodyLimit:
+    """A 413 for a body whose Content-Length is over `limit`, before it is read. Plain ASGI: Starlette's
+    `BaseHTTPMiddleware` would hide from the endpoints that their client went away."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if scope["type"] == "http" and length.isdigit() and int(length) > self.limit:
+            refusal = api.ApiError(413, f"the body is {int(length):,} bytes, more than this server reads for its model "
+                                        f"({self.limit:,}); send a shorter prompt", code="body_too_large")
+            await JSONResponse(refusal.body(), status_code=413)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _job(body: api.OpenAIRequest, tokenizer, model_config, shift: bool, settings: ServeSettings,
@@ -260,9 +300,10 @@ def check_address(settings: ServeSettings) -> None:
     try:
         with socket.create_server((settings.host, settings.port)):
             pass
-    except OSError as err:
-        raise UserError(f"cannot listen on {settings.host}:{settings.port} ({err.strerror or err}); pass another "
-                        "--port, or a --host of this machine") from None
+    except OSError as err:  # the system's words, without the address create_server appends (the message has it)
+        reason = (err.strerror or str(err)).split(" (while attempting to bind")[0]
+        raise UserError(f"cannot listen on {settings.host}:{settings.port} ({reason}); pass another --port, or a "
+                        "--host of this machine") from None
 
 
 def serve(model, tokenizer, name: str, settings: ServeSettings, defaults: SamplingOptions) -> None:

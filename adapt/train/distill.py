@@ -71,7 +71,9 @@ def check_same_tokenizer(tokenizer, other, name: str, whose: str) -> None:
     tokenizer `other` gives any of its tokens another id than `tokenizer` (`whose`, e.g. "the student's")
     does: its distributions, losses and perplexities would be over other tokens."""
     known = tokenizer.get_vocab()
-    differing = [token for token, index in other.get_vocab().items() if known.get(token) != index]
+    # in id order, so that the example named is the same every run (a vocabulary's dict order is not)
+    differing = [token for token, index in sorted(other.get_vocab().items(), key=lambda item: item[1])
+                 if known.get(token) != index]
     if differing:
         raise UserError(f"{name}: its tokenizer differs from {whose} ({len(differing)} tokens with other ids, "
                         f"e.g. {differing[0][:40]!r}); give a model with the same tokenizer")
