@@ -132,16 +132,17 @@ def largest_micro_batch(recipe, shape: ModelShape, room: float) -> int:
     return max(0, math.floor(room / sum(activation_bytes(recipe, shape, batch=1).values())))
 
 
-def check_memory(recipe, device, processes: int, per_node: int) -> None:
+def check_memory(recipe, model, device, processes: int, per_node: int) -> None:
     """Refuse a run whose micro-batch clearly cannot fit on `device` (this process's), before data is read.
 
-    Called once the model is loaded (so its path and config are known good), the weights already in memory:
-    what the run still needs is the plan's estimate without them (gradients, optimizer states, the frozen
-    copies of alignment and distillation, a micro-batch's activations), against what the device has free.
+    Called with the loaded `model` (so its path and config are known good; a ZeRO-3 slice or FSDP2's meta
+    copy is measured whole), the weights already in memory: what the run still needs is the plan's estimate
+    without them (gradients, optimizer states, the frozen copies of alignment and distillation, a
+    micro-batch's activations), against what the device has free.
     """
     from .outputs import human_size
 
-    _, shape = meta_model(recipe)
+    shape = _shape(model, model.config, recipe)
     states = model_states(recipe, shape, processes, per_node)["gpu"]
     fixed = sum(states.values()) - states["weights"]
     batch, seq_len = recipe.train.batch_size, recipe.data.seq_len
@@ -225,25 +226,31 @@ def _shape(model, config, recipe) -> ModelShape:
     from .structure import decoder_layers
 
     unique = {id(p): p for p in model.parameters()}
-    parameters = sum(p.numel() for p in unique.values())
-    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    parameters = sum(_numel(p) for p in unique.values())
+    largest_layer = max(sum(_numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
     blocks = decoder_layers(model)
     heads = config.num_attention_heads
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    vocab = model.get_input_embeddings().weight.shape[0]
+    embedding = model.get_input_embeddings().weight
+    vocab = getattr(embedding, "ds_shape", embedding.shape)[0]
     if recipe.model.mask_token == "add":
         vocab = math.ceil((vocab + 1) / 64) * 64  # a new row, padded as `ensure_mask_token` pads it (at most)
     return ModelShape(
         model_type=config.model_type, parameters=parameters,
         trainable=_lora_parameters(model, recipe.lora) if recipe.lora.r > 0 else parameters,
-        largest_layer=largest_layer, largest_block=sum(p.numel() for p in blocks[0].parameters()),
+        largest_layer=largest_layer, largest_block=sum(_numel(p) for p in blocks[0].parameters()),
         layers=config.num_hidden_layers, hidden=hidden,
         kv_width=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
         intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
         heads=heads, vocab=vocab, gated_mlp=config.model_type not in UNGATED_MLP,
         tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
         mode=recipe.diffusion.mode_for(DiffusionConfig.from_model_config(config)))
+
+
+def _numel(parameter) -> int:
+    """A parameter's whole size; ZeRO-3 leaves each process an empty slice and records the whole in `ds_numel`."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def _lora_parameters(model, lora) -> int:

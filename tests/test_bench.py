@@ -125,7 +125,7 @@ def test_interleave_alternates_and_drops_warmup():
     (["--model", "tiny-llama", "--device", "cuda:7"] if not torch.cuda.is_available() else
      ["--model", "tiny-llama", "--repeats", "0"],
      "cuda" if not torch.cuda.is_available() else "repeats = 0 is out of range; it must be >= 1"),
-    (["--model", "tiny-llama", "--batch", "0"], "batch = 0 is out of range; it must be >= 1"),
+    (["--model", "tiny-llama", "--batch", "0"], "batch = 0 is out of range; it must be in [1, 1024]"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, problem, capsys):
     assert cli_main(["bench", *argv]) == 2

@@ -78,7 +78,7 @@ def test_overrides_win_over_the_file(tmp_path):
     ("data.sources=[{path: a, wieght: 2}]", r"unknown key data\.sources\[0\]\.wieght; valid keys .*path, weight"),
     ("distributed.backend=mpi", r"distributed\.backend = 'mpi' .*choose one of: auto, ddp, deepspeed, fsdp"),
     ("optim.schedule=linear", r"optim\.schedule .*choose one of: cosine, constant"),
-    ("train.batch_size=0", r"train\.batch_size = 0 is out of range; it must be >= 1"),
+    ("train.batch_size=0", r"train\.batch_size = 0 is out of range; it must be in \[1, 1024\]"),
     ("train.batch_size=two", r"train\.batch_size must be a whole number, got 'two'"),
     ("train.batch_size=1.5", r"train\.batch_size must be a whole number"),
     ("optim.lr=fast", r"optim\.lr must be a number, got 'fast'"),

@@ -108,7 +108,7 @@ def start_run(recipe: Recipe, overwrite: bool, *, module: type[ModelWithLoss] = 
     # As the backend holds it: a whole copy, ZeRO-3's slices, or FSDP2's meta device until prepare shards it.
     model, tokenizer, diffusion = load_model(recipe, backend)
     if open_data is None:  # the corpus loop, whose micro-batches `adapt plan` estimates (not rl's rollouts)
-        check_memory(recipe, backend.accelerator.device, backend.accelerator.num_processes, _local_processes())
+        check_memory(recipe, model, backend.accelerator.device, backend.accelerator.num_processes, _local_processes())
     anneal_from = get_attention_ratio(model)  # the source's: a continued diffusion model stays bidirectional
     objective = objective_of(diffusion, recipe.diffusion)
     alignment = load_alignment(recipe, model, backend.accelerator.device)  # None unless align.weight > 0
