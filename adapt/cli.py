@@ -30,10 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="adapt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"adapt {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
-        add(subparsers)
+        add(parser.commands)
     return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, a flag the command does not take named by that command's parser (argparse
+    would leave it to the top one: `adapt: error:`, pointing at `adapt --help`)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 class _Terminated(BaseException):
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = "adapt"
     try:  # Ctrl-C while the parser imports torch is an interruption like any other, not a traceback
         with _sigterm_raises():
-            args = build_parser().parse_args(argv)
+            args = _parse(argv)
             prog = f"adapt {args.command}"
             return exit_code_of(lambda: args.handler(args), prog)
     except (KeyboardInterrupt, _Terminated) as stop:

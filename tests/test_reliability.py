@@ -328,6 +328,8 @@ CASES = [
     Case(OPTIONS, "eval --batch-size 0", lambda fx: _elbo(fx, "corpus", "--batch-size", "0"), "batch_size = 0 is out of range"),
     Case(OPTIONS, "eval --dtype outside the known set", lambda fx: _elbo(fx, "corpus", "--dtype", "float8"),
          "invalid choice: 'float8'"),
+    Case(OPTIONS, "a flag the command does not take (named by that command)",
+         lambda fx: ["info", fx["diffusion"], "--bogus"], "unrecognized arguments: --bogus", subprocess=True),
     # -- silent guesses (issue 33): a value that would have been replaced, or a mismatch run anyway ----------
     Case(GUESSES, "train: a key given twice in a recipe section", lambda fx: ["train", fx["duplicate_key"]],
          "key 'lr' given a second time", lambda fx: [_run_dir(fx, "duplicate-key")], subprocess=True),
