@@ -670,7 +670,7 @@ def _run_distill(args) -> int:
     model, tokenizer, config = load(args.model, dtype=args.dtype, device=args.device, **_loading_kwargs(args))
     answer = None
     if args.targets == "source":
-        source = args.source or config.base_model
+        source = config.base_model if args.source is None else args.source
         if source is None:
             raise UserError(f"--targets source needs the AR model {args.model} was adapted from, and its config names "
                             "no base_model; pass --source AR_MODEL")

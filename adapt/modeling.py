@@ -90,6 +90,8 @@ def _check_token_ids(diffusion: DiffusionConfig, model: nn.Module, tokenizer) ->
 def _check_source(path: str, source: str, gguf: dict, allow_pickle: bool) -> None:
     """A missing local path, a file or a run folder for a model folder, or pickle-only weights, refused
     before transformers is asked (which would try the Hub for each, then fail obscurely)."""
+    if not path.strip():  # Path("") is the working directory: an empty argument must not load what lies there
+        raise UserError("the model path is empty; pass a local model folder, a .gguf file or a Hub id")
     if gguf:
         if not Path(path).is_file():
             raise UserError(f"model file not found: {path}; pass an existing .gguf file")

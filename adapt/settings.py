@@ -222,6 +222,8 @@ def _check_value(hint, value, key: str, metadata) -> None:
         return  # only where the type allows it: `_convert` refuses null elsewhere
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in args if a is not type(None)]
+        if inner is str and value == "":  # where null means "the default", an empty string would silently too
+            raise UserError(f"{key} is an empty string; leave it out (null) for its default, or give a value")
         _check_value(inner, value, key, metadata)
     elif dataclasses.is_dataclass(hint):
         check_settings(value, key + ".")

@@ -365,6 +365,13 @@ CASES = [
          lambda fx: [fx["root"] / "out-nan"], subprocess=True),
     Case(GUESSES, "bench --peak-tflops 0 (once meant: the known figure)",
          lambda fx: ["bench", "--peak-tflops", "0", "--quick"], "peak_tflops = 0.0 is out of range"),
+    Case(GUESSES, "eval --data '' (once: the task's default data)", lambda fx: ["eval", fx["diffusion"], "--task", "elbo", "--data", ""],
+         "data is an empty string"),
+    Case(GUESSES, "rl: rl.reference '' (once: the policy's own start)", lambda fx: _rl(fx, "rl-empty-reference", rl__reference=""),
+         "rl.reference is an empty string", lambda fx: [_run_dir(fx, "rl-empty-reference")]),
+    Case(GUESSES, "distill --targets source --source '' (once: the base_model)",
+         lambda fx: _distill(fx, "prompts", "out-empty-source", "--targets", "source", "--source", ""),
+         "the model path is empty", lambda fx: [fx["root"] / "out-empty-source"]),
     # -- outputs overlapping inputs (issue 33): refused before anything is written or deleted --------------
     Case(OVERLAPS, "eval --output into the model folder (once overwrote its config.json)",
          lambda fx: _elbo(fx, "corpus", "--output", fx["diffusion"] / "config.json"), "which this command reads",
