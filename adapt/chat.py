@@ -34,7 +34,7 @@ from rich.live import Live
 from rich.text import Text
 
 from .chat_template import render_chat
-from .errors import UserError
+from .errors import UserError, cut
 from .limits import check_context, usable_positions
 from .sampling import SamplingOptions, check_positive, check_steps, context_ids, generate_with_details, verifies
 
@@ -247,7 +247,7 @@ def no_message(line: str) -> str | None:
     if not line.strip():
         return f"the line is empty; type a message, or {' or '.join(COMMANDS)}"
     if re.fullmatch(r"/\w+", line.strip()):
-        return f"unknown command {line.strip()[:30]}; the commands are {' and '.join(COMMANDS)}"
+        return f"unknown command {cut(line.strip())}; the commands are {' and '.join(COMMANDS)}"
     try:
         line.encode("utf-8")
     except UnicodeEncodeError as err:  # a surrogate stands for the byte 0xDC00 below it

@@ -33,8 +33,12 @@ class UserError(Exception):
 
 
 def quoted(value) -> str:
-    """`value` as a message quotes it: its repr, cut to QUOTED_CHARS characters with an ellipsis."""
-    text = _SHORT_REPR.repr(value)
+    """`value` as a message quotes it: its repr, cut short (`cut`)."""
+    return cut(_SHORT_REPR.repr(value))
+
+
+def cut(text: str) -> str:
+    """`text` (a user's value, a library's error) cut to QUOTED_CHARS characters with an ellipsis."""
     return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS - 3] + "..."
 
 

@@ -4,8 +4,8 @@ Every setting is a dataclass field with a default. The type annotation decides w
 `Literal[...]` lists the valid choices, and `field(metadata=at_least(n))` (or `above`, `between`) states
 a range (of each item, for a list); a "help" in the metadata says what the setting does, for the flag
 `adapt.flags` makes of it. A float is finite (NaN and infinity pass no range check by themselves) unless
-its metadata says what infinity means ("infinity", which its help must then say too). `from_dict` builds a dataclass from plain values (parsed YAML or JSON);
-`check_settings` holds a dataclass built in Python to the same choices and ranges. An unknown key, a
+its metadata says what infinity means ("infinity", which its help must then say too). `from_dict` builds
+a dataclass from plain values (parsed YAML or JSON); `check_settings` holds a dataclass built in Python to the same choices and ranges. An unknown key, a
 wrong type or a value out of its choices or range is a `UserError` that names the key and what it accepts.
 
 This module imports nothing else from the package, so any module can declare its settings with it.

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import UserError
+from ..errors import UserError, cut, quoted
 from ..evaluate.generative import extract_answer  # the gsm8k task's reading of an answer
 
 def exact_match(prompts, completions, answer, **_) -> list[float]:
@@ -164,7 +164,7 @@ def _call(reward: Reward, prompts, completions, fields, where: str) -> tuple[lis
         except UserError:
             raise
         except Exception as err:
-            failures[index] = f"{type(err).__name__}: {_short(err)}"
+            failures[index] = f"{type(err).__name__}: {cut(str(err))}"
             values.append(0.0)
     if len(failures) == len(completions):
         raise UserError(f"rl.rewards: {reward.name} raised on every completion of {where} ({failures[0]}); fix the "
@@ -184,7 +184,7 @@ def _checked(reward: Reward, values, count: int, where: str) -> list[float]:
     except TypeError:
         problem = f"a {kind}"
     else:
-        problem = next((f"{_short(value)} for completion {index + 1}" for index, value in enumerate(values)
+        problem = next((f"{quoted(value)} for completion {index + 1}" for index, value in enumerate(values)
                         if not _finite(value)), None)
         if len(values) != count:
             problem = f"a {kind} of {len(values)}"
@@ -199,8 +199,3 @@ def _finite(value) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
-
-
-def _short(value) -> str:
-    text = repr(value) if not isinstance(value, Exception) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -2,7 +2,8 @@
 
 A checkpoint holds the backend's state files (model, optimizer, scheduler, RNG), each process's data
 position (data_rank{r}.json) and trainer_state.json (step, tokens, diffusion settings, recipe, model
-fingerprint, what the weights are trained for: `run_meaning`), written last. A crash while saving leaves a .tmp- folder that is never taken for one.
+fingerprint, what the weights are trained for: `run_meaning`), written last. A crash while saving leaves
+a .tmp- folder that is never taken for one.
 """
 
 from __future__ import annotations

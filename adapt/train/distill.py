@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import set_attention
-from ..errors import UserError
+from ..errors import UserError, quoted
 from ..forward import predict_logits
 from ..recipe import Recipe
 from .frozen import load_frozen
@@ -76,4 +76,4 @@ def check_same_tokenizer(tokenizer, other, name: str, whose: str) -> None:
                  if known.get(token) != index]
     if differing:
         raise UserError(f"{name}: its tokenizer differs from {whose} ({len(differing)} tokens with other ids, "
-                        f"e.g. {differing[0][:40]!r}); give a model with the same tokenizer")
+                        f"e.g. {quoted(differing[0])}); give a model with the same tokenizer")
