@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from adapt.attention import get_attention_ratio, set_attention
 from adapt.diffusion import DiffusionConfig, elbo_nll
 from adapt.forward import predict_logits
-from adapt.evaluate import ar_perplexity, elbo_perplexity
+from adapt.evaluate import Perplexity, ar_perplexity, elbo_perplexity
 from adapt.presets import VOCAB, tiny_model
 
 from .tiny_runs import adapted_and_source
@@ -104,6 +104,8 @@ def test_perplexity_stderr_is_the_ratio_estimate_over_blocks_with_padding():
     assert result.nll_per_token == pytest.approx(ratio, rel=1e-5)
     assert result.stderr == pytest.approx(stderr, rel=1e-4)
     assert math.isnan(ar_perplexity(model, blocks[:1]).stderr)  # one block: no spread to measure
+    nothing = Perplexity.from_blocks(torch.zeros(3), torch.zeros(3, dtype=torch.long))  # every sample empty
+    assert nothing.tokens == 0 and math.isnan(nothing.stderr)
 
 
 def test_elbo_stderr_matches_the_spread_of_independent_estimates():
@@ -123,8 +125,6 @@ def test_per_block_figures_pair_two_models_scored_on_the_same_blocks():
     """The per-block NLLs add up to the totals, and the difference of two models on the same blocks has
     the error of its own spread over blocks: 0 for a model against itself (same seed, same masks), and
     far below the two errors combined for a slightly changed copy (the blocks' difficulty cancels)."""
-    from adapt.evaluate import Perplexity
-
     model = tiny_model("llama")
     set_attention(model, 1.0)
     changed = copy.deepcopy(model)

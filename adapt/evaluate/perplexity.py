@@ -77,7 +77,8 @@ class Perplexity:
         ratio = float(nll.sum()) / max(total, 1.0)
         n = nll.numel()
         residuals = nll - ratio * tokens
-        stderr = math.sqrt(float((residuals**2).sum()) * n / (n - 1)) / total if n >= 2 else math.nan
+        # below two blocks, or with nothing scored (every sample empty), there is no spread to measure
+        stderr = math.sqrt(float((residuals**2).sum()) * n / (n - 1)) / total if n >= 2 and total > 0 else math.nan
         return cls(ratio, stderr, int(total), tuple(nll.tolist()), tuple(int(k) for k in tokens.tolist()))
 
 
