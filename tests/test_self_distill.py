@@ -46,6 +46,23 @@ def test_the_targets_are_the_models_own_answers_and_the_run_exports_a_trained_mo
     assert not (out / "targets.jsonl.partial").exists()
 
 
+def test_the_training_rows_end_at_the_answers_eos_without_eos_filler(tmp_path):
+    """Only the prompt, the answer and its one EOS are attended; the rest of a row is padding, not a target."""
+    from adapt.data import open_dataset
+    from adapt.self_distill import distill_recipe
+
+    model_dir = diffusion_folder(tmp_path / "model")
+    _, tokenizer, _ = load(model_dir)
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text(json.dumps({"prompt": "w5 w6", "response": " w7 w8"}) + "\n")
+    recipe = distill_recipe(str(model_dir), targets, tmp_path / "out", ["data.seq_len=16"])
+    batch = next(open_dataset(recipe.data, tokenizer).batches(1))
+    row = tokenizer("w5 w6").input_ids + tokenizer(" w7 w8", add_special_tokens=False).input_ids
+    attended = len(row) + 1  # and the EOS
+    assert batch["attention_mask"][0].tolist() == [1] * attended + [0] * (16 - attended)
+    assert batch["input_ids"][0, :attended].tolist() == row + [tokenizer.eos_token_id]
+
+
 def test_a_stopped_run_continues_after_its_last_whole_answer(tmp_path):
     model_dir = diffusion_folder(tmp_path / "model")
     prompts = _prompts(tmp_path)
